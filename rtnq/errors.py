@@ -1,0 +1,85 @@
+"""Every error rtnq raises on purpose, and the exit code each one maps to.
+
+Library code raises these; only `rtnq.cli.main` turns them into a red line on stderr and an exit
+code. The table below is the documented contract (README "Exit codes"); tests pin every code.
+"""
+
+from __future__ import annotations
+
+
+class RtnqError(Exception):
+    """Base class: a failure with a message a user can act on."""
+
+    exit_code = 1
+
+
+class UsageError(RtnqError):
+    """Bad flags or arguments: unknown option values, unmatched selectors, OUT exists, OUT in SRC."""
+
+    exit_code = 2
+
+
+class KernelUnavailable(RtnqError):
+    """The CUDA library or a GPU is missing, or the library is the wrong ABI version."""
+
+    exit_code = 3
+
+
+class CheckpointError(RtnqError):
+    """The source checkpoint is unreadable: truncated or corrupt safetensors, missing shards,
+    unsupported dtypes, pickle-only directories, unknown manifest versions."""
+
+    exit_code = 4
+
+
+class InvalidWeightError(RtnqError):
+    """A weight cannot be quantized: NaN or Inf values."""
+
+    exit_code = 5
+
+
+class ShapeError(RtnqError):
+    """A shape the Marlin layout cannot hold (packing) or, under --strict, a gated tensor."""
+
+    exit_code = 6
+
+
+class VerifyMismatch(RtnqError):
+    """`rtnq verify` found output bytes that differ from a fresh re-derivation."""
+
+    exit_code = 7
+
+
+class OutputError(RtnqError):
+    """Writing the output failed (disk full, permissions); nothing was left behind."""
+
+    exit_code = 8
+
+
+class KernelError(RtnqError):
+    """A CUDA kernel returned a failure status."""
+
+    exit_code = 9
+
+
+class Interrupted(RtnqError):
+    """Ctrl-C during a conversion; the partial output was removed."""
+
+    exit_code = 130
+
+
+EXIT_CODES: dict[str, int] = {
+    cls.__name__: cls.exit_code
+    for cls in (
+        RtnqError,
+        UsageError,
+        KernelUnavailable,
+        CheckpointError,
+        InvalidWeightError,
+        ShapeError,
+        VerifyMismatch,
+        OutputError,
+        KernelError,
+        Interrupted,
+    )
+}

@@ -1,0 +1,122 @@
+"""The precision manifest (`rtnq_manifest.json`): what happened to every source tensor.
+
+Schema version 1 (a contract: docs/FORMAT.md). Written with sorted keys. Readers refuse any other
+version with a clear error instead of guessing.
+
+    {
+      "version": 1,
+      "format": "rtnq-marlin",
+      "rtnq_version": "0.1.0",
+      "defaults": {"bits": 4, "group_size": 128, "scale_rule": "rtn-absmax", "dtype": "bfloat16"},
+      "rules": [{"option": "keep-int8", "selector": "layers.0", "matched": 7}, ...],
+      "totals": {"parameters": ..., "quantized_parameters": ..., "bytes_in": ..., "bytes_out": ...,
+                 "bits_per_weight": ..., "tensors": {"marlin4": ..., "marlin8": ..., "passthrough": ...}},
+      "warnings": ["..."],
+      "tensors": {
+        "model.layers.0.mlp.up_proj.weight": {
+          "kind": "marlin", "bits": 8, "group_size": 128, "shape": [n, k], "dtype": "bfloat16",
+          "outputs": {"qweight": "model.layers.0.mlp.up_proj.qweight",
+                      "scales": "model.layers.0.mlp.up_proj.scales"},
+          "shard": "model-00001-of-00002.safetensors", "rule": "keep-int8:layers.0", "error": 0.0071
+        },
+        "model.norm.weight": {"kind": "passthrough", "shape": [2048], "dtype": "bfloat16",
+                              "outputs": {"tensor": "model.norm.weight"}, "shard": "...",
+                              "reason": "not a linear weight inside a block"}
+      }
+    }
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rtnq.errors import CheckpointError
+
+VERSION = 1
+FILENAME = "rtnq_manifest.json"
+FORMAT = "rtnq-marlin"
+SCALE_RULE = "rtn-absmax"  # the paper's rule: scale = 2 * maxabs / (2^bits - 1), 16-bit arithmetic
+
+
+@dataclass
+class TensorEntry:
+    kind: str  # "marlin" or "passthrough"
+    shape: list[int]  # source shape: [n, k] (or [E, n, k]) for linear weights
+    dtype: str  # source dtype, torch spelling ("bfloat16", "float16", "float32", ...)
+    outputs: dict[str, str]  # {"qweight", "scales"} for marlin, {"tensor"} for passthrough
+    shard: str  # output shard file holding the outputs
+    bits: int | None = None
+    group_size: int | None = None
+    rule: str | None = None  # which option/selector chose the precision (marlin)
+    reason: str | None = None  # why it was passed through (passthrough)
+    error: float | None = None  # relative Frobenius error of the dequantized weight (marlin)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class Manifest:
+    defaults: dict[str, Any]
+    tensors: dict[str, TensorEntry]
+    rules: list[dict[str, Any]] = field(default_factory=list)
+    totals: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    rtnq_version: str = "0.1.0"
+    version: int = VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "format": FORMAT,
+            "rtnq_version": self.rtnq_version,
+            "defaults": self.defaults,
+            "rules": self.rules,
+            "totals": self.totals,
+            "warnings": self.warnings,
+            "tensors": {name: e.to_json() for name, e in self.tensors.items()},
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"
+
+    def quantized(self) -> dict[str, TensorEntry]:
+        return {name: e for name, e in self.tensors.items() if e.kind == "marlin"}
+
+
+def from_json(data: Any, where: str = FILENAME) -> Manifest:
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{where}: not a JSON object")
+    version = data.get("version")
+    if version != VERSION:
+        raise CheckpointError(
+            f"{where}: manifest version {version!r} is not supported by this rtnq (reads version {VERSION}); "
+            "upgrade rtnq or re-convert the checkpoint"
+        )
+    try:
+        tensors = {name: TensorEntry(**entry) for name, entry in data["tensors"].items()}
+        return Manifest(
+            defaults=data["defaults"],
+            tensors=tensors,
+            rules=data.get("rules", []),
+            totals=data.get("totals", {}),
+            warnings=data.get("warnings", []),
+            rtnq_version=data.get("rtnq_version", "?"),
+        )
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{where}: malformed manifest ({e})") from None
+
+
+def read(out_dir: str | Path) -> Manifest:
+    """Read and validate `OUT/rtnq_manifest.json`; CheckpointError if missing, corrupt or unknown."""
+    path = Path(out_dir) / FILENAME
+    if not path.is_file():
+        raise CheckpointError(f"{out_dir}: no {FILENAME}; is this a directory written by `rtnq convert`?")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: cannot read the manifest ({e})") from None
+    return from_json(data, str(path))

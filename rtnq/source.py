@@ -1,0 +1,234 @@
+"""Source checkpoints: parse safetensors headers, validate them, and read one tensor at a time.
+
+Nothing here maps a whole shard: `scan` reads only the headers, `Reader.read` reads one tensor's
+bytes with plain file I/O into a fresh buffer. That keeps peak memory at one tensor regardless of the
+model size (mmap would be faster to write but its touched pages count towards RSS until unmapped).
+Pickle checkpoints (`.bin`, `.pt`) are refused, never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rtnq.errors import CheckpointError, UsageError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library enforces too
+
+# safetensors dtype string -> (torch dtype, bytes per element). Only what torch can hold.
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "BOOL": (torch.bool, 1),
+    "U8": (torch.uint8, 1),
+    "I8": (torch.int8, 1),
+    "I16": (torch.int16, 2),
+    "U16": (torch.uint16, 2),
+    "I32": (torch.int32, 4),
+    "U32": (torch.uint32, 4),
+    "I64": (torch.int64, 8),
+    "U64": (torch.uint64, 8),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "F32": (torch.float32, 4),
+    "F64": (torch.float64, 8),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+}
+TORCH_TO_ST = {dt: name for name, (dt, _) in DTYPES.items()}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor as described by its shard's header. No weight bytes are read to build it."""
+
+    name: str
+    dtype: str  # safetensors spelling: "BF16", "F16", "F32", ...
+    shape: tuple[int, ...]
+    shard: str  # file name inside the model directory
+    offset: int  # absolute byte offset of the data in the shard file
+    nbytes: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _parse_header(path: Path) -> tuple[dict, int]:
+    """Return (header dict, data start offset) for one shard, checking sizes before trusting them."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path.name}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"{path.name}: header claims {n} bytes (limit {MAX_HEADER_BYTES}); the file is corrupt"
+                )
+            if 8 + n > size:
+                raise CheckpointError(
+                    f"{path.name}: header claims {n} bytes but the file has {size}; the file is truncated"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path.name}: the safetensors header is not valid JSON; the file is corrupt") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: the safetensors header is not a JSON object")
+    return header, 8 + n
+
+
+def scan_shard(path: Path) -> list[TensorSpec]:
+    """Specs of every tensor in one shard, in file order; validates dtypes, shapes and offsets."""
+    header, start = _parse_header(path)
+    data_size = path.stat().st_size - start
+    specs = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            ok = all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(begin, int) and isinstance(end, int)
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path.name}: malformed header entry for tensor {name!r}")
+        if dtype not in DTYPES:
+            raise CheckpointError(
+                f"{path.name}: tensor {name} has dtype {dtype}, which rtnq cannot read "
+                f"(supported: {', '.join(DTYPES)})"
+            )
+        spec = TensorSpec(name, dtype, shape, path.name, start + begin, end - begin)
+        if not 0 <= begin <= end or end - begin != spec.numel * DTYPES[dtype][1]:
+            raise CheckpointError(
+                f"{path.name}: tensor {name} has data offsets [{begin}, {end}] that do not fit "
+                f"its shape {list(shape)} and dtype {dtype}; the header is corrupt"
+            )
+        if end > data_size:
+            raise CheckpointError(
+                f"{path.name}: tensor {name} ends at byte {end} of the data but the file holds only "
+                f"{data_size}; the file is truncated"
+            )
+        specs.append(spec)
+    specs.sort(key=lambda s: s.offset)
+    for a, b in zip(specs, specs[1:]):
+        if b.offset < a.offset + a.nbytes:
+            raise CheckpointError(f"{path.name}: tensors {a.name} and {b.name} overlap; the header is corrupt")
+    return specs
+
+
+def shard_files(model_dir: Path) -> list[str]:
+    """The shard file names of a model directory, from its index or its single file."""
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+        for s in shards:
+            if not isinstance(s, str) or "/" in s or s.startswith("."):
+                raise CheckpointError(f"{index}: invalid shard name {s!r}")
+            if not (model_dir / s).is_file():
+                raise CheckpointError(
+                    f"{index.name} lists shard {s}, which is missing from {model_dir}; download it again"
+                )
+        return shards
+    if (model_dir / SINGLE_NAME).is_file():
+        return [SINGLE_NAME]
+    found = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if found:
+        return found
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise CheckpointError(
+            f"{model_dir} holds only pickle weights ({', '.join(pickles[:3])}); rtnq never unpickles model "
+            "files. Convert them to safetensors first (e.g. save_pretrained(..., safe_serialization=True))"
+        )
+    raise CheckpointError(f"{model_dir}: no .safetensors files found")
+
+
+def resolve(src: str | Path) -> Path:
+    """A local model directory; a hub id is recognised and refused with the download command."""
+    path = Path(src)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UsageError(f"{src} is a file; pass the model directory that contains it")
+    if HUB_ID.match(str(src)):
+        raise UsageError(
+            f"{src} looks like a Hugging Face hub id; hub downloads are not supported yet. Run "
+            f"`huggingface-cli download {src} --local-dir DIR` and pass DIR"
+        )
+    raise UsageError(f"{src}: no such directory")
+
+
+def scan(src: str | Path) -> list[TensorSpec]:
+    """Every tensor of the checkpoint, in file order (shard by shard), from the headers only."""
+    model_dir = resolve(src)
+    specs: list[TensorSpec] = []
+    seen: dict[str, str] = {}
+    for shard in shard_files(model_dir):
+        for spec in scan_shard(model_dir / shard):
+            if spec.name in seen:
+                raise CheckpointError(f"tensor {spec.name} appears in both {seen[spec.name]} and {shard}")
+            seen[spec.name] = shard
+            specs.append(spec)
+    return specs
+
+
+class Reader:
+    """Reads tensors by spec with plain file I/O, one open handle per shard."""
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        self._files: dict[str, object] = {}
+
+    def read_bytes(self, spec: TensorSpec) -> torch.Tensor:
+        """The tensor's raw bytes as a fresh uint8 tensor."""
+        f = self._files.get(spec.shard)
+        if f is None:
+            f = self._files[spec.shard] = open(self.model_dir / spec.shard, "rb", buffering=0)
+        buf = torch.empty(spec.nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        got = 0
+        while got < spec.nbytes:
+            n = os.preadv(f.fileno(), [view[got:]], spec.offset + got)
+            if n == 0:
+                raise CheckpointError(f"{spec.shard}: file ended while reading tensor {spec.name}; it is truncated")
+            got += n
+        return buf
+
+    def read(self, spec: TensorSpec) -> torch.Tensor:
+        """The tensor with its dtype and shape."""
+        return self.read_bytes(spec).view(spec.torch_dtype).reshape(spec.shape)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
