@@ -24,9 +24,273 @@ app = typer.Typer(
     add_completion=False,
 )
 err = Console(stderr=True)
-out = Console()
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+def _split(values: Optional[list[str]]) -> list[str]:
+    """Options may repeat and hold comma lists: --keep-int8 layers.0,mlp --keep-int8 o."""
+    return [part.strip() for v in values or [] for part in v.split(",") if part.strip()]
+
+
+def _bits(value: int) -> int:
+    if value not in (4, 8):
+        raise typer.BadParameter("must be 4 or 8")
+    return value
+
+
+def _group(value: int) -> int:
+    if value not in (32, 64, 128, -1):
+        raise typer.BadParameter("must be 32, 64, 128 or -1 (channelwise)")
+    return value
+
+
+def _dtype(value: Optional[str]) -> Optional[str]:
+    if value is not None and value not in ("bf16", "fp16"):
+        raise typer.BadParameter("must be bf16 or fp16")
+    return value
+
+
+def _tp(value: Optional[str]) -> list[int]:
+    try:
+        degrees = [int(x) for x in (value or "").split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter("must be a comma list of integers, e.g. 2,4,8") from None
+    if any(d < 1 for d in degrees):
+        raise typer.BadParameter("degrees must be >= 1")
+    return degrees
+
+
+def _emit_json(data) -> None:
+    """Plain JSON on stdout (rich would wrap long lines at the console width)."""
+    import json
+
+    typer.echo(json.dumps(data, indent=1, sort_keys=True, default=str))
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+CONVERT_EXAMPLES = """
+Examples:
+
+  rtnq convert llama-3.1-8b/ llama-3.1-8b-rtnq/                      # INT4, group 128
+
+  rtnq convert model/ out/ --bits 4 --keep-int8 layers.0,layers.-1,down   # selective INT8
+
+  rtnq convert model/ out/ --skip lm_head --dry-run                   # print the plan only
+"""
+
+
+@app.command(epilog=CONVERT_EXAMPLES)
+def convert(
+    src: Annotated[str, typer.Argument(help="Model directory with model.safetensors or shards + index.")],
+    out: Annotated[str, typer.Argument(help="Output directory (must not exist unless --force).")],
+    bits: Annotated[int, typer.Option(callback=_bits, help="Default precision: 4 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option("--group-size", callback=_group, help="32, 64, 128 or -1 (channelwise).")] = 128,
+    keep_int8: Annotated[Optional[list[str]], typer.Option("--keep-int8", help="Selectors kept in INT8 (comma list).")] = None,
+    skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Selectors kept in 16-bit (comma list).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(callback=_dtype, help="Cast weights to bf16/fp16 before quantizing (default: keep 16-bit, fp32 -> bf16).")] = None,
+    tp: Annotated[Optional[str], typer.Option("--tp", help="Report tensors that fail the shape gate when split for these tensor-parallel degrees, e.g. 2,4,8.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and output size; read no weights.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail instead of passing Marlin-incompatible shapes through.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Quantize SRC with round-to-nearest into Marlin-packed INT4/INT8 and write OUT with a manifest."""
+    from rtnq import convert as conv
+
+    options = conv.Options(
+        bits=bits, group_size=group_size, keep_int8=_split(keep_int8), skip=_split(skip),
+        dtype=dtype, strict=strict, force=force, tp=_tp(tp),
+    )
+    plan = conv.make_plan(src, out, options)
+    for w in plan.precision.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+    if dry_run:
+        _print_plan(plan, json_out)
+        return
+    result = _run_with_progress(conv, plan)
+    if json_out:
+        _emit_json({"out": str(plan.out), "seconds": round(result.seconds, 3), **result.manifest.to_json()["totals"]})
+    else:
+        _print_summary(result)
+
+
+def _run_with_progress(conv, plan):
+    if not err.is_terminal:
+        return conv.run(plan)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    columns = (TextColumn("{task.fields[tensors]}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("convert", total=plan.bytes_in, tensors=f"0/{len(plan.items)} tensors")
+
+        def update(p):
+            bar.update(task, completed=p.bytes_done, tensors=f"{p.tensors_done}/{p.tensors_total} tensors")
+
+        return conv.run(plan, update)
+
+
+def _print_plan(plan, json_out: bool) -> None:
+    from rtnq import convert as conv
+
+    t = conv.totals(plan)
+    if json_out:
+        tensors = [
+            {"name": i.spec.name, "kind": i.decision.kind, "bits": i.decision.bits, "rule": i.decision.rule,
+             "reason": i.decision.reason, "outputs": [e.name for e in i.outputs], "shard": i.out_shard}
+            for i in plan.items
+        ]
+        _emit_json({"dry_run": True, "totals": t, "rules": plan.precision.rules,
+                             "warnings": plan.precision.warnings, "tensors": tensors})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"plan: {plan.src} -> {plan.out} (dry run, nothing written)")
+    for col in ("tensor", "shape", "becomes", "why"):
+        table.add_column(col)
+    for i in plan.items:
+        d = i.decision
+        becomes = f"int{d.bits} g{d.group_size}" if d.kind == "marlin" else i.spec.dtype.lower()
+        table.add_row(i.spec.name, "x".join(map(str, i.spec.shape)), becomes, d.rule if d.kind == "marlin" else (d.reason or ""))
+    err.print(table)
+    _print_totals(t)
+
+
+def _print_totals(t: dict, seconds: float | None = None) -> None:
+    from rich.table import Table
+
+    c = t["tensors"]
+    table = Table(show_header=False, title="summary")
+    table.add_row("quantized INT4 / INT8", f"{c['marlin4']} / {c['marlin8']} tensors")
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(t["passthrough_reasons"].items()))
+    table.add_row("passed through", f"{c['passthrough']} tensors" + (f" ({reasons})" if reasons else ""))
+    table.add_row("bytes in -> out", f"{_gb(t['bytes_in'])} -> {_gb(t['bytes_out'])}")
+    if t["bits_per_weight"] is not None:
+        table.add_row("bits per weight (quantized linears, scales included)", f"{t['bits_per_weight']:.4f}")
+    if t["model_bits_per_weight"] is not None:
+        table.add_row("bits per weight (whole model)", f"{t['model_bits_per_weight']:.4f}")
+    if seconds is not None:
+        table.add_row("wall time", f"{seconds:.2f} s ({t['bytes_in'] / max(seconds, 1e-9) / 1e9:.2f} GB/s of input)")
+    err.print(table)
+
+
+def _print_summary(result) -> None:
+    _print_totals(result.manifest.totals, result.seconds)
+    err.print(f"wrote {result.plan.out}", highlight=False)
+
+
+@app.command()
+def inspect(
+    out_dir: Annotated[str, typer.Argument(help="A directory written by `rtnq convert`.")],
+    json_out: JsonOpt = False,
+    plot: Annotated[Optional[str], typer.Option("--plot", help="Draw the precision map into this PNG file (needs matplotlib).")] = None,
+) -> None:
+    """Show the precision manifest: precision per layer and module, totals and bits per weight."""
+    from rtnq import manifest as mf
+    from rtnq import precision_map
+
+    m = mf.read(out_dir)
+    if json_out:
+        _emit_json(m.to_json())
+    else:
+        _print_precision_map(precision_map.build(m))
+        for w in m.warnings:
+            err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        _print_totals(m.totals)
+    if plot:
+        from rtnq import plotting
+
+        plotting.precision_map_png(precision_map.build(m), plot)
+        err.print(f"wrote {plot}", highlight=False)
+
+
+_STYLE = {"int4": "green", "int8": "yellow"}
+
+
+def _print_precision_map(pm) -> None:
+    from rich.table import Table
+
+    table = Table(title="precision by layer and module")
+    table.add_column("layer", justify="right")
+    for module in pm.modules:
+        table.add_column(module)
+    for layer in pm.layers:
+        row = [str(layer)]
+        for module in pm.modules:
+            v = pm.cells.get((layer, module), "")
+            row.append(f"[{_STYLE[v]}]{v}[/]" if v in _STYLE else v)
+        table.add_row(*row)
+    err.print(table)
+    if pm.other:
+        other = Table(title="outside the blocks")
+        other.add_column("tensor")
+        other.add_column("precision")
+        for name, v in pm.other.items():
+            other.add_row(name, v)
+        err.print(other)
+
+
+@app.command()
+def verify(
+    out_dir: Annotated[str, typer.Argument(help="A directory written by `rtnq convert`.")],
+    against: Annotated[str, typer.Option("--against", help="The source model directory it was converted from.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Re-derive every output tensor from the source and check the bytes are identical."""
+    from rtnq import verify as ver
+    from rtnq.errors import VerifyMismatch
+
+    checks = ver.verify(out_dir, against)
+    bad = [c for c in checks if not c.ok]
+    if json_out:
+        _emit_json({"ok": not bad, "checked": len(checks), "mismatches": len(bad),
+                             "tensors": [c.__dict__ for c in checks]})
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"verify {out_dir} against {against}")
+        for col in ("tensor", "kind", "result", "rel. error"):
+            table.add_column(col)
+        for c in checks:
+            result = "[green]identical[/]" if c.ok else f"[red]{c.detail}[/]"
+            table.add_row(c.name, c.kind, result, "" if c.error is None else f"{c.error:.2e}")
+        err.print(table)
+    if bad:
+        raise VerifyMismatch(f"{len(bad)} of {len(checks)} tensors differ, first: {bad[0].name} ({bad[0].detail})")
+    if not json_out:
+        err.print(f"[green]ok:[/] all {len(checks)} tensors match", highlight=False)
+
+
+@app.command()
+def sample(
+    out_dir: Annotated[str, typer.Argument(help="Directory to write the synthetic checkpoint into.")],
+    layers: Annotated[int, typer.Option(help="Number of transformer blocks.")] = 2,
+    hidden: Annotated[int, typer.Option(help="Hidden size.")] = 256,
+    intermediate: Annotated[int, typer.Option(help="MLP intermediate size.")] = 512,
+    vocab: Annotated[int, typer.Option(help="Vocabulary size.")] = 512,
+    shards: Annotated[int, typer.Option(help="Number of shard files.")] = 2,
+    dtype: Annotated[str, typer.Option(help="bf16, fp16 or fp32.")] = "bf16",
+    tied: Annotated[bool, typer.Option("--tied", help="Tie lm_head to the embeddings.")] = False,
+    odd_linear: Annotated[bool, typer.Option("--odd-linear", help="Add a linear whose shape Marlin cannot take.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Write even if the directory exists.")] = False,
+) -> None:
+    """Write the built-in synthetic Llama-style sample checkpoint (deterministic)."""
+    from pathlib import Path
+
+    from rtnq import testing
+    from rtnq.errors import UsageError
+
+    if dtype not in testing.DTYPES:
+        raise UsageError(f"--dtype must be bf16, fp16 or fp32, got {dtype}")
+    if Path(out_dir).exists() and not force:
+        raise UsageError(f"{out_dir} already exists; pass --force to write into it")
+    spec = testing.SampleSpec(hidden=hidden, intermediate=intermediate, layers=layers, vocab=vocab,
+                              shards=shards, dtype=dtype, tied=tied, odd_linear=odd_linear)
+    testing.write_checkpoint(out_dir, spec)
+    err.print(f"wrote {out_dir}", highlight=False)
 
 
 def main() -> None:

@@ -1,0 +1,321 @@
+"""The conversion pipeline: headers -> decisions -> output plan -> stream tensors -> atomic rename.
+
+Never prints. `make_plan` reads only safetensors headers; `run` reads, quantizes, packs and writes
+one tensor at a time, reporting progress through a callback, and returns the manifest. Output shards
+mirror the source shards one for one, so the index keeps the source's grouping.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from rtnq import manifest as mf
+from rtnq import marlin, precision, rtn
+from rtnq.errors import CheckpointError, UsageError
+from rtnq.source import INDEX_NAME, SINGLE_NAME, TORCH_TO_ST, Reader, TensorSpec, resolve, scan
+from rtnq.writer import Entry, ShardWriter, atomic_dir, check_output_location, header_bytes, write_json
+
+VERSION = "0.1.0"
+# Files in SRC that are weights in some other format: never copied (and never unpickled).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+MAX_COPY_BYTES = 256 * 1024 * 1024  # tokenizer and config files are small; anything bigger is a weight
+
+
+@dataclass(frozen=True)
+class Options:
+    bits: int = 4
+    group_size: int = 128
+    keep_int8: Sequence[str] = ()
+    skip: Sequence[str] = ()
+    dtype: str | None = None  # "bf16"/"fp16": cast every quantized weight; None: keep 16-bit, fp32 -> bf16
+    strict: bool = False
+    force: bool = False
+    tp: Sequence[int] = ()
+
+
+@dataclass
+class Item:
+    """One source tensor and what it becomes."""
+
+    spec: TensorSpec
+    decision: precision.Decision
+    outputs: list[Entry]
+    out_shard: str
+    quant_dtype: torch.dtype | None = None  # the 16-bit dtype the RTN arithmetic runs in
+
+
+@dataclass
+class Plan:
+    src: Path
+    out: Path
+    options: Options
+    items: list[Item]
+    shards: list[tuple[str, list[Entry]]]
+    precision: precision.Plan
+    small_files: list[str]
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(i.spec.nbytes for i in self.items)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(len(header_bytes(entries, shard_metadata(self.options))) + sum(e.nbytes for e in entries)
+                   for _, entries in self.shards)
+
+
+@dataclass(frozen=True)
+class Progress:
+    name: str
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int  # source bytes consumed so far
+    bytes_total: int
+
+
+@dataclass
+class Result:
+    plan: Plan
+    manifest: mf.Manifest
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def shard_metadata(options: Options) -> dict[str, str]:
+    return {"format": "rtnq", "rtnq_version": VERSION, "manifest_version": str(mf.VERSION)}
+
+
+def module_prefix(name: str) -> str:
+    """`P.weight` -> `P`; a name without `.weight` (stacked MoE experts) is its own prefix."""
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+def quant_dtype(spec: TensorSpec, options: Options) -> torch.dtype:
+    if options.dtype is not None:
+        return rtn.DTYPES[options.dtype]
+    dt = spec.torch_dtype
+    return dt if dt in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def output_entries(spec: TensorSpec, d: precision.Decision, qdt: torch.dtype) -> list[Entry]:
+    if d.kind != "marlin":
+        return [Entry(spec.name, spec.dtype, spec.shape)]
+    *lead, n, k = spec.shape
+    g = rtn.effective_group(k, d.group_size)
+    prefix = module_prefix(spec.name)
+    words = n * marlin.TILE * d.bits // 32
+    return [
+        Entry(f"{prefix}.qweight", "I32", (*lead, k // marlin.TILE, words)),
+        Entry(f"{prefix}.scales", TORCH_TO_ST[qdt], (*lead, k // g, n)),
+    ]
+
+
+def out_shard_names(src_shards: list[str]) -> dict[str, str]:
+    n = len(src_shards)
+    if n == 1:
+        return {src_shards[0]: SINGLE_NAME}
+    return {s: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, s in enumerate(src_shards)}
+
+
+def small_files(src: Path) -> list[str]:
+    """Top-level non-weight files to copy unchanged (config.json is rewritten, not copied)."""
+    keep = []
+    for p in sorted(src.iterdir()):
+        if not p.is_file() or p.name in ("config.json", INDEX_NAME, mf.FILENAME):
+            continue
+        if p.suffix in WEIGHT_SUFFIXES or p.stat().st_size > MAX_COPY_BYTES:
+            continue
+        keep.append(p.name)
+    return keep
+
+
+def make_plan(src: str | Path, out: str | Path, options: Options) -> Plan:
+    """Everything about the output, from headers only: decisions, names, dtypes, shapes, shards."""
+    rtn.check_params(options.bits, options.group_size)
+    if options.dtype is not None and options.dtype not in rtn.DTYPES:
+        raise UsageError(f"--dtype must be bf16 or fp16, got {options.dtype}")
+    src_dir = resolve(src)
+    out_dir = Path(out)
+    check_output_location(src_dir, out_dir, options.force)
+    specs = scan(src_dir)
+    pplan = precision.plan(
+        specs,
+        bits=options.bits,
+        group_size=options.group_size,
+        keep_int8=options.keep_int8,
+        skip=options.skip,
+        strict=options.strict,
+        tp=options.tp,
+    )
+    names = out_shard_names(list(dict.fromkeys(s.shard for s in specs)))
+    items = []
+    for spec in specs:
+        d = pplan.decisions[spec.name]
+        qdt = quant_dtype(spec, options) if d.kind == "marlin" else None
+        items.append(Item(spec, d, output_entries(spec, d, qdt), names[spec.shard], qdt))
+    shards: dict[str, list[Entry]] = {}
+    for item in items:
+        shards.setdefault(item.out_shard, []).extend(item.outputs)
+    seen: set[str] = set()
+    for entries in shards.values():
+        for e in entries:
+            if e.name in seen:
+                raise CheckpointError(f"output tensor name {e.name} would be written twice; the source already has it")
+            seen.add(e.name)
+    return Plan(src_dir, out_dir, options, items, list(shards.items()), pplan, small_files(src_dir))
+
+
+def quantize_item(item: Item, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Source weight -> (Marlin qweight, Marlin scales, relative error of the dequantized weight)."""
+    d = item.decision
+    w16 = w.to(item.quant_dtype)
+    codes, scales = rtn.quantize(w16, d.bits, d.group_size, name=item.spec.name)
+    error = rtn.relative_error(w16, rtn.dequantize(codes, scales, d.bits, d.group_size))
+    qweight, mscales = marlin.pack(codes, scales, d.bits)
+    return qweight, mscales, error
+
+
+def _entry(item: Item, error: float | None) -> mf.TensorEntry:
+    d, spec = item.decision, item.spec
+    if d.kind == "marlin":
+        outputs = {"qweight": item.outputs[0].name, "scales": item.outputs[1].name}
+    else:
+        outputs = {"tensor": item.outputs[0].name}
+    return mf.TensorEntry(
+        kind=d.kind,
+        shape=list(spec.shape),
+        dtype=str(spec.torch_dtype).removeprefix("torch."),
+        outputs=outputs,
+        shard=item.out_shard,
+        bits=d.bits if d.kind == "marlin" else None,
+        group_size=d.group_size if d.kind == "marlin" else None,
+        rule=d.rule if d.kind == "marlin" else None,
+        reason=d.reason if d.kind != "marlin" else None,
+        error=error,
+    )
+
+
+def totals(plan: Plan) -> dict:
+    """Counts, bytes and effective bits per weight (scales included) of the planned output."""
+    counts = {"marlin4": 0, "marlin8": 0, "passthrough": 0}
+    reasons: dict[str, int] = {}
+    params = q_params = q_bits = 0
+    for item in plan.items:
+        params += item.spec.numel
+        d = item.decision
+        if d.kind == "marlin":
+            counts[f"marlin{d.bits}"] += 1
+            q_params += item.spec.numel
+            q_bits += 8 * sum(e.nbytes for e in item.outputs)
+        else:
+            counts["passthrough"] += 1
+            key = (d.reason or "passthrough").split(":")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+    weight_bits = 8 * sum(e.nbytes for _, entries in plan.shards for e in entries)
+    return {
+        "tensors": counts,
+        "passthrough_reasons": reasons,
+        "parameters": params,
+        "quantized_parameters": q_params,
+        "bytes_in": plan.bytes_in,
+        "bytes_out": plan.bytes_out,
+        "bits_per_weight": round(q_bits / q_params, 4) if q_params else None,
+        "model_bits_per_weight": round(weight_bits / params, 4) if params else None,
+    }
+
+
+def build_manifest(plan: Plan, errors: dict[str, float]) -> mf.Manifest:
+    o = plan.options
+    return mf.Manifest(
+        defaults={
+            "bits": o.bits,
+            "group_size": o.group_size,
+            "scale_rule": mf.SCALE_RULE,
+            "dtype": o.dtype or "source (fp32 -> bf16)",
+        },
+        tensors={i.spec.name: _entry(i, errors.get(i.spec.name)) for i in plan.items},
+        rules=plan.precision.rules,
+        totals=totals(plan),
+        warnings=list(plan.precision.warnings),
+        rtnq_version=VERSION,
+    )
+
+
+def quantization_config(plan: Plan) -> dict:
+    o = plan.options
+    int8 = sorted(module_prefix(i.spec.name) for i in plan.items if i.decision.kind == "marlin" and i.decision.bits == 8)
+    return {
+        "quant_method": "rtnq",
+        "format": "marlin",
+        "bits": o.bits,
+        "group_size": o.group_size,
+        "sym": True,
+        "scale_rule": mf.SCALE_RULE,
+        "manifest": mf.FILENAME,
+        "manifest_version": mf.VERSION,
+        "int8_modules": int8,
+    }
+
+
+def write_config(plan: Plan, tmp: Path) -> None:
+    cfg_path = plan.src / "config.json"
+    cfg: dict = {}
+    if cfg_path.is_file():
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{cfg_path}: not a JSON object")
+    cfg["quantization_config"] = quantization_config(plan)
+    write_json(tmp / "config.json", cfg)
+
+
+def run(plan: Plan, progress: Callable[[Progress], None] | None = None) -> Result:
+    """Execute `plan`: stream every tensor into a temporary directory, then rename it to OUT."""
+    t0 = time.perf_counter()
+    errors: dict[str, float] = {}
+    total_bytes = plan.bytes_in
+    done_bytes = 0
+    by_shard: dict[str, list[Item]] = {}
+    for item in plan.items:
+        by_shard.setdefault(item.out_shard, []).append(item)
+    meta = shard_metadata(plan.options)
+    with atomic_dir(plan.out, plan.options.force) as tmp, Reader(plan.src) as reader:
+        done = 0
+        for fname, entries in plan.shards:
+            writer = ShardWriter(tmp / fname, entries, meta)
+            try:
+                for item in by_shard[fname]:
+                    if item.decision.kind == "marlin":
+                        w = reader.read(item.spec)
+                        qweight, scales, errors[item.spec.name] = quantize_item(item, w)
+                        writer.write(item.outputs[0].name, qweight)
+                        writer.write(item.outputs[1].name, scales)
+                    else:
+                        writer.write_raw(reader.read_bytes(item.spec))
+                    done += 1
+                    done_bytes += item.spec.nbytes
+                    if progress:
+                        progress(Progress(item.spec.name, done, len(plan.items), done_bytes, total_bytes))
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+        if len(plan.shards) > 1:
+            weight_map = {e.name: fname for fname, entries in plan.shards for e in entries}
+            total = sum(e.nbytes for _, entries in plan.shards for e in entries)
+            write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_config(plan, tmp)
+        for name in plan.small_files:
+            shutil.copy2(plan.src / name, tmp / name)
+        m = build_manifest(plan, errors)
+        (tmp / mf.FILENAME).write_text(m.dumps())
+    return Result(plan, m, time.perf_counter() - t0, m.warnings)

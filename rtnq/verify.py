@@ -1,0 +1,87 @@
+"""`rtnq verify`: re-derive every output tensor from the source and compare bytes.
+
+For each manifest entry: a quantized tensor is re-quantized and re-packed from the source weight with
+the bits/group size the manifest records and the scale dtype the output file holds, then compared
+byte for byte with the stored qweight and scales; a passthrough tensor must be byte-identical to the
+source. Every output tensor must be accounted for by the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rtnq import manifest as mf
+from rtnq import marlin, rtn
+from rtnq.errors import CheckpointError
+from rtnq.source import Reader, TensorSpec, resolve, scan, scan_shard, shard_files
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str  # source tensor name
+    kind: str
+    ok: bool
+    detail: str  # "identical", or what differs
+    error: float | None  # relative error of the dequantized weight (quantized tensors)
+
+
+def _output_specs(out_dir: Path) -> dict[str, TensorSpec]:
+    specs: dict[str, TensorSpec] = {}
+    for shard in shard_files(out_dir):
+        for s in scan_shard(out_dir / shard):
+            specs[s.name] = s
+    return specs
+
+
+def verify(out: str | Path, src: str | Path, progress: Callable[[int, int], None] | None = None) -> list[Check]:
+    out_dir = resolve(out)
+    m = mf.read(out_dir)
+    src_specs = {s.name: s for s in scan(src)}
+    out_specs = _output_specs(out_dir)
+    missing = sorted(set(src_specs) - set(m.tensors))
+    if missing:
+        raise CheckpointError(f"the manifest has no entry for source tensor {missing[0]} (and {len(missing) - 1} more)")
+    accounted = {o for e in m.tensors.values() for o in e.outputs.values()}
+    extra = sorted(set(out_specs) - accounted)
+    checks: list[Check] = []
+    with Reader(resolve(src)) as src_reader, Reader(out_dir) as out_reader:
+        for i, (name, entry) in enumerate(m.tensors.items()):
+            if name not in src_specs:
+                checks.append(Check(name, entry.kind, False, "not in the source checkpoint", None))
+                continue
+            absent = [o for o in entry.outputs.values() if o not in out_specs]
+            if absent:
+                checks.append(Check(name, entry.kind, False, f"output tensor {absent[0]} is missing", None))
+                continue
+            checks.append(_check_one(name, entry, src_specs[name], out_specs, src_reader, out_reader))
+            if progress:
+                progress(i + 1, len(m.tensors))
+    for name in extra:
+        checks.append(Check(name, "unknown", False, "output tensor not described by the manifest", None))
+    return checks
+
+
+def _check_one(name, entry, spec, out_specs, src_reader: Reader, out_reader: Reader) -> Check:
+    if entry.kind != "marlin":
+        same = torch.equal(src_reader.read_bytes(spec), out_reader.read_bytes(out_specs[entry.outputs["tensor"]]))
+        return Check(name, entry.kind, same, "identical" if same else "bytes differ from the source", None)
+    q_spec, s_spec = out_specs[entry.outputs["qweight"]], out_specs[entry.outputs["scales"]]
+    w16 = src_reader.read(spec).to(s_spec.torch_dtype)
+    codes, scales = rtn.quantize(w16, entry.bits, entry.group_size, name=name)
+    error = rtn.relative_error(w16, rtn.dequantize(codes, scales, entry.bits, entry.group_size))
+    qweight, mscales = marlin.pack(codes, scales, entry.bits)
+    problems = []
+    if tuple(qweight.shape) != q_spec.shape or not torch.equal(
+        qweight.contiguous().view(torch.uint8).reshape(-1), out_reader.read_bytes(q_spec)
+    ):
+        problems.append("qweight bytes differ")
+    if tuple(mscales.shape) != s_spec.shape or not torch.equal(
+        mscales.contiguous().view(torch.uint8).reshape(-1), out_reader.read_bytes(s_spec)
+    ):
+        problems.append("scales bytes differ")
+    ok = not problems
+    return Check(name, entry.kind, ok, "identical" if ok else ", ".join(problems), error)
