@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from rtnq.errors import RtnqError
+from rtnq.errors import Interrupted, RtnqError
 
 app = typer.Typer(
     name="rtnq",
@@ -111,7 +111,11 @@ def convert(
     if dry_run:
         _print_plan(plan, json_out)
         return
-    result = _run_with_progress(conv, plan)
+    try:
+        result = _run_with_progress(conv, plan)
+    except KeyboardInterrupt:
+        # click would turn this into "Aborted!" and exit 1; the contract is a named error and 130.
+        raise Interrupted(f"interrupted; nothing was written to {plan.out}") from None
     if json_out:
         _emit_json({"out": str(plan.out), "seconds": round(result.seconds, 3), **result.manifest.to_json()["totals"]})
     else:

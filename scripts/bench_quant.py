@@ -1,0 +1,56 @@
+"""Quantize + pack throughput on real layer shapes (bf16 weights, CPU).
+
+    .venv/bin/python scripts/bench_quant.py [--repeats 5] [--threads N]
+
+Prints, per shape and bit width, the median wall time of rtn.quantize, marlin.pack and both, in
+million weights per second, plus a baseline in the same run: one plain elementwise pass over the
+weight (w * 2 in bf16) so numbers from different (noisy) machines can be compared as ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from rtnq import marlin, rtn
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (n, k): Llama-3-8B o/q, gate/up, down
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up (allocator, thread pool)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--group-size", type=int, default=128)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(f"{'shape (n x k)':>14} {'bits':>4} {'quantize':>10} {'pack':>10} {'both':>10} {'Mw/s':>8} {'x baseline':>10}")
+    for n, k in SHAPES:
+        w = (torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
+        base = timed(lambda: w * 2, args.repeats)
+        for bits in (4, 8):
+            codes, scales = rtn.quantize(w, bits, args.group_size)
+            tq = timed(lambda: rtn.quantize(w, bits, args.group_size), args.repeats)
+            tp = timed(lambda: marlin.pack(codes, scales, bits), args.repeats)
+            both = tq + tp
+            print(f"{n:>6} x {k:<6} {bits:>4} {tq * 1e3:>8.1f}ms {tp * 1e3:>8.1f}ms {both * 1e3:>8.1f}ms "
+                  f"{n * k / both / 1e6:>8.0f} {both / base:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Run the real `rtnq` entry point (rtnq.cli:main) in-process or as a subprocess."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from rtnq import cli
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+def run(*args: str | Path) -> Run:
+    """`rtnq ARGS` through cli.main(), the function the console script calls."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["rtnq", *map(str, args)]
+    code = 0
+    cli.err.file = err  # rich Console bound at import time; point it at the capture
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+        cli.err.file = sys.stderr
+    return Run(code, out.getvalue(), err.getvalue())
+
+
+def run_process(*args: str | Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`rtnq ARGS` as a separate process (the installed console script's module)."""
+    return subprocess.run(
+        [sys.executable, "-m", "rtnq.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Temporary output directories the converter would leave behind on failure."""
+    return [p.name for p in Path(parent).iterdir() if ".rtnq-tmp-" in p.name or ".rtnq-old-" in p.name]
