@@ -1,0 +1,40 @@
+"""Peak memory does not grow with the number of layers (streaming, not whole-model)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from rtnq import testing
+
+PEAK_RSS = """
+import resource, runpy, sys
+sys.argv = ["rtnq"] + sys.argv[1:]
+try:
+    runpy.run_module("rtnq.cli", run_name="__main__")
+except SystemExit as e:
+    assert not e.code, e.code
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def peak_rss(*args) -> int:
+    """Peak RSS in bytes of `rtnq ARGS` run in a fresh process."""
+    p = subprocess.run([sys.executable, "-c", PEAK_RSS, *map(str, args)], capture_output=True, text=True, check=True)
+    return int(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_peak_rss_is_flat_in_the_number_of_layers(tmp_path):
+    sizes = dict(hidden=512, intermediate=1536, vocab=1024, heads=4, kv_heads=2, shards=2)
+    small = testing.write_checkpoint(tmp_path / "l4", testing.SampleSpec(layers=4, **sizes))
+    big = testing.write_checkpoint(tmp_path / "l16", testing.SampleSpec(layers=16, **sizes))
+    per_layer = sum(p.stat().st_size for p in big.glob("*.safetensors")) / 16
+    rss_small = peak_rss("convert", small, tmp_path / "o4", "--keep-int8", "layers.0,mlp")
+    rss_big = peak_rss("convert", big, tmp_path / "o16", "--keep-int8", "layers.0,mlp")
+    growth = rss_big - rss_small
+    # 12 extra layers are ~75 MB of weights; a converter that holds the model (or maps whole shards
+    # and touches them) grows by at least that much. Allow a third of it for allocator noise.
+    assert growth < 4 * per_layer, (rss_small, rss_big, per_layer)
