@@ -22,6 +22,21 @@ class PrecisionMap:
     other: dict[str, str]  # tensors outside blocks -> label
 
 
+# Column order: attention projections, then the MLP, then anything else (alphabetical).
+_ORDER = ["q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"]
+
+
+def short_names(modules: list[str]) -> list[str]:
+    """Column headers: the last component without `_proj` (q, gate, ...) when unambiguous, else full paths."""
+    last = [m.rsplit(".", 1)[-1].removesuffix("_proj") for m in modules]
+    return last if len(set(last)) == len(last) else modules
+
+
+def _column_key(module: str) -> tuple[int, str]:
+    leaf = module.rsplit(".", 1)[-1].removesuffix("_proj")
+    return (_ORDER.index(leaf) if leaf in _ORDER else len(_ORDER), module)
+
+
 def label(entry: TensorEntry) -> str:
     if entry.kind == "marlin":
         return f"int{entry.bits}"
@@ -48,4 +63,4 @@ def build(m: Manifest, include_1d: bool = False) -> PrecisionMap:
         modules.setdefault(module, None)
         cells[(int(hit["idx"]), module)] = label(entry)
     layers = sorted({layer for layer, _ in cells})
-    return PrecisionMap(layers, list(modules), cells, other)
+    return PrecisionMap(layers, sorted(modules, key=_column_key), cells, other)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rtnq import precision
+from rtnq import precision, selectors
 from rtnq.errors import ShapeError, UsageError
 from rtnq.precision import parse_selectors, plan
 from rtnq.source import TensorSpec
@@ -213,7 +213,7 @@ def leaves(names, strip: str = "") -> set[str]:
 
 def matching(specs, selector: str) -> set[str]:
     """Every tensor a selector matches, whatever happens to it (via --skip: passthrough or not)."""
-    infos = precision._analyse(specs)
+    infos = selectors.analyse(specs)
     (sel,) = parse_selectors(selector)
     return {i.name for i in infos if sel.matches(i)}
 
@@ -273,9 +273,11 @@ def test_group_size_and_bits_are_recorded(group_size):
     "specs, reason",
     [
         ([S("model.layers.0.mlp.up_proj.weight", (I, H), "I32")], "dtype I32 is not a float"),
-        ([S("model.layers.0.mlp.up_proj.weight", (I, H), "F64")], "dtype F64 is not quantized (only F16, BF16 and F32 are)"),
+        ([S("model.layers.0.mlp.up_proj.weight", (I, H), "F64")],
+         "dtype F64 is not quantized (only F16, BF16 and F32 are)"),
         ([S("model.layers.0.mlp.up_proj.bias", (I,))], "bias"),
-        ([S("model.layers.0.self_attn.rotary_emb.inv_freq", (32,), "F32")], "not a weight (the name does not end in .weight)"),
+        ([S("model.layers.0.self_attn.rotary_emb.inv_freq", (32,), "F32")],
+         "not a weight (the name does not end in .weight)"),
         ([S("model.layers.0.mixer.conv1d.weight", (H, 1, 4))], "3-D tensor is not a linear weight"),
         ([S("model.layers.0.attn.scale.weight", (H,))], "1-D tensor is not a linear weight"),
         ([S("multi_modal_projector.linear_1.weight", (H, H))], "not a linear weight inside a block"),
@@ -339,7 +341,8 @@ def test_stacked_3d_experts_are_gated_on_n_and_k():
     d = plan(specs).decisions
     assert d["model.layers.0.mlp.experts.gate_up_proj.weight"].kind == "marlin"
     assert d["model.layers.0.mlp.experts.down_proj.weight"].kind == "marlin"
-    assert d["model.layers.1.mlp.experts.down_proj.weight"].reason == "shape: k=96 (in_features) is not a multiple of 128"
+    assert d["model.layers.1.mlp.experts.down_proj.weight"].reason == (
+        "shape: k=96 (in_features) is not a multiple of 128")
     # all experts of one MoE layer are one fused layer in vLLM: the partner passes through too
     assert d["model.layers.1.mlp.experts.gate_up_proj.weight"].reason.startswith("shape: fused with")
     assert d["model.layers.0.mlp.experts.gate_up_proj"].kind == "passthrough"
@@ -364,8 +367,10 @@ def test_gpt2_conv1d_weights_pass_through_but_bigcode_linears_are_quantized():
 @pytest.mark.parametrize(
     "build, quantized_leaves, prefix",
     [
-        (neox, {"attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"}, "gpt_neox.layers.0."),
-        (falcon, {"self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"}, "transformer.h.0."),
+        (neox, {"attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"},
+         "gpt_neox.layers.0."),
+        (falcon, {"self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
+                  "mlp.dense_4h_to_h"}, "transformer.h.0."),
         (phi3, {"self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"}, "model.layers.0."),
         (bert, {"attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                 "intermediate.dense", "output.dense"}, "bert.encoder.layer.0."),
@@ -461,7 +466,7 @@ ALIAS_CASES = [
     (llama, "model.layers.0.", "o", {"self_attn.o_proj"}),
     (llama, "model.layers.0.", "gate_up", {"mlp.gate_proj", "mlp.up_proj"}),
     (llama, "model.layers.0.", "down", {"mlp.down_proj"}),
-    (llama, "model.layers.0.", "attn", {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}),
+    (llama, "model.layers.0.", "attn", {f"self_attn.{m}_proj" for m in "qkvo"}),
     (llama, "model.layers.0.", "ffn", {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}),
     (neox, "gpt_neox.layers.0.", "qkv", {"attention.query_key_value"}),
     (neox, "gpt_neox.layers.0.", "o", {"attention.dense"}),
@@ -479,7 +484,8 @@ ALIAS_CASES = [
     (bert, "bert.encoder.layer.0.", "gate_up", {"intermediate.dense"}),
     (bert, "bert.encoder.layer.0.", "down", {"output.dense"}),
     (bert, "bert.encoder.layer.0.", "mlp", {"intermediate.dense", "output.dense"}),
-    (t5, "decoder.block.0.", "qkv", {f"layer.{j}.{a}.{m}" for j, a in ((0, "SelfAttention"), (1, "EncDecAttention")) for m in "qkv"}),
+    (t5, "decoder.block.0.", "qkv",
+     {f"layer.{j}.{a}.{m}" for j, a in ((0, "SelfAttention"), (1, "EncDecAttention")) for m in "qkv"}),
     (t5, "decoder.block.0.", "o", {"layer.0.SelfAttention.o", "layer.1.EncDecAttention.o"}),
     (t5, "encoder.block.0.", "gate_up", {"layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi_1"}),
     (t5, "encoder.block.0.", "down", {"layer.1.DenseReluDense.wo"}),
@@ -489,7 +495,8 @@ ALIAS_CASES = [
     (lambda: gpt2(linear_layout=True), "transformer.h.0.", "gate_up", {"mlp.c_fc"}),
     (mixtral, "model.layers.0.", "gate_up", {f"block_sparse_moe.experts.{e}.w{w}" for e in range(4) for w in (1, 3)}),
     (mixtral, "model.layers.0.", "down", {f"block_sparse_moe.experts.{e}.w2" for e in range(4)}),
-    (qwen2_moe, "model.layers.0.", "experts", {f"mlp.experts.{e}.{m}_proj" for e in range(4) for m in ("gate", "up", "down")}),
+    (qwen2_moe, "model.layers.0.", "experts",
+     {f"mlp.experts.{e}.{m}_proj" for e in range(4) for m in ("gate", "up", "down")}),
 ]
 
 
@@ -545,6 +552,8 @@ def test_qwen1_w1_w2_are_the_fused_gate_up_pair():
         (llama, "re:q_proj", "did you mean re:.*q_proj.*?"),
         (bert, "layers.0", "did you mean layer.0?"),
         (gpt2, "layers.-1", "did you mean h.-1?"),
+        (neox, "layers.0.attn", "did you mean layers.0+attn?"),
+        (qwen2_moe, "layers.0.expert", "no tensor name has a component 'expert' (closest: experts)"),
         (t5, "layers.0", "did you mean block.0?"),
     ],
 )
@@ -585,7 +594,7 @@ def test_parse_selectors_accepts_none_lists_and_parts():
     assert parse_selectors(None) == [] and parse_selectors([]) == []
     sels = parse_selectors(["layers.0-3, mlp", "re:.*o_proj"])
     assert [s.text for s in sels] == ["layers.0-3", "mlp", "re:.*o_proj"]
-    assert sels[0].terms == ((("layers"), (0, 3)),) or sels[0].terms == (("layers", (0, 3)),)
+    assert sels[0].terms == (("layers", (0, 3)),)  # one run: a literal and an inclusive range
     assert sels[1].terms == ("mlp",)  # an alias term
     assert parse_selectors("layers.-4--1")[0].terms == (("layers", (-4, -1)),)
 
@@ -617,7 +626,8 @@ def test_keep_int8_on_one_of_qkv_extends_to_the_group():
 def test_keep_int8_on_up_extends_to_gate_per_layer():
     p = plan(llama(layers=3), keep_int8="up_proj")
     assert leaves(int8(p)) == {f"model.layers.{n}.mlp.{m}_proj" for n in range(3) for m in ("gate", "up")}
-    assert p.decisions["model.layers.2.mlp.gate_proj.weight"].rule.startswith("fused-with:model.layers.2.mlp.up_proj.weight")
+    assert p.decisions["model.layers.2.mlp.gate_proj.weight"].rule == (
+        "fused-with:model.layers.2.mlp.up_proj.weight (keep-int8:up_proj)")
 
 
 def test_experts_of_one_moe_layer_share_a_precision():
@@ -633,6 +643,8 @@ def test_skip_extends_to_fused_partners():
     assert d.kind == "passthrough"
     assert d.reason == "skipped by --skip layers.1.mlp.gate_proj (fused with model.layers.1.mlp.gate_proj.weight)"
     assert p.decisions["model.layers.1.mlp.gate_proj.weight"].reason == "skipped by --skip layers.1.mlp.gate_proj"
+    assert p.decisions["model.layers.1.mlp.gate_proj.weight"].rule == "skip:layers.1.mlp.gate_proj"
+    assert d.rule == "fused-with:model.layers.1.mlp.gate_proj.weight (skip:layers.1.mlp.gate_proj)"
     assert p.decisions["model.layers.1.mlp.down_proj.weight"].kind == "marlin"
     assert p.rules == [{"option": "skip", "selector": "layers.1.mlp.gate_proj", "matched": 2}]
 
@@ -695,6 +707,7 @@ def test_strict_raises_a_shape_error_naming_tensor_sizes_and_fix():
     assert "Drop --strict to keep it in 16-bit" in msg
     assert e.value.exit_code == 6
     plan(specs, strict=True, skip="mlp")  # skipped tensors are not gated
+    assert quantized(plan(llama(layers=2), strict=True))  # and nothing to fail: no error
     assert plan(specs).decisions["model.layers.1.mlp.down_proj.weight"].reason == (
         "shape: k=200 (in_features) is not a multiple of 128")
 
@@ -712,14 +725,16 @@ def test_tp_reports_per_rank_failures_for_column_and_row_splits():
     assert len([w for w in p.warnings if w.startswith("--tp")]) == 1
     assert "--tp 4: 3 quantized tensors would fail" in p.warnings[0]
     p3 = plan(llama(layers=1), tp=[3])
-    assert ("model.layers.0.mlp.up_proj.weight", "column-parallel, n/3: n=512 is not divisible by 3") in p3.tp_failures[3]
+    assert ("model.layers.0.mlp.up_proj.weight", "column-parallel, n/3: n=512 is not divisible by 3") in (
+        p3.tp_failures[3])
 
 
 def test_tp_ignores_passthrough_and_reports_unknown_layouts():
     specs = llama(layers=1, kv=96) + [S("model.layers.0.mixer.in_proj.weight", (H, H))]
     p = plan(specs, tp=[4])
     assert all(p.decisions[n].kind == "marlin" for n, _ in p.tp_failures[4])
-    assert any("1 quantized tensors have no known tensor-parallel split" in w and "mixer.in_proj" in w for w in p.warnings)
+    unknown = [w for w in p.warnings if "1 quantized tensors have no known tensor-parallel split" in w]
+    assert len(unknown) == 1 and "mixer.in_proj" in unknown[0]
 
 
 def test_deepseek_mla_low_rank_projections_are_fused_and_replicated():
@@ -736,3 +751,25 @@ def test_deepseek_mla_low_rank_projections_are_fused_and_replicated():
     assert int8(pl) == {f"{p}.q_a_proj.weight", f"{p}.kv_a_proj_with_mqa.weight"}
     assert matching(specs, "qkv") == {s.name for s in specs if "proj" in s.name and "o_proj" not in s.name}
     assert pl.tp_failures[8] == [] and not any("no known tensor-parallel split" in w for w in pl.warnings)
+
+
+POOL = ["layers.0", "layers.-1", "layers.1-2", "q_proj", "k_proj", "up_proj", "gate_proj", "down", "o", "qkv",
+        "gate_up", "mlp", "attn", "layers.2+down", r"re:.*\.v_proj", "lm_head"]
+
+
+@given(keep=st.lists(st.sampled_from(POOL), max_size=4), skip=st.lists(st.sampled_from(POOL), max_size=2))
+def test_invariants_for_any_rules(keep, skip):
+    specs = llama(layers=4, kv=96 if "lm_head" in keep else KV)  # sometimes a failing k/v too
+    p = plan(specs, keep_int8=keep, skip=skip)
+    d = p.decisions
+    assert list(d) == [s.name for s in specs]
+    for n in range(4):  # fused groups always end with one kind and one precision
+        for group in (("q", "k", "v"), ("gate", "up")):
+            members = [d[f"model.layers.{n}.{'self_attn' if 'q' in group else 'mlp'}.{m}_proj.weight"] for m in group]
+            assert len({(m.kind, m.bits) for m in members}) == 1
+    assert sum(r["matched"] for r in p.rules if r["option"] == "keep-int8") == len(int8(p))
+    assert sum(r["matched"] for r in p.rules if r["option"] == "skip") == sum(
+        1 for x in d.values() if (x.reason or "").startswith("skipped by --skip"))
+    skipped = set().union(*(matching(specs, s) for s in skip)) if skip else set()
+    assert not (int8(p) & skipped)  # --skip always wins
+    assert all(x.kind == "passthrough" for n, x in d.items() if "norm" in n or "embed" in n or "lm_head" in n)
