@@ -181,9 +181,9 @@ def plan(
     if strict and failing:
         name, why = failing[0]
         more = f" ({len(failing) - 1} more tensors fail too)" if len(failing) > 1 else ""
-        raise ShapeError(
-            f"{name}: {why}; Marlin needs n % {MIN_N} == 0, k % {MIN_K} == 0 and k % group_size == 0{more}. "
-            "Drop --strict to keep it in 16-bit, or --skip it"
+        raise ShapeError(  # (every group size divides 128, so k % 128 == 0 covers k % group_size == 0)
+            f"{name}: {why}; Marlin needs n % {MIN_N} == 0 and k % {MIN_K} == 0{more}. "
+            f"Drop --strict to keep it in 16-bit, or --skip {name.removesuffix('.weight')}"
         )
     live = {key: [m for m in ms if m.name not in skipped and m.name not in gated] for key, ms in groups.items()}
     int8 = _claim(live, [j for j, (o, _) in enumerate(options) if o == "keep-int8"], hits)

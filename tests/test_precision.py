@@ -703,8 +703,8 @@ def test_strict_raises_a_shape_error_naming_tensor_sizes_and_fix():
         plan(specs, strict=True)
     msg = str(e.value)
     assert msg.startswith("model.layers.0.mlp.gate_proj.weight: n=200 (out_features) is not a multiple of 64")
-    assert "(5 more tensors fail too)" in msg
-    assert "Drop --strict to keep it in 16-bit" in msg
+    assert "Marlin needs n % 64 == 0 and k % 128 == 0 (5 more tensors fail too)." in msg
+    assert msg.endswith("Drop --strict to keep it in 16-bit, or --skip model.layers.0.mlp.gate_proj")
     assert e.value.exit_code == 6
     plan(specs, strict=True, skip="mlp")  # skipped tensors are not gated
     assert quantized(plan(llama(layers=2), strict=True))  # and nothing to fail: no error
