@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from rtnq.errors import Interrupted, RtnqError
 
@@ -107,7 +108,7 @@ def convert(
     )
     plan = conv.make_plan(src, out, options)
     for w in plan.precision.warnings:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     if dry_run:
         _print_plan(plan, json_out)
         return
@@ -202,7 +203,7 @@ def inspect(
     else:
         _print_precision_map(precision_map.build(m))
         for w in m.warnings:
-            err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+            err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
         _print_totals(m.totals)
     if plot:
         from rtnq import plotting
@@ -348,7 +349,8 @@ def main() -> None:
     except RtnqError as e:
         if os.environ.get("RTNQ_DEBUG"):
             raise
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # Messages quote user input and shell commands ("pip install 'rtnq[plot]'"): never markup.
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err.print("[red]error:[/] interrupted", highlight=False)
