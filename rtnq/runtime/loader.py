@@ -1,0 +1,125 @@
+"""Load a directory written by `rtnq convert` into QuantLinear layers and plain tensors.
+
+The precision manifest (rtnq_manifest.json) says what every source tensor became; this module follows
+it: each quantized linear `P.weight` (kind "marlin", 2-D) becomes `linears["P"]`, a QuantLinear built
+from `P.qweight` + `P.scales` (with `P.bias` attached when the checkpoint has one), and every passthrough
+tensor is returned as-is in `tensors`. Shards are read with safetensors (never unpickled); each tensor
+the manifest names must exist with the shape and dtype the manifest implies, or CheckpointError says
+which one is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rtnq import manifest as manifest_mod
+from rtnq.errors import CheckpointError, KernelUnavailable, RtnqError
+from rtnq.runtime.quant_linear import QuantLinear
+
+
+@dataclass
+class LoadedCheckpoint:
+    """linears: module name (source tensor name minus '.weight') -> QuantLinear.
+    tensors: output tensor name -> tensor, for every passthrough entry (biases included, also when attached
+    to a QuantLinear) and for quantized entries the runtime has no module for (3-D expert weights, kept as
+    their raw qweight/scales tensors).  manifest: the parsed manifest.  path: the directory."""
+
+    linears: dict[str, QuantLinear]
+    tensors: dict[str, torch.Tensor]
+    manifest: manifest_mod.Manifest
+    path: Path
+    skipped: list[str] = field(default_factory=list)  # quantized entries not turned into a QuantLinear, with why
+
+
+def _device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise KernelUnavailable(
+                f"device={str(device)!r} needs a CUDA build of torch and a GPU, and torch {torch.__version__} sees none; "
+                "load with device='cpu' for the reference path"
+            )
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise RtnqError(f"device must be 'cuda' or 'cpu', got {str(device)!r}")
+    return dev
+
+
+def _module_name(source_name: str) -> str:
+    return source_name[: -len(".weight")] if source_name.endswith(".weight") else source_name
+
+
+def load_checkpoint(out_dir: str | Path, device: str | torch.device = "cuda") -> LoadedCheckpoint:
+    """Read a converted checkpoint (an HF-style directory with rtnq_manifest.json) onto `device`."""
+    from safetensors import safe_open  # imported here: `import rtnq.runtime` must stay light
+
+    root = Path(out_dir)
+    dev = _device(device)
+    man = manifest_mod.read(root)
+
+    wanted: dict[str, list[str]] = {}  # shard -> output tensor names
+    for name, entry in man.tensors.items():
+        if entry.kind == "marlin":
+            keys = ("qweight", "scales")
+        elif entry.kind == "passthrough":
+            keys = ("tensor",)
+        else:
+            raise CheckpointError(f"{root}: manifest entry {name} has unknown kind {entry.kind!r}")
+        for key in keys:
+            if key not in entry.outputs:
+                raise CheckpointError(f"{root}: manifest entry {name} ({entry.kind}) has no '{key}' output")
+            wanted.setdefault(entry.shard, []).append(entry.outputs[key])
+
+    loaded: dict[str, torch.Tensor] = {}
+    for shard, names in wanted.items():
+        path = root / shard
+        if not path.is_file():
+            raise CheckpointError(f"{root}: shard {shard} named in the manifest is missing")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                present = set(f.keys())
+                for tname in names:
+                    if tname not in present:
+                        raise CheckpointError(f"{path}: tensor {tname} named in the manifest is missing")
+                    loaded[tname] = f.get_tensor(tname).to(dev)
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"{path}: cannot read the shard ({e})") from None
+
+    linears: dict[str, QuantLinear] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for name, entry in man.tensors.items():
+        if entry.kind == "passthrough":
+            tensors[entry.outputs["tensor"]] = loaded[entry.outputs["tensor"]]
+            continue
+        qweight, scales = loaded[entry.outputs["qweight"]], loaded[entry.outputs["scales"]]
+        if entry.bits is None or entry.group_size is None:
+            raise CheckpointError(f"{root}: manifest entry {name} lacks bits or group_size")
+        if len(entry.shape) != 2:
+            tensors[entry.outputs["qweight"]] = qweight
+            tensors[entry.outputs["scales"]] = scales
+            skipped.append(f"{name}: {len(entry.shape)}-D (expert) weight kept as raw qweight/scales")
+            continue
+        n, k = entry.shape
+        try:
+            linears[_module_name(name)] = QuantLinear(
+                qweight, scales, bits=entry.bits, n=n, k=k, group_size=entry.group_size
+            )
+        except RtnqError as e:
+            raise CheckpointError(f"{root}: {name} does not match its manifest entry: {e}") from None
+
+    for module, layer in linears.items():
+        bias = tensors.get(f"{module}.bias")
+        if bias is not None:
+            if tuple(bias.shape) != (layer.out_features,):
+                raise CheckpointError(
+                    f"{root}: {module}.bias has shape {tuple(bias.shape)}, expected ({layer.out_features},)"
+                )
+            layer.bias = bias
+    return LoadedCheckpoint(linears=linears, tensors=tensors, manifest=man, path=root, skipped=skipped)

@@ -1,0 +1,304 @@
+"""Every CUDA kernel against the CPU reference (issue 5 item 5; GPU.md 4.2).
+
+Reference: the dequantized weight W = (code - bias) * scale from rtnq.rtn.dequantize on the codes and
+scales before packing (rtnq.marlin.pack), and out_ref = x.double() @ W.double().T. Inputs are random
+(never zeros: uniformly random codes hit every code value), outputs are pre-filled with NaN so an
+unwritten element fails, every case runs three times and must be bit-identical, and after every GEMM
+the workspace counters must be back to zero (the split-K protocol resets them).
+
+Bounds (relative Frobenius error): fp16 1e-3, bf16 8e-3 (fp32 accumulation; the 16-bit output rounding
+dominates). The dequantize kernel must be bit-exact.
+
+The reference runs on the CPU. For the two largest shapes (8192x28672, 4096x128256) the same reference
+code (rtn.dequantize) is evaluated on the GPU to fit the time budget; test_reference_cpu_equals_gpu
+shows on a realistic shape that torch computes it bit-identically on both devices.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from rtnq import marlin, rtn
+from rtnq.runtime import QuantLinear, library, load_checkpoint, ops
+
+M_LIST = [1, 2, 3, 7, 16, 17, 33, 64, 65, 255, 1024, 1500]
+PATHS = ["small_m", "tensor_core", "dequant"]
+TOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+DTYPES = [torch.float16, torch.bfloat16]
+# (k, n) = (in_features, out_features): Llama-3.1-8B o/q, gate|up, down, 70B gate|up, 8B lm_head
+REALISTIC = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (4096, 128256)]
+CPU_REF_MAX = 4096 * 14336  # above this many weights the reference code runs on the GPU
+
+
+def dev() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=4)
+def packed_codes(bits: int, n: int, k: int, seed: int = 0):
+    """Random codes (n, k) uint8 and their Marlin qweight, on the CPU."""
+    gen = torch.Generator().manual_seed(seed * 7919 + bits * 131 + n + k)
+    codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=gen)
+    groups = max(1, k // 128)
+    qweight, _ = marlin.pack(codes, torch.ones(n, groups, dtype=torch.float16), bits)
+    return codes, qweight
+
+
+def random_scales(bits: int, n: int, k: int, group: int, dtype, seed: int = 0):
+    """Scales (n, groups) in a range that keeps |out| comfortably inside fp16 for these k."""
+    gen = torch.Generator().manual_seed(seed + 17 * bits + group)
+    groups = 1 if group == -1 else k // group
+    lo, hi = (5e-3, 2e-2) if bits == 4 else (3e-4, 1.2e-3)
+    return (lo + (hi - lo) * torch.rand(n, groups, generator=gen)).to(dtype)
+
+
+class Case:
+    """One weight: codes, scales and the packed tensors on the GPU plus the reference W (n, k)."""
+
+    def __init__(self, bits, n, k, group, dtype, ref_on_gpu=False, seed=0):
+        self.bits, self.n, self.k, self.group, self.dtype = bits, n, k, group, dtype
+        codes, qweight = packed_codes(bits, n, k, seed)
+        scales = random_scales(bits, n, k, group, dtype, seed)
+        self.qweight = qweight.to(dev())
+        self.scales = marlin.permute_scales(scales.t().contiguous()).to(dev())
+        if ref_on_gpu:
+            self.w_ref = rtn.dequantize(codes.to(dev()), scales.to(dev()), bits, group)
+        else:
+            self.w_ref = rtn.dequantize(codes, scales, bits, group).to(dev())
+
+    def kw(self):
+        return dict(bits=self.bits, n=self.n, k=self.k, group_size=self.group)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+def assert_workspace_clean():
+    torch.cuda.synchronize()
+    for ws in ops._workspaces.values():
+        counters = ws[: 16 * 1024].view(torch.int32)
+        assert int(counters.abs().sum()) == 0, "split-K counters were not reset"
+
+
+def run_gemm(case: Case, x: torch.Tensor, path: str) -> torch.Tensor:
+    out = torch.full((x.shape[0], case.n), float("nan"), dtype=x.dtype, device=x.device)
+    res = ops.gemm(x, case.qweight, case.scales, path=path, out=out, **case.kw())
+    assert res.data_ptr() == out.data_ptr()
+    return out
+
+
+def check_gemm(case: Case, m_list=M_LIST, paths=PATHS, seed=0):
+    gen = torch.Generator(device=dev()).manual_seed(seed)
+    x_full = torch.randn(max(m_list), case.k, generator=gen, device=dev()).to(case.dtype)
+    ref_full = x_full.double() @ case.w_ref.double().t()
+    failures = []
+    for m in m_list:
+        x, ref = x_full[:m], ref_full[:m]
+        for path in paths:
+            runs = [run_gemm(case, x, path) for _ in range(3)]
+            torch.cuda.synchronize()
+            tag = f"{path} m={m} w{case.bits} {case.dtype} g{case.group} k={case.k} n={case.n}"
+            if not torch.isfinite(runs[0]).all():
+                failures.append(f"{tag}: {int((~torch.isfinite(runs[0])).sum())} non-finite (unwritten?) outputs")
+                continue
+            err = rel_err(runs[0], ref)
+            if err >= TOL[case.dtype]:
+                failures.append(f"{tag}: relative error {err:.2e} >= {TOL[case.dtype]:.0e}")
+            if not all(torch.equal(runs[0], r) for r in runs[1:]):
+                failures.append(f"{tag}: results differ between runs")
+        assert_workspace_clean()
+    assert not failures, "\n".join(failures)
+
+
+# ---- Dequantize: bit-exact -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [128, 64, 32, -1])
+@pytest.mark.parametrize("k,n", [(128, 64), (384, 192), (512, 320), (1024, 4096)])
+def test_dequantize_bit_exact_small(bits, dtype, group, k, n):
+    case = Case(bits, n, k, group, dtype)
+    for layout in ("nk", "kn"):
+        out = torch.full((n, k) if layout == "nk" else (k, n), float("nan"), dtype=dtype, device=dev())
+        ops.dequantize(case.qweight, case.scales, layout=layout, out=out, **case.kw())
+        got = out if layout == "nk" else out.t()
+        assert torch.equal(got.view(torch.int16), case.w_ref.view(torch.int16)), layout
+
+
+def test_reference_cpu_equals_gpu():
+    codes, _ = packed_codes(4, 14336, 4096)
+    for dtype in DTYPES:
+        scales = random_scales(4, 14336, 4096, 128, dtype)
+        cpu = rtn.dequantize(codes, scales, 4, 128)
+        gpu = rtn.dequantize(codes.to(dev()), scales.to(dev()), 4, 128).cpu()
+        assert torch.equal(cpu.view(torch.int16), gpu.view(torch.int16))
+
+
+# ---- GEMM: every path, every M ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [128, 64, 32, -1])
+@pytest.mark.parametrize("k,n", [(128, 64), (384, 192), (512, 320), (2048, 1024)])
+def test_gemm_small_shapes(bits, dtype, group, k, n):
+    check_gemm(Case(bits, n, k, group, dtype), seed=k + n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k,n", REALISTIC)
+def test_realistic_shapes(bits, k, n):
+    # One test per packed weight (packing 500M codes on the CPU takes seconds): for fp16 and bf16, grouped and
+    # channelwise, the dequantize kernel bit-exact in both layouts, then every GEMM path at every M.
+    for dtype in DTYPES:
+        for group in (128, -1):
+            case = Case(bits, n, k, group, dtype, ref_on_gpu=n * k > CPU_REF_MAX)
+            for layout in ("nk", "kn"):
+                got = ops.dequantize(case.qweight, case.scales, layout=layout, **case.kw())
+                got = got if layout == "nk" else got.t()
+                assert torch.equal(got.view(torch.int16), case.w_ref.view(torch.int16)), (dtype, group, layout)
+                del got
+            check_gemm(case, seed=bits)
+            del case
+            torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group", [128, -1])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13, 16, 40])
+def test_small_m_is_bit_identical_to_host_emulation(bits, dtype, group, m):
+    # The host emulator repeats the kernel's fp32 operation order exactly, given the kernel's split count.
+    k, n = 2048, 512
+    case = Case(bits, n, k, group, dtype)
+    x = torch.randn(m, k, device=dev()).to(dtype)
+    out = run_gemm(case, x, "small_m")
+    splits, rows = ops.plan("small_m", m, n, k, bits=bits, group_size=group, dtype=dtype)
+    assert splits >= 1 and rows in (1, 2, 4, 8)
+    lib = library.load()
+    xc, qc, sc = x.cpu(), case.qweight.cpu(), case.scales.cpu()
+    host = torch.full((m, n), float("nan"), dtype=dtype)
+    status = lib.rtnq_host_gemm_small_m(xc.data_ptr(), qc.data_ptr(), sc.data_ptr(), host.data_ptr(), m, n, k, bits,
+                                        group, library.BFLOAT16 if dtype == torch.bfloat16 else library.FLOAT16, splits)
+    assert status == 0
+    assert torch.equal(out.cpu().view(torch.int16), host.view(torch.int16)), f"splits={splits}"
+
+
+def test_paths_agree_with_each_other():
+    case = Case(4, 4096, 4096, 128, torch.bfloat16)
+    x = torch.randn(48, 4096, device=dev()).to(torch.bfloat16)
+    outs = {p: run_gemm(case, x, p).double() for p in PATHS}
+    for p in ("small_m", "tensor_core"):
+        assert rel_err(outs[p], outs["dequant"]) < 8e-3, p
+
+
+def test_plan_reports_split_k_for_a_small_grid():
+    info = library.device_info()
+    splits, rows = ops.plan("tensor_core", 16, 4096, 4096, bits=4, group_size=128, dtype=torch.bfloat16)
+    assert rows == 16 and 1 <= splits <= 4096 // 128
+    assert splits > 1 or info["sm_count"] <= 32  # 32 column tiles cannot fill a big GPU without split-K
+    splits, rows = ops.plan("tensor_core", 1024, 4096, 4096, bits=4, group_size=128, dtype=torch.bfloat16)
+    assert rows == 64 and splits == 1
+
+
+# ---- Integration --------------------------------------------------------------------------------------------------
+
+
+def test_device_info_is_sane():
+    info = library.device_info()
+    props = torch.cuda.get_device_properties(info["device"])
+    assert info["name"] == props.name
+    assert info["sm_count"] == props.multi_processor_count
+    assert info["major"] >= 8 and info["driver_version"] >= 12000 and info["runtime_version"] >= 12000
+    assert library.device_count() == torch.cuda.device_count()
+
+
+def test_non_contiguous_and_offset_inputs():
+    case = Case(4, 256, 512, 128, torch.float16)
+    big = torch.randn(9, 2 * 512, device=dev()).to(torch.float16)
+    x = big[:, ::2]  # non-contiguous
+    ref = x.double() @ case.w_ref.double().t()
+    for path in PATHS:
+        assert rel_err(ops.gemm(x, case.qweight, case.scales, path=path, **case.kw()), ref) < 1e-3
+    flat = torch.randn(1 + 5 * 512, device=dev()).to(torch.float16)
+    x = flat[1:].view(5, 512)  # 2-byte offset: not 16-byte aligned, ops copies it
+    ref = x.double() @ case.w_ref.double().t()
+    for path in PATHS:
+        assert rel_err(ops.gemm(x, case.qweight, case.scales, path=path, **case.kw()), ref) < 1e-3
+
+
+def test_side_stream_and_cuda_graph():
+    case = Case(8, 1024, 2048, 128, torch.bfloat16)
+    x = torch.randn(24, 2048, device=dev()).to(torch.bfloat16)
+    expected = {p: run_gemm(case, x, p) for p in ("small_m", "tensor_core")}
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        side = {p: run_gemm(case, x, p) for p in expected}
+    stream.synchronize()
+    for p in expected:
+        assert torch.equal(side[p], expected[p]), p
+    capture = torch.cuda.Stream()
+    for p in expected:
+        capture.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(capture):  # warm-up outside capture: the stream's workspace, smem attributes
+            ops.gemm(x, case.qweight, case.scales, path=p, **case.kw())
+        capture.synchronize()
+        out = torch.empty(24, 1024, dtype=torch.bfloat16, device=dev())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=capture):
+            ops.gemm(x, case.qweight, case.scales, path=p, out=out, **case.kw())
+        for _ in range(3):
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, expected[p]), p
+    assert_workspace_clean()
+
+
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, -1)])
+def test_quantlinear_cuda_matches_cpu_path(bits, group):
+    w = (torch.randn(512, 1024) * 0.02).to(torch.bfloat16)
+    bias = torch.randn(512).to(torch.bfloat16)
+    cpu = QuantLinear.from_weight(w, bits, group, bias=bias)
+    gpu = QuantLinear.from_weight(w, bits, group, bias=bias).to(dev())
+    assert torch.equal(gpu.dequantized_weight().cpu(), cpu.dequantized_weight())
+    for m in (1, 5, 40, 2000):
+        x = torch.randn(m, 1024).to(torch.bfloat16)
+        ref = x.double() @ cpu.dequantized_weight().double().t() + bias.double()
+        y = gpu(x.to(dev())).cpu()
+        assert rel_err(y, ref) < 8e-3, m
+        assert rel_err(cpu(x), ref) < 8e-3
+
+
+def test_loader_on_cuda(tmp_path):
+    # The converted directory of tests/test_runtime.py, loaded onto the GPU: same results as on the CPU.
+    spec = importlib.util.spec_from_file_location("rtnq_test_runtime", Path(__file__).parent.parent / "test_runtime.py")
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    helpers.write_checkpoint(tmp_path / "ckpt")
+    on_gpu = load_checkpoint(tmp_path / "ckpt", device="cuda")
+    on_cpu = load_checkpoint(tmp_path / "ckpt", device="cpu")
+    assert set(on_gpu.linears) == set(on_cpu.linears)
+    for name, layer in on_gpu.linears.items():
+        assert layer.qweight.is_cuda
+        x = torch.randn(3, layer.in_features).to(torch.bfloat16)
+        ref = on_cpu.linears[name](x).double()
+        assert rel_err(layer(x.to(dev())).cpu(), ref) < 8e-3, name
+    assert all(t.is_cuda for t in on_gpu.tensors.values())
+
+
+def test_huge_m_stays_correct_on_small_m_path():
+    # The small-M path accepts any m (one CTA row per 8 rows of x); check one m far beyond its sweet spot.
+    case = Case(4, 128, 256, 128, torch.float16)
+    x = torch.randn(70000, 256, device=dev()).to(torch.float16)
+    ref = x.double() @ case.w_ref.double().t()
+    assert rel_err(run_gemm(case, x, "small_m"), ref) < 1e-3
+    assert rel_err(run_gemm(case, x, "tensor_core"), ref) < 1e-3

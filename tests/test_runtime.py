@@ -1,0 +1,414 @@
+"""rtnq.runtime on the CPU: lazy import, the dispatcher's threshold file, QuantLinear's reference path,
+argument checks of ops, and the checkpoint loader. No GPU and no built library needed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from rtnq import manifest, marlin, rtn
+from rtnq.errors import CheckpointError, KernelUnavailable, RtnqError, ShapeError, UsageError
+from rtnq.runtime import QuantLinear, dispatch, library, load_checkpoint, ops
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).parent / "data"
+
+
+# ---- Import hygiene ---------------------------------------------------------------------------------------------
+
+
+def test_import_loads_no_library_and_no_cli_deps():
+    code = (
+        "import sys, rtnq.runtime as rt\n"
+        "assert not rt.library.is_loaded()\n"
+        "bad = [m for m in ('typer', 'rich', 'safetensors', 'ctypes.util') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, RTNQ_CUDA_LIB="/nonexistent/librtnq_cuda.so")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
+
+
+def test_missing_library_is_one_actionable_line(monkeypatch, tmp_path):
+    monkeypatch.delenv(library.ENV_VAR, raising=False)
+    monkeypatch.setattr(library, "candidates", lambda: [tmp_path / "nope" / library.LIB_NAME])
+    library.reset()
+    try:
+        with pytest.raises(KernelUnavailable) as e:
+            library.load()
+        msg = str(e.value)
+        assert "\n" not in msg
+        assert "librtnq_cuda.so not found" in msg and "make -C cuda" in msg and "nvcc" in msg
+        assert e.value.exit_code == 3
+    finally:
+        library.reset()
+
+
+def test_env_var_to_missing_file(monkeypatch, tmp_path):
+    monkeypatch.setenv(library.ENV_VAR, str(tmp_path / "x.so"))
+    library.reset()
+    try:
+        with pytest.raises(KernelUnavailable, match=r"RTNQ_CUDA_LIB=.*x\.so does not exist"):
+            library.load()
+    finally:
+        library.reset()
+
+
+def test_library_search_order(monkeypatch, tmp_path):
+    monkeypatch.setenv(library.ENV_VAR, str(tmp_path / "env.so"))
+    found = library.candidates()
+    assert found[0] == tmp_path / "env.so"
+    assert found[1] == ROOT / "rtnq" / "runtime" / library.LIB_NAME
+    assert found[2] == ROOT / "cuda" / "build" / library.LIB_NAME
+
+
+# ---- Dispatcher -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def dispatch_file(tmp_path, monkeypatch):
+    path = tmp_path / "cache" / "dispatch.json"
+    monkeypatch.setenv(dispatch.ENV_FILE, str(path))
+    dispatch.clear_cache()
+    yield path
+    dispatch.clear_cache()
+
+
+def test_defaults_are_unmeasured(dispatch_file):
+    th = dispatch.load_thresholds("NVIDIA H100 80GB HBM3", 4, torch.bfloat16)
+    assert th == dispatch.Thresholds(4, 1024, measured=False)
+    assert th.small_m_max == dispatch.DEFAULT_SMALL_M_MAX and th.tensor_core_max == dispatch.DEFAULT_TENSOR_CORE_MAX
+    assert not dispatch_file.exists()  # reading never creates the file
+
+
+def test_default_file_location(monkeypatch, tmp_path):
+    monkeypatch.delenv(dispatch.ENV_FILE, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert dispatch.dispatch_file() == tmp_path / ".cache" / "rtnq" / "dispatch.json"
+
+
+def test_save_and_load_roundtrip_keyed_by_gpu_bits_dtype(dispatch_file):
+    written = dispatch.save_thresholds("NVIDIA H100 80GB HBM3", 4, torch.bfloat16, 6, 640, source="rtnq bench run 1")
+    assert written == dispatch_file
+    dispatch.save_thresholds("NVIDIA H100 80GB HBM3", 8, "fp16", 12, 300)
+    dispatch.save_thresholds("NVIDIA H200", 4, "bf16", 4, 512)
+
+    th = dispatch.load_thresholds("NVIDIA H100 80GB HBM3", 4, "bfloat16")
+    assert (th.small_m_max, th.tensor_core_max, th.measured, th.source) == (6, 640, True, "rtnq bench run 1")
+    assert dispatch.load_thresholds("NVIDIA H100 80GB HBM3", 8, torch.float16).tensor_core_max == 300
+    assert dispatch.load_thresholds("NVIDIA H200", 4, torch.bfloat16).small_m_max == 4
+    # Not measured for this combination: defaults.
+    assert not dispatch.load_thresholds("NVIDIA H100 80GB HBM3", 4, torch.float16).measured
+    assert not dispatch.load_thresholds("NVIDIA A100", 4, torch.bfloat16).measured
+
+    data = json.loads(dispatch_file.read_text())
+    assert data["version"] == 1 and len(data["entries"]) == 3
+    entry = data["entries"]["NVIDIA H100 80GB HBM3|w4|bfloat16"]
+    assert entry["gpu"] == "NVIDIA H100 80GB HBM3" and entry["bits"] == 4 and entry["dtype"] == "bfloat16"
+    assert entry["saved_at"].endswith("Z")
+    assert [p.name for p in dispatch_file.parent.iterdir()] == ["dispatch.json"]  # no temp files left
+
+
+def test_save_overwrites_the_same_key(dispatch_file):
+    dispatch.save_thresholds("G", 4, "bf16", 1, 2)
+    dispatch.save_thresholds("G", 4, "bf16", 3, 4)
+    th = dispatch.load_thresholds("G", 4, "bf16")
+    assert (th.small_m_max, th.tensor_core_max) == (3, 4)
+
+
+def test_cached_thresholds_see_new_saves(dispatch_file):
+    assert not dispatch.cached_thresholds("G", 4, torch.bfloat16).measured
+    dispatch.save_thresholds("G", 4, torch.bfloat16, 2, 64)
+    assert dispatch.cached_thresholds("G", 4, torch.bfloat16).tensor_core_max == 64
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "8", True, None])
+def test_save_rejects_bad_values(dispatch_file, bad):
+    with pytest.raises(RtnqError, match="must be an integer >= 0"):
+        dispatch.save_thresholds("G", 4, "bf16", bad, 10)
+    assert not dispatch_file.exists()
+
+
+def test_save_rejects_bad_keys(dispatch_file):
+    with pytest.raises(UsageError, match="bits must be 4 or 8"):
+        dispatch.save_thresholds("G", 3, "bf16", 1, 2)
+    with pytest.raises(UsageError, match="dtype must be bfloat16 or float16"):
+        dispatch.save_thresholds("G", 4, torch.float32, 1, 2)
+    with pytest.raises(UsageError, match="gpu_name"):
+        dispatch.save_thresholds("", 4, "bf16", 1, 2)
+
+
+def test_corrupt_or_foreign_files_are_clear_errors(dispatch_file):
+    dispatch_file.parent.mkdir(parents=True)
+    dispatch_file.write_text("{not json")
+    with pytest.raises(RtnqError, match="not a readable dispatch file.*re-run `rtnq bench`"):
+        dispatch.load_thresholds("G", 4, "bf16")
+    dispatch_file.write_text(json.dumps({"version": 2, "entries": {}}))
+    with pytest.raises(RtnqError, match="version 2 is not supported"):
+        dispatch.load_thresholds("G", 4, "bf16")
+    dispatch_file.write_text(json.dumps([1, 2]))
+    with pytest.raises(RtnqError, match="not a dispatch file"):
+        dispatch.load_thresholds("G", 4, "bf16")
+    dispatch_file.write_text(json.dumps({"version": 1, "entries": {"G|w4|bfloat16": {"small_m_max": -3, "tensor_core_max": 9}}}))
+    with pytest.raises(RtnqError, match="small_m_max must be an integer >= 0"):
+        dispatch.load_thresholds("G", 4, "bf16")
+
+
+def test_choose_path_boundaries():
+    th = dispatch.Thresholds(8, 1024, measured=True)
+    assert [dispatch.choose_path(m, th) for m in (0, 1, 8, 9, 1024, 1025, 10**6)] == [
+        "small_m", "small_m", "small_m", "tensor_core", "tensor_core", "dequant", "dequant"]
+    no_tc = dispatch.Thresholds(16, 16, measured=True)  # tensor-core path disabled
+    assert [dispatch.choose_path(m, no_tc) for m in (16, 17)] == ["small_m", "dequant"]
+    all_dequant = dispatch.Thresholds(0, 0, measured=True)
+    assert dispatch.choose_path(1, all_dequant) == "dequant"
+    with pytest.raises(UsageError):
+        dispatch.choose_path(-1, th)
+
+
+def test_forced_path(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_FORCE, raising=False)
+    assert dispatch.forced_path() is None
+    monkeypatch.setenv(dispatch.ENV_FORCE, "dequant")
+    assert dispatch.forced_path() == "dequant"
+    monkeypatch.setenv(dispatch.ENV_FORCE, "fast")
+    with pytest.raises(UsageError, match="RTNQ_FORCE_PATH=fast is not one of"):
+        dispatch.forced_path()
+
+
+def test_dtype_names():
+    assert dispatch.dtype_name(torch.bfloat16) == dispatch.dtype_name("bf16") == "bfloat16"
+    assert dispatch.dtype_name(torch.float16) == dispatch.dtype_name("half") == "float16"
+
+
+# ---- QuantLinear: the CPU reference path ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [128, 64, 32, -1])
+def test_quantlinear_cpu_matches_rtn_dequantize(bits, dtype, group):
+    gen = torch.Generator().manual_seed(bits * 100 + abs(group))
+    n, k = 192, 384
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
+    layer = QuantLinear.from_weight(w, bits, group)
+    codes, scales = rtn.quantize(w, bits, group)
+    w_deq = rtn.dequantize(codes, scales, bits, group)
+    assert torch.equal(layer.dequantized_weight().view(torch.int16), w_deq.view(torch.int16))  # bit-exact
+
+    x = torch.randn(2, 3, k, generator=gen).to(dtype)
+    y = layer(x)
+    assert y.shape == (2, 3, n) and y.dtype == dtype
+    assert torch.equal(y, F.linear(x, w_deq))  # the same computation
+    ref = x.double() @ w_deq.double().t()
+    assert float((y.double() - ref).norm() / ref.norm()) < (1e-3 if dtype == torch.float16 else 8e-3)
+    # Quantization error of the layer itself stays at RTN level.
+    assert rtn.relative_error(w, layer.dequantized_weight()) < (0.15 if bits == 4 else 0.01)
+
+
+def test_quantlinear_bias_and_float32_input():
+    w = torch.randn(128, 256).to(torch.bfloat16)
+    bias = torch.randn(128).to(torch.bfloat16)
+    layer = QuantLinear.from_weight(w, 8, 128, bias=bias)
+    x = torch.randn(5, 256)
+    y = layer(x)
+    assert y.dtype == torch.float32
+    ref = F.linear(x, layer.dequantized_weight().float(), bias.float())
+    assert torch.equal(y, ref)
+
+
+def test_quantlinear_from_packed_vllm_tensors():
+    # A layer built straight from tensors vLLM's packer produced (tests/data) computes (code - 8) * scale.
+    t = load_file(str(DATA / "marlin_w4_k512_n768_g128.safetensors"))
+    k, n = t["codes"].shape
+    layer = QuantLinear(t["marlin_vllm_qweight"], t["marlin_vllm_scales"], bits=4, n=n, k=k, group_size=128)
+    ref = ((t["codes"].to(torch.int16) - 8).to(torch.float16) * t["scales"].repeat_interleave(128, 0)).t()
+    assert torch.equal(layer.dequantized_weight(), ref)
+
+
+def test_quantlinear_state_dict_roundtrip():
+    layer = QuantLinear.from_weight(torch.randn(64, 128).to(torch.float16), 4, -1)
+    sd = layer.state_dict()
+    assert set(sd) == {"qweight", "scales"}
+    assert sd["qweight"].dtype == torch.int32 and tuple(sd["qweight"].shape) == (8, 128)
+    assert tuple(sd["scales"].shape) == (1, 64)
+    assert "bits=4, channelwise" in repr(layer)
+
+
+def test_quantlinear_shape_errors():
+    with pytest.raises(ShapeError, match="n=100 .* not a multiple of 64"):
+        QuantLinear.from_weight(torch.randn(100, 128), 4, 128)
+    with pytest.raises(ShapeError, match="k=192 .* not a multiple of 128"):
+        QuantLinear.from_weight(torch.randn(64, 192), 4, 128)
+    layer = QuantLinear.from_weight(torch.randn(64, 128), 4, 128)
+    with pytest.raises(ShapeError, match="input has 64 features, the layer expects 128"):
+        layer(torch.randn(3, 64))
+    with pytest.raises(ShapeError, match=r"qweight must be int32 \(8, 128\)"):
+        QuantLinear(layer.qweight[:, :64], layer.scales, bits=4, n=64, k=128, group_size=128)
+    with pytest.raises(ShapeError, match=r"scales must be float16/bfloat16 \(1, 64\)"):
+        QuantLinear(layer.qweight, layer.scales.float(), bits=4, n=64, k=128, group_size=128)
+    with pytest.raises(ShapeError, match=r"bias must have shape \(64,\)"):
+        QuantLinear(layer.qweight, layer.scales, bits=4, n=64, k=128, group_size=128, bias=torch.zeros(3))
+    with pytest.raises(UsageError, match="bits must be 4 or 8"):
+        QuantLinear(layer.qweight, layer.scales, bits=3, n=64, k=128, group_size=128)
+
+
+# ---- ops: argument checks happen before the library is needed ---------------------------------------------------------
+
+
+def _packed(bits=4, group=128, n=128, k=256, dtype=torch.bfloat16):
+    codes, scales = rtn.quantize(torch.randn(n, k).to(dtype), bits, group)
+    return marlin.pack(codes, scales, bits)
+
+
+def test_ops_refuse_cpu_tensors_without_loading_the_library(monkeypatch):
+    monkeypatch.setattr(library, "load", lambda: pytest.fail("library loaded"))
+    qw, s = _packed()
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    with pytest.raises(UsageError, match="x is on cpu; the CUDA kernels need CUDA tensors"):
+        ops.gemm(x, qw, s, bits=4, n=128, k=256, group_size=128)
+    with pytest.raises(UsageError, match="qweight is on cpu"):
+        ops.dequantize(qw, s, bits=4, n=128, k=256, group_size=128)
+
+
+def test_ops_argument_errors(monkeypatch):
+    monkeypatch.setattr(library, "load", lambda: pytest.fail("library loaded"))
+    qw, s = _packed()
+    x = torch.randn(3, 256).to(torch.bfloat16)
+    with pytest.raises(UsageError, match="path must be one of auto, small_m, tensor_core, dequant"):
+        ops.gemm(x, qw, s, bits=4, n=128, k=256, group_size=128, path="fast")
+    with pytest.raises(ShapeError, match=r"x must be \(m, 256\)"):
+        ops.gemm(x[:, :128], qw, s, bits=4, n=128, k=256, group_size=128)
+    with pytest.raises(UsageError, match="x is torch.float16 but the scales are torch.bfloat16"):
+        ops.gemm(x.half(), qw, s, bits=4, n=128, k=256, group_size=128)
+    with pytest.raises(ShapeError, match="qweight must be int32"):
+        ops.gemm(x, qw, s, bits=8, n=128, k=256, group_size=128)
+    with pytest.raises(ShapeError, match=r"scales must be float16/bfloat16 \(1, 128\)"):
+        ops.gemm(x, qw, s, bits=4, n=128, k=256, group_size=-1)
+    with pytest.raises(ShapeError, match="n=96"):
+        ops.gemm(x, qw, s, bits=4, n=96, k=256, group_size=128)
+    with pytest.raises(UsageError, match="layout must be 'nk' or 'kn'"):
+        ops.dequantize(qw, s, bits=4, n=128, k=256, group_size=128, layout="xy")
+
+
+# ---- Loader ----------------------------------------------------------------------------------------------------------
+
+
+def write_checkpoint(root: Path, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+    """A converted directory as `rtnq convert` writes it: two shards, a manifest, 4- and 8-bit layers, a
+    channelwise layer, a bias, a norm and an embedding passed through. Returns the source weights."""
+    gen = torch.Generator().manual_seed(7)
+    src = {
+        "model.layers.0.self_attn.q_proj.weight": ((torch.randn(128, 256, generator=gen) * 0.02).to(dtype), 4, 128),
+        "model.layers.0.mlp.down_proj.weight": ((torch.randn(256, 128, generator=gen) * 0.02).to(dtype), 8, 128),
+        "model.layers.1.mlp.up_proj.weight": ((torch.randn(64, 256, generator=gen) * 0.02).to(dtype), 4, -1),
+    }
+    passthrough = {
+        "model.layers.0.self_attn.q_proj.bias": torch.randn(128, generator=gen).to(dtype),
+        "model.norm.weight": torch.ones(256, dtype=dtype),
+        "model.embed_tokens.weight": torch.randn(32, 256, generator=gen).to(dtype),
+    }
+    shards = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
+    entries = {}
+    for i, (name, (w, bits, group)) in enumerate(src.items()):
+        codes, scales = rtn.quantize(w, bits, group)
+        qw, s = marlin.pack(codes, scales, bits)
+        prefix = name[: -len(".weight")]
+        shard = list(shards)[i % 2]
+        shards[shard][f"{prefix}.qweight"] = qw
+        shards[shard][f"{prefix}.scales"] = s
+        entries[name] = manifest.TensorEntry(
+            kind="marlin", shape=list(w.shape), dtype=str(dtype).removeprefix("torch."), bits=bits, group_size=group,
+            outputs={"qweight": f"{prefix}.qweight", "scales": f"{prefix}.scales"}, shard=shard, rule="default",
+        )
+    for name, t in passthrough.items():
+        shard = list(shards)[1]
+        shards[shard][name] = t
+        entries[name] = manifest.TensorEntry(
+            kind="passthrough", shape=list(t.shape), dtype=str(dtype).removeprefix("torch."),
+            outputs={"tensor": name}, shard=shard, reason="not a linear weight inside a block",
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    for shard, tensors in shards.items():
+        save_file(tensors, str(root / shard), metadata={"format": "rtnq"})
+    m = manifest.Manifest(defaults={"bits": 4, "group_size": 128, "dtype": str(dtype).removeprefix("torch.")},
+                          tensors=entries)
+    (root / manifest.FILENAME).write_text(m.dumps())
+    return {**{k: v[0] for k, v in src.items()}, **passthrough}
+
+
+def test_loader_builds_quantlinears_and_passthrough_tensors(tmp_path):
+    src = write_checkpoint(tmp_path / "ckpt")
+    ckpt = load_checkpoint(tmp_path / "ckpt", device="cpu")
+    assert set(ckpt.linears) == {
+        "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"}
+    assert set(ckpt.tensors) == {
+        "model.layers.0.self_attn.q_proj.bias", "model.norm.weight", "model.embed_tokens.weight"}
+    assert ckpt.skipped == []
+    q = ckpt.linears["model.layers.0.self_attn.q_proj"]
+    assert (q.bits, q.out_features, q.in_features, q.group_size) == (4, 128, 256, 128)
+    assert torch.equal(q.bias, src["model.layers.0.self_attn.q_proj.bias"])
+    assert ckpt.linears["model.layers.0.mlp.down_proj"].bits == 8
+    assert ckpt.linears["model.layers.1.mlp.up_proj"].group_size == -1
+    for name in ("model.norm.weight", "model.embed_tokens.weight"):
+        assert torch.equal(ckpt.tensors[name], src[name])
+    for module, layer in ckpt.linears.items():
+        w = src[f"{module}.weight"]
+        codes, scales = rtn.quantize(w, layer.bits, layer.group_size)
+        assert torch.equal(layer.dequantized_weight(), rtn.dequantize(codes, scales, layer.bits, layer.group_size))
+    x = torch.randn(4, 256).to(torch.bfloat16)
+    y = q(x)
+    assert torch.equal(y, F.linear(x, q.dequantized_weight(), q.bias))
+
+
+def test_loader_errors(tmp_path):
+    root = tmp_path / "ckpt"
+    write_checkpoint(root)
+    (root / "model-00002-of-00002.safetensors").rename(root / "moved.safetensors")
+    with pytest.raises(CheckpointError, match="shard model-00002-of-00002.safetensors named in the manifest is missing"):
+        load_checkpoint(root, device="cpu")
+    (root / "moved.safetensors").rename(root / "model-00002-of-00002.safetensors")
+
+    data = json.loads((root / manifest.FILENAME).read_text())
+    data["tensors"]["model.layers.0.self_attn.q_proj.weight"]["outputs"]["qweight"] = "nope.qweight"
+    (root / manifest.FILENAME).write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="tensor nope.qweight named in the manifest is missing"):
+        load_checkpoint(root, device="cpu")
+
+    data["tensors"]["model.layers.0.self_attn.q_proj.weight"]["outputs"]["qweight"] = "model.layers.0.self_attn.q_proj.qweight"
+    data["tensors"]["model.layers.0.self_attn.q_proj.weight"]["shape"] = [128, 512]
+    (root / manifest.FILENAME).write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="q_proj.weight does not match its manifest entry: qweight must be int32"):
+        load_checkpoint(root, device="cpu")
+
+    data["version"] = 9
+    (root / manifest.FILENAME).write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="manifest version 9 is not supported"):
+        load_checkpoint(root, device="cpu")
+
+    (root / "model-00001-of-00002.safetensors").write_bytes(b"\x00" * 7)
+    data["version"] = 1
+    data["tensors"]["model.layers.0.self_attn.q_proj.weight"]["shape"] = [128, 256]
+    (root / manifest.FILENAME).write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="cannot read the shard"):
+        load_checkpoint(root, device="cpu")
+
+    with pytest.raises(CheckpointError, match="no rtnq_manifest.json"):
+        load_checkpoint(tmp_path, device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
+def test_loader_cuda_without_cuda(tmp_path):
+    write_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(KernelUnavailable, match="needs a CUDA build of torch and a GPU.*device='cpu'"):
+        load_checkpoint(tmp_path / "ckpt", device="cuda")
