@@ -7,25 +7,30 @@ mirror the source shards one for one, so the index keeps the source's grouping.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 from rtnq import manifest as mf
-from rtnq import marlin, precision, rtn
+from rtnq import fastquant, marlin, pipeline, precision, rtn
 from rtnq.errors import CheckpointError, UsageError
-from rtnq.source import INDEX_NAME, SINGLE_NAME, TORCH_TO_ST, Reader, TensorSpec, resolve, scan
+from rtnq.source import DTYPES, INDEX_NAME, SINGLE_NAME, TORCH_TO_ST, Reader, TensorSpec, resolve, scan
 from rtnq.writer import Entry, ShardWriter, atomic_dir, check_output_location, header_bytes, write_json
 
 VERSION = "0.1.0"
 # Files in SRC that are weights in some other format: never copied (and never unpickled).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 MAX_COPY_BYTES = 256 * 1024 * 1024  # tokenizer and config files are small; anything bigger is a weight
+CHUNK_BYTES = 8 * 1024 * 1024  # one read: large enough for few syscalls, small enough to stay in cache
+IN_FLIGHT = 8  # chunks mapped at once: read ahead of the quantizer, passthrough ones being written
+OUT_BUFFERS = 2  # quantized tensors in flight: one being filled, one being written
 
 
 @dataclass(frozen=True)
@@ -172,14 +177,57 @@ def make_plan(src: str | Path, out: str | Path, options: Options) -> Plan:
     return Plan(src_dir, out_dir, options, items, list(shards.items()), pplan, small_files(src_dir))
 
 
-def quantize_item(item: Item, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Source weight -> (Marlin qweight, Marlin scales, relative error of the dequantized weight)."""
-    d = item.decision
-    w16 = w.to(item.quant_dtype)
-    codes, scales = rtn.quantize(w16, d.bits, d.group_size, name=item.spec.name)
-    error = rtn.relative_error(w16, rtn.dequantize(codes, scales, d.bits, d.group_size))
-    qweight, mscales = marlin.pack(codes, scales, d.bits)
-    return qweight, mscales, error
+def quantize_item(
+    item: Item,
+    w: torch.Tensor | Iterable[torch.Tensor],
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Source weight -> (Marlin qweight, Marlin scales, relative error of the dequantized weight).
+
+    w: the whole weight, or its rows in order as (R, k) chunks (R a multiple of 64, within one
+    expert of a 3-D weight), in the source dtype; each chunk is cast to the item's 16-bit dtype.
+    out: preallocated (qweight, scales) with the planned shapes, filled in place.
+    Same bytes as marlin.pack(*rtn.quantize(w16, ...)); the error is rtn.relative_error's.
+    """
+    d, spec = item.decision, item.spec
+    *lead, n, k = spec.shape
+    experts = lead[0] if lead else 1
+    if isinstance(w, torch.Tensor):
+        w = list(w.reshape(experts, n, k))
+    if out is None:
+        out = (torch.empty(item.outputs[0].shape, dtype=torch.int32),
+               torch.empty(item.outputs[1].shape, dtype=item.quant_dtype))
+    qweight, scales = out
+    q3 = qweight.view(experts, *qweight.shape[-2:])
+    s3 = scales.view(experts, *scales.shape[-2:])
+    sums = [0.0, 0.0]
+    done = 0  # rows of the (experts * n, k) weight quantized so far
+    for chunk in w:
+        e, row0 = divmod(done, n)
+        fastquant.quantize_rows(chunk.to(item.quant_dtype), row0, q3[e], s3[e], d.bits, d.group_size, sums,
+                                name=spec.name)
+        done += chunk.shape[0]
+    if done != experts * n:
+        raise ValueError(f"{spec.name}: got {done} rows, expected {experts * n}")
+    return qweight, scales, fastquant.relative_error(sums)
+
+
+def chunk_ranges(item: Item) -> list[tuple[int, int]]:
+    """The (start, nbytes) pieces in which `run` reads a source tensor.
+
+    A quantized weight comes in runs of whole 64-row Marlin blocks of one expert, a passthrough
+    tensor in CHUNK_BYTES pieces; either way about CHUNK_BYTES at a time, whatever the model size.
+    """
+    spec = item.spec
+    if item.decision.kind != "marlin":
+        if spec.nbytes == 0:
+            return [(0, 0)]
+        return [(s, min(CHUNK_BYTES, spec.nbytes - s)) for s in range(0, spec.nbytes, CHUNK_BYTES)]
+    *lead, n, k = spec.shape
+    row_bytes = k * DTYPES[spec.dtype][1]
+    rows = max(fastquant.ROW_ALIGN, CHUNK_BYTES // row_bytes // fastquant.ROW_ALIGN * fastquant.ROW_ALIGN)
+    return [((e * n + r) * row_bytes, min(rows, n - r) * row_bytes)
+            for e in range(lead[0] if lead else 1) for r in range(0, n, rows)]
 
 
 def _entry(item: Item, error: float | None) -> mf.TensorEntry:
@@ -279,7 +327,12 @@ def write_config(plan: Plan, tmp: Path) -> None:
 
 
 def run(plan: Plan, progress: Callable[[Progress], None] | None = None) -> Result:
-    """Execute `plan`: stream every tensor into a temporary directory, then rename it to OUT."""
+    """Execute `plan`: stream every tensor into a temporary directory, then rename it to OUT.
+
+    Reading, quantizing and writing overlap (rtnq/pipeline.py): the next chunk is read while this
+    one is quantized and the previous tensor is written; memory is a few chunks plus two quantized
+    tensors' outputs, whatever the number of layers.
+    """
     t0 = time.perf_counter()
     errors: dict[str, float] = {}
     total_bytes = plan.bytes_in
@@ -287,28 +340,66 @@ def run(plan: Plan, progress: Callable[[Progress], None] | None = None) -> Resul
     by_shard: dict[str, list[Item]] = {}
     for item in plan.items:
         by_shard.setdefault(item.out_shard, []).append(item)
+    # Within a shard, passthrough tensors (embeddings, lm_head: pure I/O) go first, so the disk
+    # writes them back while the CPU quantizes the rest instead of after it; the writer puts every
+    # tensor at its planned offset, so the file is the same.
+    for fname in by_shard:
+        by_shard[fname].sort(key=lambda i: i.decision.kind == "marlin")
+    order = [item for fname, _ in plan.shards for item in by_shard[fname]]
+    ranges = [chunk_ranges(item) for item in order]
+    out_bytes = max((sum(e.nbytes for e in i.outputs) for i in order if i.decision.kind == "marlin"), default=1)
     meta = shard_metadata(plan.options)
+    stop = threading.Event()
     with atomic_dir(plan.out, plan.options.force) as tmp, Reader(plan.src) as reader:
-        done = 0
-        for fname, entries in plan.shards:
-            writer = ShardWriter(tmp / fname, entries, meta)
-            try:
+        slots = pipeline.Slots(IN_FLIGHT, stop)
+        out_pool = pipeline.Pool(OUT_BUFFERS, max(out_bytes, 1), stop)
+        jobs = [(functools.partial(reader.map_range, item.spec), r) for item, r in zip(order, ranges)]
+        prefetch = pipeline.Prefetcher(jobs, slots, stop)
+        behind = pipeline.WriteBehind(stop)
+        writers: list[ShardWriter] = []
+
+        def rows(index: int, item: Item):
+            k = item.spec.shape[-1]
+            for chunk in prefetch.chunks(index):
+                try:
+                    yield chunk.view(item.spec.torch_dtype).view(-1, k)
+                finally:
+                    del chunk  # unmapped once the quantizer has dropped its views too
+                    slots.release()
+
+        try:
+            index = 0
+            for fname, entries in plan.shards:
+                writer = ShardWriter(tmp / fname, entries, meta, writeback=behind.writeback)
+                writers.append(writer)
                 for item in by_shard[fname]:
                     if item.decision.kind == "marlin":
-                        w = reader.read(item.spec)
-                        qweight, scales, errors[item.spec.name] = quantize_item(item, w)
-                        writer.write(item.outputs[0].name, qweight)
-                        writer.write(item.outputs[1].name, scales)
+                        q_entry, s_entry = item.outputs
+                        buf = out_pool.get(q_entry.nbytes + s_entry.nbytes)
+                        out = (buf[: q_entry.nbytes].view(torch.int32).view(q_entry.shape),
+                               buf[q_entry.nbytes :].view(item.quant_dtype).view(s_entry.shape))
+                        qweight, scales, errors[item.spec.name] = quantize_item(item, rows(index, item), out)
+                        behind.submit(writer.write, q_entry.name, qweight)
+                        behind.submit(writer.write, s_entry.name, scales, release=functools.partial(out_pool.put, buf))
                     else:
-                        writer.write_raw(reader.read_bytes(item.spec))
-                    done += 1
+                        for chunk in prefetch.chunks(index):
+                            behind.submit(writer.write_part, item.outputs[0].name, chunk, release=slots.release)
+                            del chunk
+                    index += 1
                     done_bytes += item.spec.nbytes
                     if progress:
-                        progress(Progress(item.spec.name, done, len(plan.items), done_bytes, total_bytes))
-                writer.close()
-            except BaseException:
+                        progress(Progress(item.spec.name, index, len(plan.items), done_bytes, total_bytes))
+                behind.submit(writer.finish)
+                behind.sync_later(writer.sync_close)
+            behind.finish()
+            prefetch.join()
+        except BaseException:
+            behind.abort()
+            stop.set()
+            prefetch.join()
+            for writer in writers:
                 writer.abort()
-                raise
+            raise
         if len(plan.shards) > 1:
             weight_map = {e.name: fname for fname, entries in plan.shards for e in entries}
             total = sum(e.nbytes for _, entries in plan.shards for e in entries)

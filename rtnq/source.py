@@ -1,17 +1,23 @@
 """Source checkpoints: parse safetensors headers, validate them, and read one tensor at a time.
 
-Nothing here maps a whole shard: `scan` reads only the headers, `Reader.read` reads one tensor's
-bytes with plain file I/O into a fresh buffer. That keeps peak memory at one tensor regardless of the
-model size (mmap would be faster to write but its touched pages count towards RSS until unmapped).
-Pickle checkpoints (`.bin`, `.pt`) are refused, never loaded.
+Nothing here maps or holds a whole shard. `scan` reads only the headers. `Reader.read` reads one
+tensor with plain file I/O into a fresh buffer (verify, tests); `Reader.read_into` reads part of one
+into a caller's reused buffer; `Reader.map_range` maps just one chunk of a tensor for as long as it is
+in use, which is what conversion does, a few chunks at a time. Mapped pages count towards RSS until
+unmapped, so chunks are unmapped as soon as the quantizer or writer drops them: peak memory stays at
+a few chunks regardless of the model size. Pickle checkpoints (`.bin`, `.pt`) are refused, never loaded.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
+import mmap
 import os
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +28,7 @@ from rtnq.errors import CheckpointError, UsageError
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library enforces too
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; Python names it from 3.12
 
 # safetensors dtype string -> (torch dtype, bytes per element). Only what torch can hold.
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -196,27 +203,86 @@ def scan(src: str | Path) -> list[TensorSpec]:
     return specs
 
 
+@functools.cache
+def _madvise():
+    """libc's madvise through ctypes, which (unlike mmap.madvise) lets other threads run meanwhile."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _populate(addr: int, length: int) -> None:
+    """Pre-fault a mapping's page tables (MADV_POPULATE_READ); best effort, e.g. before Linux 5.14."""
+    fn = _madvise()
+    if fn is not None:
+        fn(addr, length, MADV_POPULATE_READ)
+
+
 class Reader:
     """Reads tensors by spec with plain file I/O, one open handle per shard."""
 
     def __init__(self, model_dir: str | Path):
         self.model_dir = Path(model_dir)
         self._files: dict[str, object] = {}
+        self._lock = threading.Lock()
 
     def read_bytes(self, spec: TensorSpec) -> torch.Tensor:
         """The tensor's raw bytes as a fresh uint8 tensor."""
-        f = self._files.get(spec.shard)
-        if f is None:
-            f = self._files[spec.shard] = open(self.model_dir / spec.shard, "rb", buffering=0)
         buf = torch.empty(spec.nbytes, dtype=torch.uint8)
+        self.read_into(spec, buf)
+        return buf
+
+    def read_into(self, spec: TensorSpec, buf: torch.Tensor, start: int = 0) -> None:
+        """Fill `buf` (contiguous uint8) with the tensor's bytes [start, start + len(buf)).
+
+        Plain preadv into the caller's buffer: no mapping, no fresh allocation, safe to call from
+        another thread than the one that opened the file (the GIL is released while reading).
+        """
+        nbytes = buf.numel()
+        if start < 0 or start + nbytes > spec.nbytes:
+            raise ValueError(f"{spec.name}: bytes [{start}, {start + nbytes}) outside its {spec.nbytes}")
+        f = self._file(spec.shard)
         view = memoryview(buf.numpy())
         got = 0
-        while got < spec.nbytes:
-            n = os.preadv(f.fileno(), [view[got:]], spec.offset + got)
+        while got < nbytes:
+            n = os.preadv(f.fileno(), [view[got:]], spec.offset + start + got)
             if n == 0:
                 raise CheckpointError(f"{spec.shard}: file ended while reading tensor {spec.name}; it is truncated")
             got += n
-        return buf
+
+    def map_range(self, spec: TensorSpec, start: int, nbytes: int) -> torch.Tensor:
+        """Bytes [start, start + nbytes) of a tensor as uint8, mapped from the page cache (no copy).
+
+        Only that range is mapped (from the page boundary below it), private and pre-faulted here
+        (MADV_POPULATE_READ) so whoever reads it takes no page faults; it is unmapped when the
+        returned tensor and its views are gone, so the mapped bytes count towards RSS only while
+        they are in use: a few chunks, never a shard. The range is checked against the file's
+        current size first (touching a mapping past the end of a file is a crash, not an error).
+        """
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        f = self._file(spec.shard)
+        pos = spec.offset + start
+        if start < 0 or start + nbytes > spec.nbytes or pos + nbytes > os.fstat(f.fileno()).st_size:
+            raise CheckpointError(f"{spec.shard}: file ended while reading tensor {spec.name}; it is truncated")
+        if hasattr(os, "posix_fadvise"):  # a cold file: one large async read instead of page faults
+            os.posix_fadvise(f.fileno(), pos, nbytes, os.POSIX_FADV_WILLNEED)
+        base = pos - pos % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(f.fileno(), pos + nbytes - base, access=mmap.ACCESS_COPY, offset=base)
+        t = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=pos - base)
+        _populate(t.data_ptr() - (pos - base), pos + nbytes - base)
+        return t
+
+    def _file(self, shard: str):
+        with self._lock:
+            f = self._files.get(shard)
+            if f is None:
+                f = self._files[shard] = open(self.model_dir / shard, "rb", buffering=0)
+            return f
 
     def read(self, spec: TensorSpec) -> torch.Tensor:
         """The tensor with its dtype and shape."""

@@ -18,7 +18,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -26,6 +26,7 @@ from rtnq.errors import OutputError, UsageError
 from rtnq.source import DTYPES, TORCH_TO_ST
 
 HEADER_ALIGN = 8
+WRITEBACK_BYTES = 32 * 1024 * 1024  # eager writeback: start the disk after this many new bytes
 
 
 @dataclass(frozen=True)
@@ -71,49 +72,122 @@ def _raise_os(path: Path, e: OSError) -> None:
 
 
 class ShardWriter:
-    """Writes one safetensors file whose layout was fixed up front."""
+    """Writes one safetensors file whose layout was fixed up front.
 
-    def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str] | None = None):
+    Every tensor has its planned offset, so tensors may arrive in any order (conversion writes a
+    shard's passthrough tensors first, see convert.run) and in parts (`write_part`); each must
+    arrive whole and once, and `finish` refuses a file with a tensor missing.
+
+    writeback, if given, is called as writeback(fd, offset, length) for every WRITEBACK_BYTES of new
+    data, to start the disk on them early (see `start_writeback`) instead of leaving everything to the
+    final fsync; conversion runs it on another thread, since it may wait for the disk. The bytes in
+    the file are the same either way.
+    """
+
+    def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str] | None = None, *,
+                 writeback: Callable[[int, int, int], None] | None = None):
         self.path = Path(path)
         self.entries = entries
-        self._next = 0
+        head = header_bytes(entries, metadata)
+        self._by_name = {e.name: e for e in entries}
+        self._where: dict[str, tuple[int, int]] = {}  # name -> (file offset, nbytes)
+        offset = len(head)
+        for e in entries:
+            self._where[e.name] = (offset, e.nbytes)
+            offset += e.nbytes
+        self._written: dict[str, int] = {}  # name -> bytes written so far
+        self._pos = len(head)  # the file position after the last write
+        self._writeback = writeback
+        self._unkicked = 0  # bytes written since the last writeback kick
+        self._end = 0  # the end of the furthest byte written
         try:
             self._f = open(self.path, "wb")
-            self._f.write(header_bytes(entries, metadata))
+            self._f.write(head)
         except OSError as e:
             _raise_os(self.path, e)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next planned tensor; its name, dtype and shape must match the plan."""
-        if self._next >= len(self.entries):
-            raise ValueError(f"{self.path.name}: unplanned tensor {name}")
-        e = self.entries[self._next]
+        """Write a planned tensor whole; its name, dtype and shape must match the plan."""
+        e = self._entry(name)
         got = (name, TORCH_TO_ST.get(tensor.dtype), tuple(tensor.shape))
         if got != (e.name, e.dtype, e.shape):
             raise ValueError(f"{self.path.name}: expected {e.name} {e.dtype} {list(e.shape)}, got {got}")
-        self.write_raw(tensor.contiguous().view(torch.uint8).reshape(-1))
+        self.write_part(name, tensor.contiguous().view(torch.uint8).reshape(-1), whole=True)
 
     def write_raw(self, data: torch.Tensor) -> None:
-        """Append the next planned tensor as raw bytes (uint8, exactly its planned size)."""
-        e = self.entries[self._next]
-        if data.numel() != e.nbytes:
-            raise ValueError(f"{self.path.name}: {e.name} needs {e.nbytes} bytes, got {data.numel()}")
+        """Write the first planned tensor not yet written, as raw bytes (uint8, exactly its size)."""
+        pending = [e.name for e in self.entries if e.name not in self._written]
+        if not pending:
+            raise ValueError(f"{self.path.name}: more data than planned")
+        self.write_part(pending[0], data, whole=True)
+
+    def write_part(self, name: str, data: torch.Tensor, *, whole: bool = False) -> None:
+        """Append raw bytes (uint8) to tensor `name`, right after its bytes written so far.
+
+        Lets a large passthrough tensor stream through in chunks; whole=True requires `data` to be
+        the entire tensor. A zero-length part of a zero-size tensor completes it.
+        """
+        self._entry(name)
+        start, nbytes = self._where[name]
+        done = self._written.get(name, 0)
+        n = data.numel()
+        if (whole and (done or n != nbytes)) or done + n > nbytes or (done == nbytes and nbytes):
+            raise ValueError(f"{self.path.name}: {name} needs {nbytes} bytes, got {done} + {n}")
+        pos = start + done
         try:
-            self._f.write(memoryview(data.numpy()))
+            if n:
+                if pos != self._pos:
+                    self._f.seek(pos)
+                self._f.write(memoryview(data.numpy()))
+                self._pos = pos + n
+                if self._writeback is not None:
+                    self._unkicked += n
+                    self._end = max(self._end, pos + n)
+                    if self._unkicked >= WRITEBACK_BYTES:
+                        self._kick()
         except OSError as err:
             _raise_os(self.path, err)
-        self._next += 1
+        self._written[name] = done + n
+
+    def _entry(self, name: str) -> Entry:
+        e = self._by_name.get(name)
+        if e is None:
+            raise ValueError(f"{self.path.name}: unplanned tensor {name}")
+        return e
+
+    def _kick(self) -> None:
+        """Hand everything written so far to `writeback`: new bytes start going to disk, and the pages
+        of earlier kicks that reached it are dropped, so the next writes reuse them."""
+        self._f.flush()
+        self._writeback(self._f.fileno(), 0, self._end)
+        self._unkicked = 0
 
     def close(self, sync: bool = True) -> None:
         """Finish the file; every planned tensor must have been written."""
-        if self._next != len(self.entries):
-            missing = self.entries[self._next].name
-            self._f.close()
-            raise ValueError(f"{self.path.name}: closed before {missing} was written")
+        self.finish()
+        if sync:
+            self.sync_close()
+        else:
+            try:
+                self._f.close()
+            except OSError as e:
+                _raise_os(self.path, e)
+
+    def finish(self) -> None:
+        """Check that every planned tensor was written whole and flush (fsync and close are separate)."""
+        for e in self.entries:
+            if self._written.get(e.name, -1) != e.nbytes:
+                self._f.close()
+                raise ValueError(f"{self.path.name}: closed before {e.name} was written")
         try:
             self._f.flush()
-            if sync:
-                os.fsync(self._f.fileno())
+        except OSError as e:
+            _raise_os(self.path, e)
+
+    def sync_close(self) -> None:
+        """fsync and close a finished file (may run on another thread than the writes)."""
+        try:
+            os.fsync(self._f.fileno())
             self._f.close()
         except OSError as e:
             _raise_os(self.path, e)
@@ -121,6 +195,19 @@ class ShardWriter:
     def abort(self) -> None:
         with contextlib.suppress(OSError):
             self._f.close()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a file range to disk without waiting for it to finish (best effort).
+
+    POSIX_FADV_DONTNEED on Linux starts writeback of the range's dirty pages and drops the pages
+    already clean, so the disk works while the CPU quantizes instead of all at the final fsync, and
+    the page cache does not fill up with output: the next writes get recently freed pages, which
+    are cheaper than fresh ones (on a VM much cheaper). It can block while the disk's queue is full.
+    """
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def write_json(path: Path, obj: object) -> None:

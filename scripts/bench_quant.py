@@ -2,9 +2,11 @@
 
     .venv/bin/python scripts/bench_quant.py [--repeats 5] [--threads N]
 
-Prints, per shape and bit width, the median wall time of rtn.quantize, marlin.pack and both, in
-million weights per second, plus a baseline in the same run: one plain elementwise pass over the
-weight (w * 2 in bf16) so numbers from different (noisy) machines can be compared as ratios.
+Prints, per shape and bit width, the median wall time of the readable references rtn.quantize,
+marlin.pack and both, then of the fused fast path that conversion uses (rtnq.fastquant: quantize +
+pack + error statistic in one pass, all cores), in million weights per second, plus a baseline in
+the same run: one plain elementwise pass over the weight (w * 2 in bf16) so numbers from different
+(noisy) machines can be compared as ratios.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 
 import torch
 
-from rtnq import marlin, rtn
+from rtnq import fastquant, marlin, rtn
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]  # (n, k): Llama-3-8B o/q, gate/up, down
 
@@ -38,8 +40,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"{'shape (n x k)':>14} {'bits':>4} {'quantize':>10} {'pack':>10} {'both':>10} {'Mw/s':>8} {'x baseline':>10}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}; "
+          f"fused: {fastquant.implementation()}, {fastquant.workers()} threads")
+    print(f"{'shape (n x k)':>14} {'bits':>4} {'quantize':>10} {'pack':>10} {'both':>10} {'Mw/s':>8} {'x baseline':>10}"
+          f" {'fused':>10} {'Mw/s':>8} {'GB/s':>6}")
     for n, k in SHAPES:
         w = (torch.randn(n, k, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
         base = timed(lambda: w * 2, args.repeats)
@@ -48,8 +52,12 @@ def main() -> None:
             tq = timed(lambda: rtn.quantize(w, bits, args.group_size), args.repeats)
             tp = timed(lambda: marlin.pack(codes, scales, bits), args.repeats)
             both = tq + tp
+            qshape, sshape = fastquant.out_shapes(n, k, bits, args.group_size)
+            qw, sc = torch.empty(qshape, dtype=torch.int32), torch.empty(sshape, dtype=w.dtype)
+            tf = timed(lambda: fastquant.quantize_rows(w, 0, qw, sc, bits, args.group_size, [0.0, 0.0]), args.repeats)
             print(f"{n:>6} x {k:<6} {bits:>4} {tq * 1e3:>8.1f}ms {tp * 1e3:>8.1f}ms {both * 1e3:>8.1f}ms "
-                  f"{n * k / both / 1e6:>8.0f} {both / base:>10.1f}")
+                  f"{n * k / both / 1e6:>8.0f} {both / base:>10.1f} {tf * 1e3:>8.1f}ms {n * k / tf / 1e6:>8.0f}"
+                  f" {2 * n * k / tf / 1e9:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,209 @@
+"""Fused quantize + pack for conversion: rtn.quantize, rtn.relative_error and marlin.pack in one pass.
+
+`quantize_rows` writes a run of a weight's rows straight into the Marlin qweight and scales of the
+whole tensor and returns the two sums behind the relative error. Its implementations give the same
+bytes (tests/test_fastpath.py checks each against rtn.quantize + marlin.pack):
+
+* the C library built from csrc/rtnq_cpu.c by `pip install` (rtnq/_cpu*.so, loaded with ctypes;
+  AVX2 + F16C + FMA when the CPU has them, portable C otherwise), called without the GIL so the
+  rows of one chunk are split across the CPU's cores;
+* the readable reference, per chunk: `rtn.quantize` -> `rtn.dequantize` -> `marlin.pack`, used when
+  the library is missing (no compiler at install time, another CPU architecture) or when
+  RTNQ_FASTPATH=0.
+
+A row chunk is independent of every other chunk because groups run along k inside one row, and a
+chunk of 64-row multiples owns whole Marlin blocks: columns [row0 * bits / 2, ...) of every qweight
+row and columns [row0, ...) of the permuted scales (64- and 32-entry permutations never cross it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.machinery
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from rtnq import marlin, rtn
+from rtnq.errors import InvalidWeightError, ShapeError
+
+ABI = 1
+ROW_ALIGN = marlin.BLOCK_N  # chunks start and end on Marlin blocks
+_DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1}
+_FLAG_SCALAR = 1
+PIECES_PER_THREAD = 4  # work units per thread and chunk (dynamic balance under CPU contention)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled fast path, or None when it is not built or RTNQ_FASTPATH=0."""
+    if os.environ.get("RTNQ_FASTPATH", "1") == "0":
+        return None
+    here = Path(__file__).resolve().parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"_cpu{suffix}"
+        if not path.is_file():
+            continue
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            return None
+        if lib.rtnq_cpu_abi() != ABI:
+            return None
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.rtnq_quant_marlin.argtypes = [ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, i64,
+                                          ptr, ptr, ptr, ptr, ctypes.c_int]
+        lib.rtnq_quant_marlin.restype = ctypes.c_int
+        return lib
+    return None
+
+
+def implementation() -> str:
+    """What `quantize_rows` will run: 'c-avx2', 'c-portable' or 'torch-reference'."""
+    lib = library()
+    if lib is None:
+        return "torch-reference"
+    return "c-avx2" if lib.rtnq_cpu_isa() == 2 else "c-portable"
+
+
+@functools.cache
+def workers() -> int:
+    """Threads that share one chunk's rows (the CPUs this process may use, at most 8)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=max(1, workers() - 1), thread_name_prefix="rtnq-quant")
+
+
+def out_shapes(n: int, k: int, bits: int, group_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Shapes of the Marlin qweight (int32) and scales of an (n, k) weight."""
+    return (k // marlin.TILE, n * marlin.TILE * bits // 32), (k // rtn.effective_group(k, group_size), n)
+
+
+def quantize_rows(
+    w_rows: torch.Tensor,
+    row0: int,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sums: list[float],
+    *,
+    name: str = "weight",
+    backend: str | None = None,
+) -> None:
+    """Quantize rows [row0, row0 + R) of an (n, k) weight into its whole-tensor Marlin outputs.
+
+    w_rows: (R, k) bf16 or fp16 (the dtype the arithmetic runs in), R and row0 multiples of 64.
+    qweight: int32 (k/16, n*16*bits/32); scales: (k/g, n) in w_rows.dtype; both written in place.
+    sums: [sum w^2, sum (w - w_hat)^2], added to (see `relative_error`).
+    backend: None (the C library if built, else torch), "c", "c-scalar" or "torch".
+    Raises InvalidWeightError naming `name` on NaN/Inf, like rtn.quantize.
+    """
+    rows, k = w_rows.shape
+    n = scales.shape[1]
+    if w_rows.dtype not in _DTYPE_CODE or scales.dtype != w_rows.dtype or qweight.dtype != torch.int32:
+        raise ShapeError(f"{name}: fast path needs 16-bit rows and scales and int32 qweight")
+    if rows % ROW_ALIGN or row0 % ROW_ALIGN or row0 + rows > n:
+        raise ShapeError(f"{name}: row chunk [{row0}, {row0 + rows}) is not a run of 64-row blocks of n={n}")
+    if (tuple(qweight.shape), tuple(scales.shape)) != out_shapes(n, k, bits, group_size):
+        raise ShapeError(
+            f"{name}: output buffers {tuple(qweight.shape)}, {tuple(scales.shape)} do not fit n={n}, k={k}"
+        )
+    lib = library() if backend in (None, "c", "c-scalar") else None
+    if backend in ("c", "c-scalar") and lib is None:
+        raise RuntimeError("the rtnq C fast path is not built (pip install the package with a C compiler)")
+    if lib is None:
+        _torch_rows(w_rows, row0, qweight, scales, bits, group_size, sums, name)
+        return
+    w_rows = w_rows.contiguous()
+    g = rtn.effective_group(k, group_size)
+    flags = _FLAG_SCALAR if backend == "c-scalar" else 0
+    # Pieces of a few 64-row blocks, pulled by every thread (this one included) until none are
+    # left: a thread that loses its core to another process holds up at most one small piece.
+    blocks = rows // ROW_ALIGN
+    threads = min(workers(), blocks)
+    pieces = min(blocks, PIECES_PER_THREAD * threads)
+    bounds = [ROW_ALIGN * (blocks * i // pieces) for i in range(pieces + 1)]
+    todo = iter(range(pieces))
+    lock = threading.Lock()
+
+    def run() -> list[tuple[int, float, float]]:
+        done = []
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return done
+            lo, hi = bounds[i], bounds[i + 1]
+            acc = (ctypes.c_double * 2)(0.0, 0.0)
+            bad = ctypes.c_int64(-1)
+            rc = lib.rtnq_quant_marlin(
+                w_rows.data_ptr() + lo * k * 2, hi - lo, k, n, row0 + lo, _DTYPE_CODE[w_rows.dtype], bits, g,
+                qweight.data_ptr(), scales.data_ptr(), acc, ctypes.byref(bad), flags,
+            )
+            done.append((rc, acc[0], acc[1]))
+
+    futures = [_pool().submit(run) for _ in range(threads - 1)]
+    results = run() + [r for f in futures for r in f.result()]
+    for rc, _, _ in results:
+        if rc == 1:
+            raise InvalidWeightError(f"{name}: weight contains NaN or Inf values; fix the checkpoint before quantizing")
+        if rc != 0:
+            raise ShapeError(f"{name}: the C fast path refused shape ({rows}, {k}) with group {g}")
+    for _, a, b in results:
+        sums[0] += a
+        sums[1] += b
+
+
+def _torch_rows(w_rows, row0, qweight, scales, bits, group_size, sums, name) -> None:
+    """The reference path for one chunk: rtn.quantize, rtn.dequantize and marlin.pack."""
+    rows = w_rows.shape[0]
+    codes, s = rtn.quantize(w_rows, bits, group_size, name=name)
+    w_hat = rtn.dequantize(codes, s, bits, group_size)
+    w64 = w_rows.double()
+    d64 = w64 - w_hat.double()
+    sums[0] += float((w64 * w64).sum())
+    sums[1] += float((d64 * d64).sum())
+    q, ms = marlin.pack(codes, s, bits)
+    words = marlin.TILE * bits // 32  # qweight words per W row
+    qweight[:, row0 * words : (row0 + rows) * words] = q
+    scales[:, row0 : row0 + rows] = ms
+
+
+def relative_error(sums: list[float]) -> float:
+    """||w - w_hat|| / ||w|| from the sums of `quantize_rows` (0.0 for an all-zero weight)."""
+    if sums[0] == 0:
+        return 0.0
+    return math.sqrt(sums[1]) / math.sqrt(sums[0])
+
+
+def quantize_pack(
+    w: torch.Tensor, bits: int = 4, group_size: int = 128, *, name: str = "weight", backend: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Whole (n, k) 16-bit weight -> (Marlin qweight, Marlin scales, relative error), in one call.
+
+    Same bytes as marlin.pack(*rtn.quantize(w, bits, group_size), bits); the error equals
+    rtn.relative_error(w, rtn.dequantize(...)) up to summation order.
+    """
+    n, k = w.shape
+    reason = marlin.check_shape(n, k, group_size)
+    if reason:
+        raise ShapeError(f"{name}: {reason}")
+    qshape, sshape = out_shapes(n, k, bits, group_size)
+    qweight = torch.empty(qshape, dtype=torch.int32)
+    scales = torch.empty(sshape, dtype=w.dtype)
+    sums = [0.0, 0.0]
+    quantize_rows(w, 0, qweight, scales, bits, group_size, sums, name=name, backend=backend)
+    return qweight, scales, relative_error(sums)
