@@ -7,6 +7,7 @@ goes to stderr; machine output (`--json`) is the only thing written to stdout.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Annotated, Optional
@@ -344,6 +345,9 @@ def bench(
 
 
 def main() -> None:
+    # Everything imported so far (torch, typer, rich) lives until exit: freezing it keeps the cyclic
+    # GC from re-scanning it during the run and at interpreter shutdown (0.3-0.6 s with torch loaded).
+    gc.freeze()
     try:
         app()
     except RtnqError as e:
