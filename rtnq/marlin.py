@@ -22,26 +22,14 @@ import sys
 import torch
 
 from rtnq.errors import ShapeError
+from rtnq.gate import MIN_K, MIN_N, check_shape  # noqa: F401  (re-exported: marlin.check_shape)
 from rtnq.rtn import BITS
 
 TILE = 16  # rows per slab and the edge of one tensor-core tile
 BLOCK_N = 64  # columns per permuted block: 4 tiles of 16 x 16
-MIN_N = 64  # Marlin kernels' smallest thread_n
-MIN_K = 128  # Marlin kernels' smallest thread_k
 
 if sys.byteorder != "little":  # the packed words are built from little-endian bytes
     raise ImportError("rtnq.marlin needs a little-endian machine")
-
-
-def check_shape(n: int, k: int, group_size: int) -> str | None:
-    """Why (n, k, group_size) cannot be held by the Marlin kernels, or None if it can."""
-    if n % MIN_N:
-        return f"n={n} (out_features) is not a multiple of {MIN_N}"
-    if k % MIN_K:
-        return f"k={k} (in_features) is not a multiple of {MIN_K}"
-    if group_size != -1 and k % group_size:
-        return f"k={k} is not a multiple of the group size {group_size}"
-    return None
 
 
 def _base_perm() -> torch.Tensor:

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from rtnq.errors import ShapeError, UsageError
+from rtnq.gate import MIN_K, MIN_N, check_shape
 from rtnq.selectors import (
     ALIASES,
     COLUMN,
@@ -64,7 +65,6 @@ __all__ = ["ALIASES", "Decision", "Plan", "Selector", "check_shape", "parse_sele
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128, -1)
-MIN_N, MIN_K = 64, 128  # = rtnq.marlin.MIN_N / MIN_K; marlin imports torch, a test pins them equal
 FLOAT_DTYPES = ("F16", "BF16", "F32")
 _LM_HEAD = frozenset({"lm_head", "embed_out", "output_layer"})
 _EMBED = frozenset({"wte", "wpe", "shared", "relative_attention_bias"})
@@ -88,17 +88,6 @@ class Plan:
     rules: list[dict]  # [{"option": "keep-int8", "selector": "layers.0", "matched": 7}, ...]
     warnings: list[str]
     tp_failures: dict[int, list[tuple[str, str]]] = field(default_factory=dict)  # tp -> [(name, why)]
-
-
-def check_shape(n: int, k: int, group_size: int) -> str | None:
-    """Why Marlin cannot hold an (n, k) weight with this group size, or None. Same text as marlin.check_shape."""
-    if n % MIN_N:
-        return f"n={n} (out_features) is not a multiple of {MIN_N}"
-    if k % MIN_K:
-        return f"k={k} (in_features) is not a multiple of {MIN_K}"
-    if group_size != -1 and k % group_size:
-        return f"k={k} is not a multiple of the group size {group_size}"
-    return None
 
 
 def _conv1d_layout(specs: Sequence[TensorSpec], infos: list[NameInfo]) -> bool:

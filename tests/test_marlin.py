@@ -109,3 +109,22 @@ def test_shape_errors_name_sizes_and_rule():
     assert marlin.check_shape(64, 128, 128) is None
     assert "k=384 is not a multiple of the group size" not in (marlin.check_shape(64, 384, 128) or "")
     assert "multiple of the group size 256" in (marlin.check_shape(64, 384, 256) or "")
+
+
+@pytest.mark.parametrize("n", [32, 64, 96, 128])
+@pytest.mark.parametrize("k", [64, 128, 192, 256, 384])
+@pytest.mark.parametrize("group", [64, 128, 256, -1])
+def test_shape_gate_admits_exactly_what_pack_can_hold(n, k, group):
+    """The converter's gate (rtnq.gate) says yes exactly when packing succeeds."""
+    g = k if group == -1 else group
+    reason = marlin.check_shape(n, k, group)
+    if k % g:
+        assert reason is not None
+        return
+    codes, scales = _random_codes(n, k, 4, k // g, torch.float16)
+    try:
+        marlin.pack(codes, scales, 4)
+        packed = True
+    except ShapeError:
+        packed = False
+    assert packed == (reason is None), (n, k, group, reason)
