@@ -81,7 +81,7 @@ Examples:
 
   rtnq convert model/ out/ --bits 4 --keep-int8 layers.0,layers.-1,down   # selective INT8
 
-  rtnq convert model/ out/ --skip lm_head --dry-run                   # print the plan only
+  rtnq convert model/ out/ --keep-int8 qkv --skip layers.-1 --dry-run  # print the plan only
 """
 
 
