@@ -22,7 +22,7 @@ from rtnq import manifest as mf
 from rtnq import fastquant, marlin, pipeline, precision, rtn
 from rtnq.errors import CheckpointError, UsageError
 from rtnq.source import DTYPES, INDEX_NAME, SINGLE_NAME, TORCH_TO_ST, Reader, TensorSpec, resolve, scan
-from rtnq.writer import Entry, ShardWriter, atomic_dir, check_output_location, header_bytes, write_json
+from rtnq.writer import Entry, ShardWriter, atomic_dir, check_output_location, shard_size, write_json
 
 VERSION = "0.1.0"
 # Files in SRC that are weights in some other format: never copied (and never unpickled).
@@ -72,8 +72,8 @@ class Plan:
 
     @property
     def bytes_out(self) -> int:
-        return sum(len(header_bytes(entries, shard_metadata(self.options))) + sum(e.nbytes for e in entries)
-                   for _, entries in self.shards)
+        meta = shard_metadata(self.options)
+        return sum(shard_size(entries, meta) for _, entries in self.shards)
 
 
 @dataclass(frozen=True)

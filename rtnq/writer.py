@@ -114,13 +114,6 @@ class ShardWriter:
             raise ValueError(f"{self.path.name}: expected {e.name} {e.dtype} {list(e.shape)}, got {got}")
         self.write_part(name, tensor.contiguous().view(torch.uint8).reshape(-1), whole=True)
 
-    def write_raw(self, data: torch.Tensor) -> None:
-        """Write the first planned tensor not yet written, as raw bytes (uint8, exactly its size)."""
-        pending = [e.name for e in self.entries if e.name not in self._written]
-        if not pending:
-            raise ValueError(f"{self.path.name}: more data than planned")
-        self.write_part(pending[0], data, whole=True)
-
     def write_part(self, name: str, data: torch.Tensor, *, whole: bool = False) -> None:
         """Append raw bytes (uint8) to tensor `name`, right after its bytes written so far.
 

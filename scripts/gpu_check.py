@@ -14,7 +14,6 @@ import json
 import math
 import platform
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ def _torch():
 
 def cmd_env(out: str) -> int:
     torch = _torch()
+    from rtnq.bench import timing
     from rtnq.runtime import library
 
     dev = torch.device("cuda")
@@ -62,38 +62,15 @@ def cmd_env(out: str) -> int:
     record["library_abi"] = library.abi_version()
     record["device_info"] = library.device_info()
 
-    # Ceilings (METHOD.md): a 2 GiB device-to-device copy (bytes read + written) and an 8192^3 bf16 GEMM.
-    src = torch.empty(2**30, dtype=torch.int16, device=dev).random_()
-    dst = torch.empty_like(src)
-    copy_ms = _time_ms(lambda: dst.copy_(src), reps=10)
-    record["copy_tb_s"] = round(2 * src.numel() * 2 / (copy_ms * 1e-3) / 1e12, 3)
-    del src, dst
-    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    mm_ms = _time_ms(lambda: a @ b, reps=10)
-    record["bf16_tflops"] = round(2 * 8192**3 / (mm_ms * 1e-3) / 1e12, 1)
+    # Ceilings (GPU.md 4.2 step 1): the same measurement `rtnq bench` starts with.
+    ceilings = timing.measure_ceilings("cuda", torch.bfloat16)
+    record["copy_tb_s"] = round(ceilings.copy_gbps / 1e3, 3)
+    record["bf16_tflops"] = round(ceilings.matmul_tflops, 1)
+    record["ceilings_method"] = ceilings.detail
     Path(out).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     for key in ("gpu", "capability", "sm_count", "torch", "torch_cuda", "library_build", "copy_tb_s", "bf16_tflops"):
         print(f"{key:15s} {record[key]}")
     return 0
-
-
-def _time_ms(fn, reps: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of fn() measured with CUDA events, after warm-up."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 # ---- ptxas ----------------------------------------------------------------------------------------------------------
@@ -190,6 +167,7 @@ def cmd_timing(out: str, quick: bool = False) -> int:
     import torch.nn.functional as F
 
     from rtnq import marlin
+    from rtnq.bench import timing
     from rtnq.runtime import dispatch, library, ops
 
     dev = torch.device("cuda")
@@ -212,7 +190,7 @@ def cmd_timing(out: str, quick: bool = False) -> int:
         with torch.cuda.graph(g, stream=capture):
             for c in calls:
                 c()
-        return _time_ms(g.replay, reps=10, warmup=2) * 1e3 / len(calls)
+        return timing.cuda_median_ms(g.replay, warmup=2, n=10) * 1e3 / len(calls)
 
     for label, k, n in shapes:
         copies = lambda nbytes: max(1, min(32, math.ceil(2.5 * l2 / nbytes)))  # noqa: E731

@@ -208,7 +208,7 @@ def test_shard_writer_takes_tensors_in_any_order_and_in_parts(tmp_path):
     data = {e.name: torch.arange(e.nbytes, dtype=torch.uint8) + 7 * i for i, e in enumerate(entries)}
     w = ShardWriter(tmp_path / "in_order.safetensors", entries)
     for e in entries:
-        w.write_raw(data[e.name])
+        w.write_part(e.name, data[e.name], whole=True)
     w.close()
     calls = []
     w = ShardWriter(tmp_path / "shuffled.safetensors", entries, writeback=lambda *a: calls.append(a))

@@ -192,12 +192,12 @@ def measure_ceilings(device: str, dtype: Any, *, quick: bool = False) -> Ceiling
         nbytes = (256 << 20) if quick else (1 << 30)
         src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
         dst = torch.empty_like(src)
-        t_copy = _cuda_median_ms(lambda: dst.copy_(src), 3, 10)
+        t_copy = cuda_median_ms(lambda: dst.copy_(src), 3, 10)
         del src, dst
         size = 4096 if quick else 8192
         a = torch.randn(size, size, device="cuda", dtype=dtype)
         b = torch.randn(size, size, device="cuda", dtype=dtype)
-        t_mm = _cuda_median_ms(lambda: torch.mm(a, b), 3, 10)
+        t_mm = cuda_median_ms(lambda: torch.mm(a, b), 3, 10)
         del a, b
         torch.cuda.empty_cache()
         return Ceilings(
@@ -223,7 +223,8 @@ def measure_ceilings(device: str, dtype: Any, *, quick: bool = False) -> Ceiling
     )
 
 
-def _cuda_median_ms(fn: Callable[[], Any], warmup: int, n: int) -> float:
+def cuda_median_ms(fn: Callable[[], Any], warmup: int, n: int) -> float:
+    """Median milliseconds of fn() over n CUDA-event-timed runs, after `warmup` untimed ones."""
     import torch
 
     from rtnq.bench.report import percentile
