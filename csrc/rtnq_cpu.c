@@ -1,4 +1,4 @@
-/* rtnq CPU fast path: fused RTN quantize + Marlin pack + error statistic, one pass per weight.
+/* rtnq CPU fast path: fused RTN quantize + pack + error statistic, one pass per weight.
  *
  * No Python and no torch: a C ABI loaded with ctypes by rtnq/fastquant.py, built by `pip install`
  * (setup.py, optional: rtnq falls back to its pure-torch reference when this library is absent).
@@ -22,6 +22,13 @@
  * 16-wide slab of k, the 1024 entries are stored in the fragment order of rtnq/marlin.py. With the
  * codes of one W row's 16 k-values in one 16-byte vector, that order is a few byte interleaves and
  * a 4x4 word transpose (derivation in docs/PERFORMANCE.md), done here with SSE2 on x86.
+ *
+ * The same codes can instead be packed along k (rtnq/kpack.py, FORMATS.md 5-6): 32/bits codes of
+ * one W row per int32 word, LSB first, stored row-major (n, k*bits/32) for compressed-tensors or
+ * transposed (k*bits/32, n) for GPTQ, with plain (unpermuted) scales. Only the stores differ: the
+ * quantizer, the codes, the scale values and the error sums are those of the Marlin layout.
+ * All packers build words from little-endian bytes, as torch's .view(torch.int32) of the
+ * reference's bytes does (rtnq.marlin refuses big-endian machines).
  */
 
 #include <math.h>
@@ -33,12 +40,13 @@
 #include <immintrin.h>
 #endif
 
-#define RTNQ_CPU_ABI 1
+#define RTNQ_CPU_ABI 2
 #define EXPORT __attribute__((visibility("default")))
 
 enum { DT_BF16 = 0, DT_F16 = 1 };
 enum { OK = 0, NONFINITE = 1, BAD_ARGS = -1 };
 enum { FLAG_SCALAR = 1 };
+enum { LAYOUT_MARLIN = 0, LAYOUT_ROWS = 1, LAYOUT_COLS = 2 }; /* fastquant.LAYOUTS, in order */
 
 #define BLOCK_N 64 /* rows of W per Marlin block */
 #define CW 128     /* k-columns per tile: a multiple of 16 and of every group size <= 128 */
@@ -215,6 +223,96 @@ static void pack_sse2(const uint8_t *tile, int bits, uint8_t *qrow0, int64_t row
     }
 }
 
+#endif
+
+/* ---------------------------------------------------------------- k-packed layouts of one tile */
+
+/* One tile row's CW codes -> its CW*bits/8 bytes of LSB-first words. 4-bit: code 2i in the low
+   nibble of byte i and 2i+1 in the high one, so word w holds codes 8w..8w+7 at bits 4s on a
+   little-endian machine; 8-bit codes already are their bytes. Plain loops: -O3 vectorizes them. */
+static inline void kpack_row(const uint8_t *codes, int bits, uint8_t *out) {
+    if (bits == 8) {
+        memcpy(out, codes, CW);
+        return;
+    }
+    for (int i = 0; i < CW / 2; i++) out[i] = codes[2 * i] | (uint8_t)(codes[2 * i + 1] << 4);
+}
+
+/* compressed-tensors (n, k*bits/32): each W row's words are contiguous, so a tile row goes to
+   one run of its qweight row. dst: the tile's first row at its k offset; row_bytes: k*bits/8. */
+static void store_rows(const uint8_t *tile, int bits, uint8_t *dst, int64_t row_bytes) {
+    for (int r = 0; r < BLOCK_N; r++) kpack_row(tile + r * CW, bits, dst + r * row_bytes);
+}
+
+/* GPTQ (k*bits/32, n): the transpose, so the tile's words are packed per row first and then
+   stored one word row at a time, each a run of 64 consecutive int32 (256 bytes) of this block.
+   dst: word row kc*bits/32, column row0 of the block; n: the qweight row stride in words. */
+static void store_cols(const uint8_t *tile, int bits, uint32_t *dst, int64_t n) {
+    const int wpr = CW * bits / 32; /* words per tile row: 16 (4-bit) or 32 (8-bit) */
+    uint32_t words[BLOCK_N][CW / 4];
+    for (int r = 0; r < BLOCK_N; r++) kpack_row(tile + r * CW, bits, (uint8_t *)words[r]);
+    for (int w = 0; w < wpr; w++) {
+        uint32_t *o = dst + w * n;
+        for (int r = 0; r < BLOCK_N; r++) o[r] = words[r][w];
+    }
+}
+
+#ifdef RTNQ_X86
+/* The same two stores with SSE2. With the scalar ones and the AVX2 quantizer, a 4096 x 4096 bf16
+   weight took 1.3x the Marlin time in the GPTQ layout at 8 bits (the word transpose) and 1.05-1.1x
+   at 4 bits (measured, one thread); with these, every layout is within noise of the Marlin one. */
+
+/* 32 codes -> 16 bytes: in each 16-bit lane (c0 | c1 << 8), lane | lane >> 4 puts c1 in the high
+   nibble of the low byte (codes <= 15: nothing else moves there); then keep the low bytes. */
+static inline __m128i nibbles_sse2(const uint8_t *c) {
+    const __m128i lo = _mm_set1_epi16(0x00FF);
+    __m128i a = _mm_loadu_si128((const __m128i *)c), b = _mm_loadu_si128((const __m128i *)(c + 16));
+    a = _mm_and_si128(_mm_or_si128(a, _mm_srli_epi16(a, 4)), lo);
+    b = _mm_and_si128(_mm_or_si128(b, _mm_srli_epi16(b, 4)), lo);
+    return _mm_packus_epi16(a, b);
+}
+
+static void store_rows_sse2(const uint8_t *tile, int bits, uint8_t *dst, int64_t row_bytes) {
+    if (bits == 8) {
+        store_rows(tile, bits, dst, row_bytes);
+        return;
+    }
+    for (int r = 0; r < BLOCK_N; r++)
+        for (int i = 0; i < CW / 2; i += 16)
+            _mm_storeu_si128((__m128i *)(dst + r * row_bytes + i), nibbles_sse2(tile + r * CW + 2 * i));
+}
+
+/* 4x4 word transposes: rows r..r+3 x words w..w+3 of the packed tile become 16 bytes of each of
+   word rows w..w+3 (8-bit: the tile's bytes already are the words). */
+static void store_cols_sse2(const uint8_t *tile, int bits, uint32_t *dst, int64_t n) {
+    const int wpr = CW * bits / 32;
+    uint32_t words[BLOCK_N][CW / 8]; /* 4-bit only: 16 words per row */
+    const uint8_t *src = tile;
+    int64_t stride = CW; /* bytes per row of src */
+    if (bits == 4) {
+        for (int r = 0; r < BLOCK_N; r++)
+            for (int i = 0; i < CW / 2; i += 16)
+                _mm_storeu_si128((__m128i *)((uint8_t *)words[r] + i), nibbles_sse2(tile + r * CW + 2 * i));
+        src = (const uint8_t *)words, stride = sizeof words[0];
+    }
+    for (int w = 0; w < wpr; w += 4) {
+        uint32_t *o = dst + w * n;
+        for (int r = 0; r < BLOCK_N; r += 4) {
+            const uint8_t *p = src + r * stride + 4 * w;
+            __m128i r0 = _mm_loadu_si128((const __m128i *)p);
+            __m128i r1 = _mm_loadu_si128((const __m128i *)(p + stride));
+            __m128i r2 = _mm_loadu_si128((const __m128i *)(p + 2 * stride));
+            __m128i r3 = _mm_loadu_si128((const __m128i *)(p + 3 * stride));
+            __m128i t0 = _mm_unpacklo_epi32(r0, r1), t1 = _mm_unpacklo_epi32(r2, r3); /* words w, w+1 */
+            __m128i t2 = _mm_unpackhi_epi32(r0, r1), t3 = _mm_unpackhi_epi32(r2, r3); /* words w+2, w+3 */
+            _mm_storeu_si128((__m128i *)(o + r), _mm_unpacklo_epi64(t0, t1));
+            _mm_storeu_si128((__m128i *)(o + n + r), _mm_unpackhi_epi64(t0, t1));
+            _mm_storeu_si128((__m128i *)(o + 2 * n + r), _mm_unpacklo_epi64(t2, t3));
+            _mm_storeu_si128((__m128i *)(o + 3 * n + r), _mm_unpackhi_epi64(t2, t3));
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- one group, AVX2 */
 
 #define AVX2 __attribute__((target("avx2,f16c,fma")))
@@ -350,26 +448,33 @@ EXPORT int rtnq_cpu_abi(void) { return RTNQ_CPU_ABI; }
 /* 2: AVX2 + F16C + FMA quantizer and SSE2 packer; 0: portable scalar C. */
 EXPORT int rtnq_cpu_isa(void) { return have_avx2() ? 2 : 0; }
 
-/* Quantize rows [row0, row0 + rows) of an (n, k) 16-bit weight and write their part of the Marlin
- * qweight ((k/16) x (n*16*bits/8) bytes) and permuted scales ((k/g) x n, 16-bit), both for the
- * whole tensor; adds sum(w^2) and sum((w - w_hat)^2) to sums[0], sums[1].
- *   w: the chunk's rows, row-major, rows % 64 == 0, row0 % 64 == 0, k % 128 == 0.
+/* Quantize rows [row0, row0 + rows) of an (n, k) 16-bit weight and write their part of the
+ * whole tensor's qweight and scales (16-bit, G = k/group groups) in one layout:
+ *   0 Marlin:             qweight (k/16) x (n*16*bits/8) bytes, scales (G, n) Marlin-permuted;
+ *   1 compressed-tensors: qweight (n, k*bits/32) int32, row-major, scales (n, G);
+ *   2 GPTQ:               qweight (k*bits/32, n) int32, scales (G, n); both unpermuted.
+ * Adds sum(w^2) and sum((w - w_hat)^2) to sums[0], sums[1].
+ *   w: the chunk's rows, row-major, rows % 64 == 0, row0 % 64 == 0, n % 64 == 0, k % 128 == 0.
  *   group: 32, 64 or 128, or k (one group per row).
- * Returns 0; 1 if a group holds NaN or Inf (*bad_row = its row in the tensor; nothing is written
- * for that block); -1 for arguments outside this contract.
+ * Returns 0; 1 if a group holds NaN or Inf (*bad_row = its row in the tensor; the chunk's outputs
+ * are then partly written); -1 for arguments outside this contract.
  */
-EXPORT int rtnq_quant_marlin(const uint16_t *w, int64_t rows, int64_t k, int64_t n, int64_t row0,
-                             int dtype, int bits, int64_t group, uint8_t *qweight, uint16_t *scales,
-                             double *sums, int64_t *bad_row, int flags) {
+EXPORT int rtnq_quant_pack(const uint16_t *w, int64_t rows, int64_t k, int64_t n, int64_t row0,
+                           int dtype, int bits, int64_t group, int layout, uint8_t *qweight,
+                           uint16_t *scales, double *sums, int64_t *bad_row, int flags) {
     if ((dtype != DT_BF16 && dtype != DT_F16) || (bits != 4 && bits != 8)) return BAD_ARGS;
+    if (layout != LAYOUT_MARLIN && layout != LAYOUT_ROWS && layout != LAYOUT_COLS) return BAD_ARGS;
     if (rows < 0 || rows % BLOCK_N || row0 % BLOCK_N || row0 + rows > n || n % BLOCK_N) return BAD_ARGS;
     if (k <= 0 || k % CW || group <= 0 || k % group || !(CW % group == 0 || group == k)) return BAD_ARGS;
     const int vec = have_avx2() && !(flags & FLAG_SCALAR);
     const int dt = dtype;
     const int64_t groups = k / group;
     const int single = groups == 1;
-    const int64_t row_bytes = n * 16 * bits / 8;           /* one qweight row */
+    const int64_t row_bytes = n * 16 * bits / 8;           /* one Marlin qweight row */
     const int64_t block_bytes = 1024 * bits / 8;           /* one 16 x 64 block in a qweight row */
+    const int64_t kp_bytes = k * bits / 8;                 /* one compressed-tensors qweight row */
+    /* scale of tensor row t, group gi: scales[gi * s_g + t * s_t] ((G, n) or, rows layout, (n, G)) */
+    const int64_t s_g = layout == LAYOUT_ROWS ? 1 : n, s_t = layout == LAYOUT_ROWS ? groups : 1;
     const int64_t gpc = group <= CW ? CW / group : 1;      /* groups per tile row */
     const int64_t glen = group <= CW ? group : CW;         /* quantized per call */
     const uint16_t infb = inf_bits(dt);
@@ -381,7 +486,7 @@ EXPORT int rtnq_quant_marlin(const uint16_t *w, int64_t rows, int64_t k, int64_t
     float rowscale[BLOCK_N];
     uint16_t rowmax[BLOCK_N];
     int pos[BLOCK_N];
-    for (int r = 0; r < BLOCK_N; r++) pos[r] = scale_pos(r, single);
+    for (int r = 0; r < BLOCK_N; r++) pos[r] = layout == LAYOUT_MARLIN ? scale_pos(r, single) : r;
     double acc[2] = {0.0, 0.0};
 
     for (int64_t b0 = 0; b0 < rows; b0 += BLOCK_N) {
@@ -398,7 +503,7 @@ EXPORT int rtnq_quant_marlin(const uint16_t *w, int64_t rows, int64_t k, int64_t
                 rowmax[r] = m;
                 rowscale[r] = group_scale(m, bits, dt);
                 uint16_t sb = dt == DT_BF16 ? f32_to_bf16(rowscale[r]) : f32_to_f16(rowscale[r]);
-                scales[nrow + pos[r]] = sb; /* groups == 1: scale row 0 */
+                scales[(nrow + pos[r]) * s_t] = sb; /* groups == 1: group 0 */
             }
         }
         for (int64_t kc = 0; kc < k; kc += CW) {
@@ -425,7 +530,8 @@ EXPORT int rtnq_quant_marlin(const uint16_t *w, int64_t rows, int64_t k, int64_t
                         if (m8[gi][r] >= infb) { *bad_row = nrow + rb + r; return NONFINITE; }
                         int64_t g_index = (kc + gi * glen) / group;
                         float sv = s8[gi][r];
-                        scales[g_index * n + nrow + pos[rb + r]] = dt == DT_BF16 ? f32_to_bf16(sv) : f32_to_f16(sv);
+                        scales[g_index * s_g + (nrow + pos[rb + r]) * s_t] =
+                            dt == DT_BF16 ? f32_to_bf16(sv) : f32_to_f16(sv);
                     }
                 }
                 for (int r = rb; r < rb + 8; r++) {
@@ -448,6 +554,28 @@ EXPORT int rtnq_quant_marlin(const uint16_t *w, int64_t rows, int64_t k, int64_t
                         quant_scalar(gs, glen, sv, bits, dt, dst + gi * glen, acc);
                     }
                 }
+            }
+            if (layout == LAYOUT_ROWS) {
+                uint8_t *d = qweight + nrow * kp_bytes + kc * bits / 8;
+#ifdef RTNQ_X86
+                if (!(flags & FLAG_SCALAR)) {
+                    store_rows_sse2(tile, bits, d, kp_bytes);
+                    continue;
+                }
+#endif
+                store_rows(tile, bits, d, kp_bytes);
+                continue;
+            }
+            if (layout == LAYOUT_COLS) {
+                uint32_t *d = (uint32_t *)qweight + (kc * bits / 32) * n + nrow;
+#ifdef RTNQ_X86
+                if (!(flags & FLAG_SCALAR)) {
+                    store_cols_sse2(tile, bits, d, n);
+                    continue;
+                }
+#endif
+                store_cols(tile, bits, d, n);
+                continue;
             }
             uint8_t *q0 = qweight + (kc / 16) * row_bytes + (nrow / BLOCK_N) * block_bytes;
 #ifdef RTNQ_X86

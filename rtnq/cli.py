@@ -53,6 +53,12 @@ def _dtype(value: Optional[str]) -> Optional[str]:
     return value
 
 
+def _format(value: str) -> str:
+    if value not in ("marlin", "gptq", "compressed-tensors"):
+        raise typer.BadParameter("must be marlin, gptq or compressed-tensors")
+    return value
+
+
 def _tp(value: Optional[str]) -> list[int]:
     try:
         degrees = [int(x) for x in (value or "").split(",") if x.strip()]
@@ -82,6 +88,8 @@ Examples:
   rtnq convert model/ out/ --bits 4 --keep-int8 layers.0,layers.-1,down   # selective INT8
 
   rtnq convert model/ out/ --keep-int8 qkv --skip layers.-1 --dry-run  # print the plan only
+
+  rtnq convert model/ out/ --format gptq --keep-int8 layers.0 --dry-run --tp 2,4,8   # for vLLM/SGLang
 """
 
 
@@ -94,7 +102,8 @@ def convert(
     keep_int8: Annotated[Optional[list[str]], typer.Option("--keep-int8", help="Selectors kept in INT8 (comma list).")] = None,
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Selectors kept in 16-bit (comma list).")] = None,
     dtype: Annotated[Optional[str], typer.Option(callback=_dtype, help="Cast weights to bf16/fp16 before quantizing (default: keep 16-bit, fp32 -> bf16).")] = None,
-    tp: Annotated[Optional[str], typer.Option("--tp", help="Report tensors that fail the shape gate when split for these tensor-parallel degrees, e.g. 2,4,8.")] = None,
+    fmt: Annotated[str, typer.Option("--format", callback=_format, help="marlin (rtnq's runtime), gptq or compressed-tensors (vLLM, SGLang, transformers).")] = "marlin",
+    tp: Annotated[Optional[str], typer.Option("--tp", help="List the tensors that fail the Marlin shape rules when split for these tensor-parallel degrees, e.g. 2,4,8.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and output size; read no weights.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail instead of passing Marlin-incompatible shapes through.")] = False,
@@ -105,13 +114,14 @@ def convert(
 
     options = conv.Options(
         bits=bits, group_size=group_size, keep_int8=_split(keep_int8), skip=_split(skip),
-        dtype=dtype, strict=strict, force=force, tp=_tp(tp),
+        dtype=dtype, strict=strict, force=force, tp=_tp(tp), format=fmt,
     )
     plan = conv.make_plan(src, out, options)
     for w in plan.precision.warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     if dry_run:
         _print_plan(plan, json_out)
+        err.print(_tp_summary(plan.precision.tp_failures), highlight=False, soft_wrap=True)
         return
     try:
         result = _run_with_progress(conv, plan)
@@ -119,9 +129,23 @@ def convert(
         # click would turn this into "Aborted!" and exit 1; the contract is a named error and 130.
         raise Interrupted(f"interrupted; nothing was written to {plan.out}") from None
     if json_out:
-        _emit_json({"out": str(plan.out), "seconds": round(result.seconds, 3), **result.manifest.to_json()["totals"]})
+        _emit_json({"out": str(plan.out), "seconds": round(result.seconds, 3), "format": fmt,
+                    **result.manifest.to_json()["totals"]})
     else:
         _print_summary(result)
+    err.print(_tp_summary(plan.precision.tp_failures), highlight=False, soft_wrap=True)
+
+
+def _tp_summary(failures: dict[int, list]) -> str:
+    """One line on every run: which tensor-parallel degrees keep every quantized tensor Marlin-loadable."""
+    parts = []
+    for t, fails in sorted(failures.items()):
+        parts.append(f"TP{t} ok" if not fails else f"TP{t}: {len(fails)} quantized tensors fail")
+    line = "tensor parallel (Marlin shape rules per rank): " + ", ".join(parts)
+    bad = [t for t, f in sorted(failures.items()) if f]
+    if bad:
+        line += f" (rtnq convert --dry-run --tp {','.join(map(str, bad))} lists them)"
+    return line
 
 
 def _run_with_progress(conv, plan):
@@ -149,12 +173,14 @@ def _print_plan(plan, json_out: bool) -> None:
              "reason": i.decision.reason, "outputs": [e.name for e in i.outputs], "shard": i.out_shard}
             for i in plan.items
         ]
-        _emit_json({"dry_run": True, "totals": t, "rules": plan.precision.rules,
-                             "warnings": plan.precision.warnings, "tensors": tensors})
+        tp = {str(d): [{"name": n, "why": why} for n, why in plan.precision.tp_failures[d]]
+              for d in plan.options.tp}
+        _emit_json({"dry_run": True, "format": plan.options.format, "totals": t, "rules": plan.precision.rules,
+                    "warnings": plan.precision.warnings, "tensors": tensors, "tp": tp})
         return
     from rich.table import Table
 
-    table = Table(title=f"plan: {plan.src} -> {plan.out} (dry run, nothing written)")
+    table = Table(title=f"plan: {plan.src} -> {plan.out}, format {plan.options.format} (dry run, nothing written)")
     for col in ("tensor", "shape", "becomes", "why"):
         table.add_column(col)
     for i in plan.items:
@@ -162,6 +188,16 @@ def _print_plan(plan, json_out: bool) -> None:
         becomes = f"int{d.bits} g{d.group_size}" if d.kind == "marlin" else i.spec.dtype.lower()
         table.add_row(i.spec.name, "x".join(map(str, i.spec.shape)), becomes, d.rule if d.kind == "marlin" else (d.reason or ""))
     err.print(table)
+    for d in plan.options.tp:
+        fails = plan.precision.tp_failures[d]
+        if not fails:
+            continue
+        tp_table = Table(title=f"tensor parallel {d}: quantized tensors that fail the Marlin shape rules per rank")
+        tp_table.add_column("tensor")
+        tp_table.add_column("why")
+        for name, why in fails:
+            tp_table.add_row(name, why)
+        err.print(tp_table)
     _print_totals(t)
 
 
@@ -202,6 +238,7 @@ def inspect(
     if json_out:
         _emit_json(m.to_json())
     else:
+        err.print(f"format: {m.format} (manifest version {m.version})", highlight=False)
         _print_precision_map(precision_map.build(m))
         for w in m.warnings:
             err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
@@ -270,6 +307,33 @@ def verify(
         raise VerifyMismatch(f"{len(bad)} of {len(checks)} tensors differ, first: {bad[0].name} ({bad[0].detail})")
     if not json_out:
         err.print(f"[green]ok:[/] all {len(checks)} tensors match", highlight=False)
+
+
+@app.command()
+def dequantize(
+    src: Annotated[str, typer.Argument(help="A GPTQ, compressed-tensors or rtnq marlin checkpoint directory.")],
+    out: Annotated[str, typer.Argument(help="Output directory for the dense checkpoint (must not exist unless --force).")],
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write a dense copy of a quantized checkpoint: every quantized weight becomes (code - bias) x scale."""
+    from rtnq import dequantize as deq
+
+    plan = deq.make_plan(src, out, force)
+    try:
+        result = deq.run(plan)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; nothing was written to {plan.out}") from None
+    summary = {"out": str(plan.out), "method": plan.method, "modules": result.modules,
+               "modules_by_bits": {str(b): c for b, c in sorted(result.bits.items())},
+               "passthrough": len(plan.passthrough), "seconds": round(result.seconds, 3)}
+    if json_out:
+        _emit_json(summary)
+        return
+    by_bits = ", ".join(f"{c} INT{b}" for b, c in sorted(result.bits.items()))
+    err.print(f"dequantized {result.modules} {plan.method} modules ({by_bits}), copied {len(plan.passthrough)} "
+              f"tensors, in {result.seconds:.2f} s", highlight=False)
+    err.print(f"wrote {plan.out}", highlight=False)
 
 
 @app.command()

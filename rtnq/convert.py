@@ -19,12 +19,13 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from rtnq import manifest as mf
-from rtnq import fastquant, marlin, pipeline, precision, rtn
+from rtnq import engine_config, fastquant, formats, pipeline, precision, rtn, selectors
 from rtnq.errors import CheckpointError, UsageError
 from rtnq.source import DTYPES, INDEX_NAME, SINGLE_NAME, TORCH_TO_ST, Reader, TensorSpec, resolve, scan
 from rtnq.writer import Entry, ShardWriter, atomic_dir, check_output_location, shard_size, write_json
 
 VERSION = "0.1.0"
+GPTQ_CONFIG_NAME = "quantize_config.json"
 # Files in SRC that are weights in some other format: never copied (and never unpickled).
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 MAX_COPY_BYTES = 256 * 1024 * 1024  # tokenizer and config files are small; anything bigger is a weight
@@ -43,6 +44,7 @@ class Options:
     strict: bool = False
     force: bool = False
     tp: Sequence[int] = ()
+    format: str = "marlin"  # one of formats.FORMATS
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Item:
     outputs: list[Entry]
     out_shard: str
     quant_dtype: torch.dtype | None = None  # the 16-bit dtype the RTN arithmetic runs in
+    layout: str = "marlin"  # rtnq.fastquant layout of the packed codes (the format's)
 
 
 @dataclass
@@ -94,7 +97,10 @@ class Result:
 
 
 def shard_metadata(options: Options) -> dict[str, str]:
-    return {"format": "rtnq", "rtnq_version": VERSION, "manifest_version": str(mf.VERSION)}
+    # "format": "pt" is what transformers' safetensors loader expects of a checkpoint it reads.
+    if options.format == "marlin":
+        return {"format": "rtnq", "rtnq_version": VERSION, "manifest_version": str(mf.VERSION)}
+    return {"format": "pt", "rtnq_version": VERSION, "rtnq_format": options.format}
 
 
 def module_prefix(name: str) -> str:
@@ -109,17 +115,14 @@ def quant_dtype(spec: TensorSpec, options: Options) -> torch.dtype:
     return dt if dt in (torch.bfloat16, torch.float16) else torch.bfloat16
 
 
-def output_entries(spec: TensorSpec, d: precision.Decision, qdt: torch.dtype) -> list[Entry]:
+def output_entries(
+    spec: TensorSpec, d: precision.Decision, qdt: torch.dtype | None, fmt: formats.Format = formats.MARLIN
+) -> list[Entry]:
+    """The planned outputs of one source tensor: itself, or the format's tensors for a quantized weight
+    (packed codes and scales first)."""
     if d.kind != "marlin":
         return [Entry(spec.name, spec.dtype, spec.shape)]
-    *lead, n, k = spec.shape
-    g = rtn.effective_group(k, d.group_size)
-    prefix = module_prefix(spec.name)
-    words = n * marlin.TILE * d.bits // 32
-    return [
-        Entry(f"{prefix}.qweight", "I32", (*lead, k // marlin.TILE, words)),
-        Entry(f"{prefix}.scales", TORCH_TO_ST[qdt], (*lead, k // g, n)),
-    ]
+    return [Entry(*e) for e in fmt.entries(module_prefix(spec.name), spec.shape, d.bits, d.group_size, qdt)]
 
 
 def out_shard_names(src_shards: list[str]) -> dict[str, str]:
@@ -133,7 +136,7 @@ def small_files(src: Path) -> list[str]:
     """Top-level non-weight files to copy unchanged (config.json is rewritten, not copied)."""
     keep = []
     for p in sorted(src.iterdir()):
-        if not p.is_file() or p.name in ("config.json", INDEX_NAME, mf.FILENAME):
+        if not p.is_file() or p.name in ("config.json", INDEX_NAME, mf.FILENAME, GPTQ_CONFIG_NAME):
             continue
         if p.suffix in WEIGHT_SUFFIXES or p.stat().st_size > MAX_COPY_BYTES:
             continue
@@ -146,6 +149,9 @@ def make_plan(src: str | Path, out: str | Path, options: Options) -> Plan:
     rtn.check_params(options.bits, options.group_size)
     if options.dtype is not None and options.dtype not in rtn.DTYPES:
         raise UsageError(f"--dtype must be bf16 or fp16, got {options.dtype}")
+    if options.format not in formats.BY_NAME:
+        raise UsageError(f"--format must be one of {', '.join(formats.FORMATS)}, got {options.format}")
+    fmt = formats.BY_NAME[options.format]
     src_dir = resolve(src)
     out_dir = Path(out)
     check_output_location(src_dir, out_dir, options.force)
@@ -163,8 +169,22 @@ def make_plan(src: str | Path, out: str | Path, options: Options) -> Plan:
     items = []
     for spec in specs:
         d = pplan.decisions[spec.name]
+        if d.kind == "marlin" and len(spec.shape) == 3 and not fmt.stacked_experts:
+            raise UsageError(
+                f"{spec.name} is a stacked (E, n, k) expert tensor; {fmt.name} stores each expert as its own "
+                "module, so it cannot hold it. Use --format marlin, or --skip experts"
+            )
         qdt = quant_dtype(spec, options) if d.kind == "marlin" else None
-        items.append(Item(spec, d, output_entries(spec, d, qdt), names[spec.shard], qdt))
+        items.append(Item(spec, d, output_entries(spec, d, qdt, fmt), names[spec.shard], qdt, fmt.pack_layout))
+    if fmt is formats.GPTQ:
+        odd = [i for i in items if i.decision.kind == "marlin" and i.decision.bits != options.bits
+               and "experts" in i.spec.name.lower().split(".")]
+        if odd:
+            pplan.warnings.append(
+                f"{len(odd)} MoE expert weights (e.g. {odd[0].spec.name}) are {odd[0].decision.bits}-bit while the default is "
+                f"{options.bits}-bit: vLLM reads that from the GPTQ `dynamic` overrides, but SGLang gives all experts "
+                "the default bits; for SGLang use --format compressed-tensors"
+            )
     shards: dict[str, list[Entry]] = {}
     for item in items:
         shards.setdefault(item.out_shard, []).extend(item.outputs)
@@ -175,6 +195,10 @@ def make_plan(src: str | Path, out: str | Path, options: Options) -> Plan:
                 raise CheckpointError(f"output tensor name {e.name} would be written twice; the source already has it")
             seen.add(e.name)
     return Plan(src_dir, out_dir, options, items, list(shards.items()), pplan, small_files(src_dir))
+
+
+def plan_format(plan: Plan) -> formats.Format:
+    return formats.BY_NAME[plan.options.format]
 
 
 def quantize_item(
@@ -205,7 +229,7 @@ def quantize_item(
     for chunk in w:
         e, row0 = divmod(done, n)
         fastquant.quantize_rows(chunk.to(item.quant_dtype), row0, q3[e], s3[e], d.bits, d.group_size, sums,
-                                name=spec.name)
+                                name=spec.name, layout=item.layout)
         done += chunk.shape[0]
     if done != experts * n:
         raise ValueError(f"{spec.name}: got {done} rows, expected {experts * n}")
@@ -233,7 +257,7 @@ def chunk_ranges(item: Item) -> list[tuple[int, int]]:
 def _entry(item: Item, error: float | None) -> mf.TensorEntry:
     d, spec = item.decision, item.spec
     if d.kind == "marlin":
-        outputs = {"qweight": item.outputs[0].name, "scales": item.outputs[1].name}
+        outputs = {e.name.rpartition(".")[2]: e.name for e in item.outputs}
     else:
         outputs = {"tensor": item.outputs[0].name}
     return mf.TensorEntry(
@@ -276,6 +300,7 @@ def totals(plan: Plan) -> dict:
         "bytes_out": plan.bytes_out,
         "bits_per_weight": round(q_bits / q_params, 4) if q_params else None,
         "model_bits_per_weight": round(weight_bits / params, 4) if params else None,
+        "tp_failures": {str(t): len(f) for t, f in plan.precision.tp_failures.items()},
     }
 
 
@@ -293,11 +318,20 @@ def build_manifest(plan: Plan, errors: dict[str, float]) -> mf.Manifest:
         totals=totals(plan),
         warnings=list(plan.precision.warnings),
         rtnq_version=VERSION,
+        format=plan_format(plan).manifest_name,
     )
 
 
 def quantization_config(plan: Plan) -> dict:
+    """config.json's quantization_config: rtnq's own for marlin, the engines' for gptq and compressed-tensors."""
     o = plan.options
+    if o.format != "marlin":
+        decisions = [i.decision for i in plan.items]
+        infos = selectors.analyse([i.spec for i in plan.items])
+        ndim = {i.spec.name: len(i.spec.shape) for i in plan.items}
+        if o.format == "gptq":
+            return engine_config.gptq(decisions, infos, ndim, bits=o.bits, group_size=o.group_size)
+        return engine_config.compressed_tensors(decisions, infos, ndim, bits=o.bits, group_size=o.group_size)
     int8 = sorted(module_prefix(i.spec.name) for i in plan.items if i.decision.kind == "marlin" and i.decision.bits == 8)
     return {
         "quant_method": "rtnq",
@@ -322,8 +356,11 @@ def write_config(plan: Plan, tmp: Path) -> None:
             raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
         if not isinstance(cfg, dict):
             raise CheckpointError(f"{cfg_path}: not a JSON object")
-    cfg["quantization_config"] = quantization_config(plan)
+    qcfg = quantization_config(plan)
+    cfg["quantization_config"] = qcfg
     write_json(tmp / "config.json", cfg)
+    if plan.options.format == "gptq":  # what AutoGPTQ-era loaders read when config.json has no quantization_config
+        write_json(tmp / GPTQ_CONFIG_NAME, qcfg)
 
 
 def run(plan: Plan, progress: Callable[[Progress], None] | None = None) -> Result:
@@ -374,13 +411,16 @@ def run(plan: Plan, progress: Callable[[Progress], None] | None = None) -> Resul
                 writers.append(writer)
                 for item in by_shard[fname]:
                     if item.decision.kind == "marlin":
-                        q_entry, s_entry = item.outputs
+                        q_entry, s_entry, *const_entries = item.outputs
                         buf = out_pool.get(q_entry.nbytes + s_entry.nbytes)
                         out = (buf[: q_entry.nbytes].view(torch.int32).view(q_entry.shape),
                                buf[q_entry.nbytes :].view(item.quant_dtype).view(s_entry.shape))
                         qweight, scales, errors[item.spec.name] = quantize_item(item, rows(index, item), out)
                         behind.submit(writer.write, q_entry.name, qweight)
                         behind.submit(writer.write, s_entry.name, scales, release=functools.partial(out_pool.put, buf))
+                        consts = plan_format(plan).constants(item.spec.shape, item.decision.bits, item.decision.group_size)
+                        for entry, value in zip(const_entries, consts, strict=True):
+                            behind.submit(writer.write, entry.name, value)
                     else:
                         for chunk in prefetch.chunks(index):
                             behind.submit(writer.write_part, item.outputs[0].name, chunk, release=slots.release)

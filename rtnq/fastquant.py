@@ -1,19 +1,27 @@
-"""Fused quantize + pack for conversion: rtn.quantize, rtn.relative_error and marlin.pack in one pass.
+"""Fused quantize + pack for conversion: rtn.quantize, rtn.relative_error and a packer in one pass.
 
-`quantize_rows` writes a run of a weight's rows straight into the Marlin qweight and scales of the
-whole tensor and returns the two sums behind the relative error. Its implementations give the same
-bytes (tests/test_fastpath.py checks each against rtn.quantize + marlin.pack):
+`quantize_rows` writes a run of a weight's rows straight into the qweight and scales of the whole
+tensor, in one of three layouts (LAYOUTS), and returns the two sums behind the relative error:
+
+* "marlin": qweight int32 (k/16, n*16*bits/32) and scales (k/g, n) Marlin-permuted (marlin.pack);
+* "rows" (compressed-tensors): qweight int32 (n, k*bits/32) = kpack.pack_rows(codes), scales (n, k/g);
+* "cols" (GPTQ): qweight int32 (k*bits/32, n) = kpack.pack_cols(codes), scales (k/g, n).
+
+The codes, the scale values and the error sums are the same in every layout; "rows" and "cols"
+store the scales plain (not permuted). The implementations give the same bytes
+(tests/test_fastpath.py checks each against rtn.quantize + marlin.pack / kpack):
 
 * the C library built from csrc/rtnq_cpu.c by `pip install` (rtnq/_cpu*.so, loaded with ctypes;
   AVX2 + F16C + FMA when the CPU has them, portable C otherwise), called without the GIL so the
   rows of one chunk are split across the CPU's cores;
-* the readable reference, per chunk: `rtn.quantize` -> `rtn.dequantize` -> `marlin.pack`, used when
-  the library is missing (no compiler at install time, another CPU architecture) or when
-  RTNQ_FASTPATH=0.
+* the readable reference, per chunk: `rtn.quantize` -> `rtn.dequantize` -> `marlin.pack` or
+  `kpack.pack_rows` / `pack_cols`, used when the library is missing (no compiler at install time,
+  another CPU architecture) or when RTNQ_FASTPATH=0.
 
-A row chunk is independent of every other chunk because groups run along k inside one row, and a
-chunk of 64-row multiples owns whole Marlin blocks: columns [row0 * bits / 2, ...) of every qweight
-row and columns [row0, ...) of the permuted scales (64- and 32-entry permutations never cross it).
+A row chunk is independent of every other chunk because groups run along k inside one row. A chunk
+of 64-row multiples owns whole Marlin blocks: columns [row0 * bits / 2, ...) of every qweight row
+and columns [row0, ...) of the permuted scales (64- and 32-entry permutations never cross it). In
+the "rows" layout it owns rows [row0, ...) of both outputs, in the "cols" layout columns [row0, ...).
 """
 
 from __future__ import annotations
@@ -29,11 +37,12 @@ from pathlib import Path
 
 import torch
 
-from rtnq import marlin, rtn
-from rtnq.errors import InvalidWeightError, ShapeError
+from rtnq import kpack, marlin, rtn
+from rtnq.errors import InvalidWeightError, ShapeError, UsageError
 
-ABI = 1
-ROW_ALIGN = marlin.BLOCK_N  # chunks start and end on Marlin blocks
+ABI = 2
+ROW_ALIGN = marlin.BLOCK_N  # chunks start and end on Marlin blocks (the C kernel's 64-row tiles)
+LAYOUTS = ("marlin", "rows", "cols")  # the C kernel's layout codes 0, 1, 2
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float16: 1}
 _FLAG_SCALAR = 1
 PIECES_PER_THREAD = 4  # work units per thread and chunk (dynamic balance under CPU contention)
@@ -56,9 +65,10 @@ def library() -> ctypes.CDLL | None:
         if lib.rtnq_cpu_abi() != ABI:
             return None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.rtnq_quant_marlin.argtypes = [ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_int, i64,
-                                          ptr, ptr, ptr, ptr, ctypes.c_int]
-        lib.rtnq_quant_marlin.restype = ctypes.c_int
+        cint = ctypes.c_int
+        lib.rtnq_quant_pack.argtypes = [ptr, i64, i64, i64, i64, cint, cint, i64, cint,
+                                        ptr, ptr, ptr, ptr, cint]
+        lib.rtnq_quant_pack.restype = cint
         return lib
     return None
 
@@ -86,9 +96,23 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, workers() - 1), thread_name_prefix="rtnq-quant")
 
 
-def out_shapes(n: int, k: int, bits: int, group_size: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Shapes of the Marlin qweight (int32) and scales of an (n, k) weight."""
-    return (k // marlin.TILE, n * marlin.TILE * bits // 32), (k // rtn.effective_group(k, group_size), n)
+def _layout_code(layout: str) -> int:
+    try:
+        return LAYOUTS.index(layout)
+    except ValueError:
+        raise UsageError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}") from None
+
+
+def out_shapes(
+    n: int, k: int, bits: int, group_size: int, layout: str = "marlin"
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Shapes of the qweight (int32) and scales of an (n, k) weight in `layout`."""
+    groups = k // rtn.effective_group(k, group_size)
+    code = _layout_code(layout)
+    if code == 0:
+        return (k // marlin.TILE, n * marlin.TILE * bits // 32), (groups, n)
+    words = k * bits // 32  # int32 words per W row, packed along k
+    return ((n, words), (n, groups)) if code == 1 else ((words, n), (groups, n))
 
 
 def quantize_rows(
@@ -102,31 +126,37 @@ def quantize_rows(
     *,
     name: str = "weight",
     backend: str | None = None,
+    layout: str = "marlin",
 ) -> None:
-    """Quantize rows [row0, row0 + R) of an (n, k) weight into its whole-tensor Marlin outputs.
+    """Quantize rows [row0, row0 + R) of an (n, k) weight into its whole-tensor outputs in `layout`.
 
     w_rows: (R, k) bf16 or fp16 (the dtype the arithmetic runs in), R and row0 multiples of 64.
-    qweight: int32 (k/16, n*16*bits/32); scales: (k/g, n) in w_rows.dtype; both written in place.
+    qweight (int32) and scales (w_rows.dtype): the whole tensor's, shaped as `out_shapes` says,
+    contiguous; only this chunk's part of each is written, in place.
     sums: [sum w^2, sum (w - w_hat)^2], added to (see `relative_error`).
     backend: None (the C library if built, else torch), "c", "c-scalar" or "torch".
     Raises InvalidWeightError naming `name` on NaN/Inf, like rtn.quantize.
     """
+    code = _layout_code(layout)
     rows, k = w_rows.shape
-    n = scales.shape[1]
+    n = scales.shape[0] if code == 1 else scales.shape[1]
     if w_rows.dtype not in _DTYPE_CODE or scales.dtype != w_rows.dtype or qweight.dtype != torch.int32:
         raise ShapeError(f"{name}: fast path needs 16-bit rows and scales and int32 qweight")
     if rows % ROW_ALIGN or row0 % ROW_ALIGN or row0 + rows > n:
         raise ShapeError(f"{name}: row chunk [{row0}, {row0 + rows}) is not a run of 64-row blocks of n={n}")
-    if (tuple(qweight.shape), tuple(scales.shape)) != out_shapes(n, k, bits, group_size):
+    if (tuple(qweight.shape), tuple(scales.shape)) != out_shapes(n, k, bits, group_size, layout):
         raise ShapeError(
             f"{name}: output buffers {tuple(qweight.shape)}, {tuple(scales.shape)} do not fit n={n}, k={k}"
+            f" in the {layout} layout"
         )
     lib = library() if backend in (None, "c", "c-scalar") else None
     if backend in ("c", "c-scalar") and lib is None:
         raise RuntimeError("the rtnq C fast path is not built (pip install the package with a C compiler)")
     if lib is None:
-        _torch_rows(w_rows, row0, qweight, scales, bits, group_size, sums, name)
+        _torch_rows(w_rows, row0, qweight, scales, bits, group_size, sums, name, layout)
         return
+    if not (qweight.is_contiguous() and scales.is_contiguous()):
+        raise ShapeError(f"{name}: the C fast path writes contiguous qweight and scales only")
     w_rows = w_rows.contiguous()
     g = rtn.effective_group(k, group_size)
     flags = _FLAG_SCALAR if backend == "c-scalar" else 0
@@ -139,7 +169,7 @@ def quantize_rows(
     todo = iter(range(pieces))
     lock = threading.Lock()
 
-    def run() -> list[tuple[int, float, float]]:
+    def run() -> list[tuple[int, int, float, float]]:
         done = []
         while True:
             with lock:
@@ -149,26 +179,27 @@ def quantize_rows(
             lo, hi = bounds[i], bounds[i + 1]
             acc = (ctypes.c_double * 2)(0.0, 0.0)
             bad = ctypes.c_int64(-1)
-            rc = lib.rtnq_quant_marlin(
+            rc = lib.rtnq_quant_pack(
                 w_rows.data_ptr() + lo * k * 2, hi - lo, k, n, row0 + lo, _DTYPE_CODE[w_rows.dtype], bits, g,
-                qweight.data_ptr(), scales.data_ptr(), acc, ctypes.byref(bad), flags,
+                code, qweight.data_ptr(), scales.data_ptr(), acc, ctypes.byref(bad), flags,
             )
-            done.append((rc, acc[0], acc[1]))
+            done.append((i, rc, acc[0], acc[1]))
 
     futures = [_pool().submit(run) for _ in range(threads - 1)]
-    results = run() + [r for f in futures for r in f.result()]
-    for rc, _, _ in results:
+    # in piece order, whichever thread ran a piece: the sums are then the same in every run and layout
+    results = sorted(run() + [r for f in futures for r in f.result()])
+    for _, rc, _, _ in results:
         if rc == 1:
             raise InvalidWeightError(f"{name}: weight contains NaN or Inf values; fix the checkpoint before quantizing")
         if rc != 0:
             raise ShapeError(f"{name}: the C fast path refused shape ({rows}, {k}) with group {g}")
-    for _, a, b in results:
+    for _, _, a, b in results:
         sums[0] += a
         sums[1] += b
 
 
-def _torch_rows(w_rows, row0, qweight, scales, bits, group_size, sums, name) -> None:
-    """The reference path for one chunk: rtn.quantize, rtn.dequantize and marlin.pack."""
+def _torch_rows(w_rows, row0, qweight, scales, bits, group_size, sums, name, layout) -> None:
+    """The reference path for one chunk: rtn.quantize, rtn.dequantize and marlin.pack or kpack."""
     rows = w_rows.shape[0]
     codes, s = rtn.quantize(w_rows, bits, group_size, name=name)
     w_hat = rtn.dequantize(codes, s, bits, group_size)
@@ -176,6 +207,14 @@ def _torch_rows(w_rows, row0, qweight, scales, bits, group_size, sums, name) -> 
     d64 = w64 - w_hat.double()
     sums[0] += float((w64 * w64).sum())
     sums[1] += float((d64 * d64).sum())
+    if layout == "rows":
+        qweight[row0 : row0 + rows] = kpack.pack_rows(codes, bits)
+        scales[row0 : row0 + rows] = s
+        return
+    if layout == "cols":
+        qweight[:, row0 : row0 + rows] = kpack.pack_cols(codes, bits)
+        scales[:, row0 : row0 + rows] = s.t()
+        return
     q, ms = marlin.pack(codes, s, bits)
     words = marlin.TILE * bits // 32  # qweight words per W row
     qweight[:, row0 * words : (row0 + rows) * words] = q
@@ -190,20 +229,27 @@ def relative_error(sums: list[float]) -> float:
 
 
 def quantize_pack(
-    w: torch.Tensor, bits: int = 4, group_size: int = 128, *, name: str = "weight", backend: str | None = None
+    w: torch.Tensor,
+    bits: int = 4,
+    group_size: int = 128,
+    *,
+    name: str = "weight",
+    backend: str | None = None,
+    layout: str = "marlin",
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Whole (n, k) 16-bit weight -> (Marlin qweight, Marlin scales, relative error), in one call.
+    """Whole (n, k) 16-bit weight -> (qweight, scales, relative error) in `layout`, in one call.
 
-    Same bytes as marlin.pack(*rtn.quantize(w, bits, group_size), bits); the error equals
-    rtn.relative_error(w, rtn.dequantize(...)) up to summation order.
+    Same bytes as, with codes, s = rtn.quantize(w, bits, group_size): marlin.pack(codes, s, bits)
+    ("marlin"), (kpack.pack_rows(codes, bits), s) ("rows") or (kpack.pack_cols(codes, bits), s.t())
+    ("cols"); the error equals rtn.relative_error(w, rtn.dequantize(...)) up to summation order.
     """
     n, k = w.shape
     reason = marlin.check_shape(n, k, group_size)
     if reason:
         raise ShapeError(f"{name}: {reason}")
-    qshape, sshape = out_shapes(n, k, bits, group_size)
+    qshape, sshape = out_shapes(n, k, bits, group_size, layout)
     qweight = torch.empty(qshape, dtype=torch.int32)
     scales = torch.empty(sshape, dtype=w.dtype)
     sums = [0.0, 0.0]
-    quantize_rows(w, 0, qweight, scales, bits, group_size, sums, name=name, backend=backend)
+    quantize_rows(w, 0, qweight, scales, bits, group_size, sums, name=name, backend=backend, layout=layout)
     return qweight, scales, relative_error(sums)

@@ -1,11 +1,14 @@
 """The precision manifest (`rtnq_manifest.json`): what happened to every source tensor.
 
-Schema version 1 (a contract: docs/FORMAT.md). Written with sorted keys. Readers refuse any other
-version with a clear error instead of guessing.
+Schema version 2 (a contract: docs/FORMAT.md). Written with sorted keys. Version 1 (rtnq 0.1 before
+the GPTQ and compressed-tensors exports) is read as format "rtnq-marlin"; readers refuse any other
+version with a clear error instead of guessing. Version 2 added the formats "gptq" and
+"compressed-tensors", whose quantized entries name that format's outputs; an older rtnq must refuse
+them rather than read GPTQ words as Marlin words, hence the version bump.
 
     {
-      "version": 1,
-      "format": "rtnq-marlin",
+      "version": 2,
+      "format": "rtnq-marlin" | "gptq" | "compressed-tensors",
       "rtnq_version": "0.1.0",
       "defaults": {"bits": 4, "group_size": 128, "scale_rule": "rtn-absmax", "dtype": "bfloat16"},
       "rules": [{"option": "keep-int8", "selector": "layers.0", "matched": 7}, ...],
@@ -14,7 +17,7 @@ version with a clear error instead of guessing.
       "warnings": ["..."],
       "tensors": {
         "model.layers.0.mlp.up_proj.weight": {
-          "kind": "marlin", "bits": 8, "group_size": 128, "shape": [n, k], "dtype": "bfloat16",
+          "kind": "marlin", "bits": 8,    # "marlin": quantized for Marlin kernels, in the file's format "group_size": 128, "shape": [n, k], "dtype": "bfloat16",
           "outputs": {"qweight": "model.layers.0.mlp.up_proj.qweight",
                       "scales": "model.layers.0.mlp.up_proj.scales"},
           "shard": "model-00001-of-00002.safetensors", "rule": "keep-int8:layers.0", "error": 0.0071
@@ -35,9 +38,11 @@ from typing import Any
 
 from rtnq.errors import CheckpointError
 
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 FILENAME = "rtnq_manifest.json"
-FORMAT = "rtnq-marlin"
+FORMAT = "rtnq-marlin"  # the default format, and the only one of version 1
+FORMATS = (FORMAT, "gptq", "compressed-tensors")
 SCALE_RULE = "rtn-absmax"  # the paper's rule: scale = 2 * maxabs / (2^bits - 1), 16-bit arithmetic
 
 
@@ -46,7 +51,7 @@ class TensorEntry:
     kind: str  # "marlin" or "passthrough"
     shape: list[int]  # source shape: [n, k] (or [E, n, k]) for linear weights
     dtype: str  # source dtype, torch spelling ("bfloat16", "float16", "float32", ...)
-    outputs: dict[str, str]  # {"qweight", "scales"} for marlin, {"tensor"} for passthrough
+    outputs: dict[str, str]  # role -> tensor name: {"qweight", "scales", ...} (the format's), {"tensor"} for passthrough
     shard: str  # output shard file holding the outputs
     bits: int | None = None
     group_size: int | None = None
@@ -67,11 +72,12 @@ class Manifest:
     warnings: list[str] = field(default_factory=list)
     rtnq_version: str = "0.1.0"
     version: int = VERSION
+    format: str = FORMAT
 
     def to_json(self) -> dict[str, Any]:
         return {
             "version": self.version,
-            "format": FORMAT,
+            "format": self.format,
             "rtnq_version": self.rtnq_version,
             "defaults": self.defaults,
             "rules": self.rules,
@@ -91,11 +97,14 @@ def from_json(data: Any, where: str = FILENAME) -> Manifest:
     if not isinstance(data, dict):
         raise CheckpointError(f"{where}: not a JSON object")
     version = data.get("version")
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{where}: manifest version {version!r} is not supported by this rtnq (reads version {VERSION}); "
-            "upgrade rtnq or re-convert the checkpoint"
+            f"{where}: manifest version {version!r} is not supported by this rtnq (reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}); upgrade rtnq or re-convert the checkpoint"
         )
+    fmt = data.get("format", FORMAT) if version >= 2 else FORMAT
+    if fmt not in FORMATS:
+        raise CheckpointError(f"{where}: unknown format {fmt!r} (this rtnq knows {', '.join(FORMATS)})")
     try:
         tensors = {name: TensorEntry(**entry) for name, entry in data["tensors"].items()}
         return Manifest(
@@ -105,6 +114,8 @@ def from_json(data: Any, where: str = FILENAME) -> Manifest:
             totals=data.get("totals", {}),
             warnings=data.get("warnings", []),
             rtnq_version=data.get("rtnq_version", "?"),
+            version=version,
+            format=fmt,
         )
     except (KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{where}: malformed manifest ({e})") from None

@@ -70,6 +70,7 @@ _LM_HEAD = frozenset({"lm_head", "embed_out", "output_layer"})
 _EMBED = frozenset({"wte", "wpe", "shared", "relative_attention_bias"})
 _ROUTER = frozenset({"gate", "router", "shared_expert_gate"})
 _CONV1D = frozenset({"c_attn", "c_fc", "c_proj"})
+SUMMARY_TP = (2, 4, 8)  # tensor-parallel degrees every plan is checked for
 
 
 @dataclass(frozen=True)
@@ -205,8 +206,11 @@ def plan(
     if decisions and not any(d.kind == "marlin" for d in decisions.values()):
         warnings.append("no tensor is quantized: no float linear weight inside a block passed the rules and the gate")
     by_name = {i.name: i for i in infos}
-    tp_failures = {t: _tp_check(t, decisions, by_name, nk, group_size) for t in dict.fromkeys(tp)}
-    warnings += _tp_warnings(tp_failures, decisions, by_name)
+    # The common degrees are always checked, for the one-line summary of every run; only the degrees
+    # asked for with --tp become warnings.
+    degrees = sorted(set(tp) | set(SUMMARY_TP))
+    tp_failures = {t: _tp_check(t, decisions, by_name, nk, group_size) for t in degrees}
+    warnings += _tp_warnings({t: tp_failures[t] for t in dict.fromkeys(tp)}, decisions, by_name)
     rules = [{"option": o, "selector": s.text, "matched": c} for (o, s), c in zip(options, credit)]
     return Plan(decisions, rules, warnings, tp_failures)
 

@@ -1,9 +1,10 @@
 """`rtnq verify`: re-derive every output tensor from the source and compare bytes.
 
-For each manifest entry: a quantized tensor is re-quantized and re-packed from the source weight with
-the bits/group size the manifest records and the scale dtype the output file holds, then compared
-byte for byte with the stored qweight and scales; a passthrough tensor must be byte-identical to the
-source. Every output tensor must be accounted for by the manifest.
+For each manifest entry: a quantized tensor is re-quantized from the source weight with the bits/group
+size the manifest records and the scale dtype the output file holds, laid out in the manifest's format
+by the readable reference packers (rtnq.formats; not the converter's fused kernel), then compared byte
+for byte with every stored output (codes, scales and the format's constants); a passthrough tensor must
+be byte-identical to the source. Every output tensor must be accounted for by the manifest.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Callable
 import torch
 
 from rtnq import manifest as mf
-from rtnq import marlin, rtn
+from rtnq import formats, rtn
 from rtnq.errors import CheckpointError
 from rtnq.source import Reader, TensorSpec, resolve, scan, scan_shard, shard_files
 
@@ -57,7 +58,8 @@ def verify(out: str | Path, src: str | Path, progress: Callable[[int, int], None
             if absent:
                 checks.append(Check(name, entry.kind, False, f"output tensor {absent[0]} is missing", None))
                 continue
-            checks.append(_check_one(name, entry, src_specs[name], out_specs, src_reader, out_reader))
+            fmt = formats.BY_MANIFEST_NAME[m.format]
+            checks.append(_check_one(name, entry, src_specs[name], out_specs, src_reader, out_reader, fmt))
             if progress:
                 progress(i + 1, len(m.tensors))
     for name in extra:
@@ -65,23 +67,24 @@ def verify(out: str | Path, src: str | Path, progress: Callable[[int, int], None
     return checks
 
 
-def _check_one(name, entry, spec, out_specs, src_reader: Reader, out_reader: Reader) -> Check:
+def _check_one(name, entry, spec, out_specs, src_reader: Reader, out_reader: Reader, fmt: formats.Format) -> Check:
     if entry.kind != "marlin":
         same = torch.equal(src_reader.read_bytes(spec), out_reader.read_bytes(out_specs[entry.outputs["tensor"]]))
         return Check(name, entry.kind, same, "identical" if same else "bytes differ from the source", None)
-    q_spec, s_spec = out_specs[entry.outputs["qweight"]], out_specs[entry.outputs["scales"]]
+    missing = [role for role in fmt.roles if role not in entry.outputs]
+    if missing:
+        return Check(name, entry.kind, False, f"the manifest names no {missing[0]} output ({fmt.name} format)", None)
+    s_spec = out_specs[entry.outputs[fmt.roles[1]]]
     w16 = src_reader.read(spec).to(s_spec.torch_dtype)
     codes, scales = rtn.quantize(w16, entry.bits, entry.group_size, name=name)
     error = rtn.relative_error(w16, rtn.dequantize(codes, scales, entry.bits, entry.group_size))
-    qweight, mscales = marlin.pack(codes, scales, entry.bits)
+    expected = fmt.reference(codes, scales, entry.bits, entry.group_size)
     problems = []
-    if tuple(qweight.shape) != q_spec.shape or not torch.equal(
-        qweight.contiguous().view(torch.uint8).reshape(-1), out_reader.read_bytes(q_spec)
-    ):
-        problems.append("qweight bytes differ")
-    if tuple(mscales.shape) != s_spec.shape or not torch.equal(
-        mscales.contiguous().view(torch.uint8).reshape(-1), out_reader.read_bytes(s_spec)
-    ):
-        problems.append("scales bytes differ")
+    for role, want in zip(fmt.roles, expected, strict=True):
+        got = out_specs[entry.outputs[role]]
+        if tuple(want.shape) != got.shape or not torch.equal(
+            want.contiguous().view(torch.uint8).reshape(-1), out_reader.read_bytes(got)
+        ):
+            problems.append(f"{role} bytes differ")
     ok = not problems
     return Check(name, entry.kind, ok, "identical" if ok else ", ".join(problems), error)

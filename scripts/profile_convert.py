@@ -56,13 +56,13 @@ def main() -> None:
 
     lib = fastquant.library()
     if lib is not None:  # the C call, per thread (main vs helper)
-        real = lib.rtnq_quant_marlin
+        real = lib.rtnq_quant_pack
 
         class Timed:
             argtypes, restype = real.argtypes, real.restype
             __call__ = staticmethod(timed(lambda: f"quantize (C) [{threading.current_thread().name}]", real))
 
-        lib.rtnq_quant_marlin = Timed()
+        lib.rtnq_quant_pack = Timed()
     pipeline.Prefetcher._run = timed("reader thread (total)", pipeline.Prefetcher._run)
     pipeline.WriteBehind._run = timed("writer thread (total)", pipeline.WriteBehind._run)
     convert.Reader.read_into = timed("  read_into (preadv)", convert.Reader.read_into)

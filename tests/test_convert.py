@@ -57,7 +57,7 @@ def test_every_tensor_matches_rtn_and_marlin_directly(llama, converted):
     m = mf.read(converted)
     assert set(m.tensors) == set(src)
     for shard_meta in meta.values():
-        assert shard_meta["format"] == "rtnq" and shard_meta["manifest_version"] == "1"
+        assert shard_meta["format"] == "rtnq" and shard_meta["manifest_version"] == "2"
     for name, w in src.items():
         e = m.tensors[name]
         if e.kind == "passthrough":
@@ -129,7 +129,7 @@ def test_inspect_table_and_json(converted):
     assert r.code == 0
     assert "int8" in r.err and "int4" in r.err and "bits per weight" in r.err
     j = run("inspect", converted, "--json")
-    assert json.loads(j.out)["version"] == 1 and j.err == ""
+    assert json.loads(j.out)["version"] == 2 and j.err == ""
 
 
 def test_inspect_refuses_unknown_manifest_version(converted, tmp_path):
@@ -138,10 +138,26 @@ def test_inspect_refuses_unknown_manifest_version(converted, tmp_path):
     d = tmp_path / "future"
     shutil.copytree(converted, d)
     data = json.loads((d / mf.FILENAME).read_text())
-    data["version"] = 2
+    data["version"] = 3
     (d / mf.FILENAME).write_text(json.dumps(data))
     r = run("inspect", d)
-    assert r.code == 4 and "version 2 is not supported" in r.err
+    assert r.code == 4 and "version 3 is not supported" in r.err
+
+
+def test_version_1_manifests_still_read_as_marlin(converted, llama, tmp_path):
+    """rtnq 0.1 wrote version 1 (Marlin only, no other format); those outputs stay readable."""
+    import shutil
+
+    d = tmp_path / "v1"
+    shutil.copytree(converted, d)
+    data = json.loads((d / mf.FILENAME).read_text())
+    data["version"] = 1
+    data["format"] = "gptq"  # ignored: version 1 can only be Marlin
+    (d / mf.FILENAME).write_text(json.dumps(data))
+    assert mf.read(d).format == "rtnq-marlin"
+    j = run("inspect", d, "--json")
+    assert j.code == 0 and json.loads(j.out)["format"] == "rtnq-marlin"
+    assert run("verify", d, "--against", llama).code == 0
 
 
 def test_dry_run_writes_nothing_and_predicts_the_size(llama, converted, tmp_path):

@@ -1,8 +1,9 @@
 """The conversion fast path (rtnq.fastquant, csrc/rtnq_cpu.c, the overlapped pipeline) against the references.
 
-Every backend must give the bytes of marlin.pack(*rtn.quantize(...)) and the error of
-rtn.relative_error(w, rtn.dequantize(...)); the C library's AVX2 and portable-C paths and the
-per-chunk torch path are each compared with that reference, and with the stored reference vectors.
+Every backend must give, in each layout, the bytes of marlin.pack(*rtn.quantize(...)) ("marlin") or
+of kpack.pack_rows / pack_cols of rtn.quantize's codes with plain scales ("rows", "cols"), and the
+error of rtn.relative_error(w, rtn.dequantize(...)); the C library's AVX2 and portable-C paths and
+the per-chunk torch path are each compared with that reference, and with the stored reference vectors.
 """
 
 from __future__ import annotations
@@ -12,19 +13,39 @@ import math
 import pytest
 import torch
 
-from rtnq import convert, fastquant, marlin, rtn, testing
-from rtnq.errors import CheckpointError, InvalidWeightError
+from rtnq import convert, fastquant, kpack, marlin, rtn, testing
+from rtnq.errors import CheckpointError, InvalidWeightError, ShapeError, UsageError
 from rtnq.source import Reader, scan
 from rtnq.writer import Entry, ShardWriter
 
 HAVE_C = fastquant.library() is not None
 BACKENDS = ["torch"] + (["c", "c-scalar"] if HAVE_C else [])
+LAYOUTS = fastquant.LAYOUTS
 
 
-def reference(w, bits, group):
+def packed(codes, scales, bits, layout):
+    """The reference packers: rtn.quantize's (codes, scales) -> (qweight, scales) of `layout`."""
+    if layout == "rows":
+        return kpack.pack_rows(codes, bits), scales
+    if layout == "cols":
+        return kpack.pack_cols(codes, bits), scales.t().contiguous()
+    return marlin.pack(codes, scales, bits)
+
+
+def reference(w, bits, group, layout="marlin"):
     codes, scales = rtn.quantize(w, bits, group)
-    q, s = marlin.pack(codes, scales, bits)
+    q, s = packed(codes, scales, bits, layout)
     return q, s, rtn.relative_error(w, rtn.dequantize(codes, scales, bits, group))
+
+
+def test_layout_names_and_shapes():
+    assert LAYOUTS == ("marlin", "rows", "cols")
+    assert fastquant.out_shapes(192, 384, 4, 128) == ((24, 384), (3, 192))
+    assert fastquant.out_shapes(192, 384, 4, 128, "rows") == ((192, 48), (192, 3))
+    assert fastquant.out_shapes(192, 384, 8, 64, "cols") == ((96, 192), (6, 192))
+    assert fastquant.out_shapes(192, 384, 8, -1, "rows") == ((192, 96), (192, 1))
+    with pytest.raises(UsageError, match="layout must be one of marlin, rows, cols"):
+        fastquant.out_shapes(192, 384, 4, 128, "gptq")
 
 
 def test_the_c_library_is_built_where_a_compiler_exists():
@@ -36,12 +57,44 @@ def test_the_c_library_is_built_where_a_compiler_exists():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_reference_vector_bit_exact(vectors, backend):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reference_vector_bit_exact(vectors, backend, layout):
     d = vectors("rtn_bf16_w4_g128")
-    q, s, err = fastquant.quantize_pack(d["w"], 4, 128, backend=backend)
-    assert torch.equal(q, d["marlin_qweight"])
-    assert torch.equal(s, d["marlin_scales"])
+    q, s, err = fastquant.quantize_pack(d["w"], 4, 128, backend=backend, layout=layout)
+    expected = {
+        "marlin": (d["marlin_qweight"], d["marlin_scales"]),
+        "rows": (kpack.pack_rows(d["codes_nk"], 4), d["rtn_scale"]),
+        "cols": (kpack.pack_cols(d["codes_nk"], 4), d["rtn_scale"].t()),
+    }[layout]
+    assert torch.equal(q, expected[0])
+    assert torch.equal(s, expected[1])
     assert err == pytest.approx(rtn.relative_error(d["w"], d["rtn_dequant"]), rel=1e-7)
+
+
+@pytest.mark.parametrize("name", ["marlin_w4_k512_n768_g128", "marlin_w8_k256_n256_g128"])
+def test_kpack_reference_matches_the_stored_gptq_and_compressed_tensors_vectors(vectors, name):
+    """The reference the "rows"/"cols" layouts are checked against is itself the external one."""
+    d = vectors(name)
+    bits = 4 if "_w4_" in name else 8
+    codes_nk = d["codes"].t().contiguous()
+    assert torch.equal(kpack.pack_rows(codes_nk, bits), d["ct_weight_packed"])
+    assert torch.equal(kpack.pack_cols(codes_nk, bits), d["gptq_qweight"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_k_packed_words_hold_the_codes_lsb_first(backend, bits):
+    """The word formula itself, independent of kpack: word w of row r, field s = code [r, w*pf + s]."""
+    w = _weights(torch.bfloat16)
+    codes, scales = rtn.quantize(w, bits, 64)
+    pf = 32 // bits
+    shifts = torch.arange(pf, dtype=torch.int64) * bits
+    for layout in ("rows", "cols"):
+        q, s, _ = fastquant.quantize_pack(w, bits, 64, backend=backend, layout=layout)
+        words = (q if layout == "rows" else q.t()).to(torch.int64) & 0xFFFFFFFF
+        fields = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        assert torch.equal(fields.reshape(codes.shape).to(torch.uint8), codes), layout
+        assert torch.equal(s if layout == "rows" else s.t(), scales), layout
 
 
 def _weights(dtype, n=192, k=384, seed=0):
@@ -61,13 +114,113 @@ def _weights(dtype, n=192, k=384, seed=0):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128, -1])
-def test_matches_rtn_quantize_and_marlin_pack(backend, dtype, bits, group):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matches_rtn_quantize_and_marlin_pack(backend, dtype, bits, group, layout):
     w = _weights(dtype)
-    q_ref, s_ref, e_ref = reference(w, bits, group)
-    q, s, e = fastquant.quantize_pack(w, bits, group, backend=backend)
+    q_ref, s_ref, e_ref = reference(w, bits, group, layout)
+    q, s, e = fastquant.quantize_pack(w, bits, group, backend=backend, layout=layout)
     assert torch.equal(q, q_ref)
     assert torch.equal(s, s_ref)
     assert e == pytest.approx(e_ref, rel=1e-6, nan_ok=True)  # fp16 row 9: infinite scales -> NaN in both
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128, -1])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_row_chunk_writes_only_its_part(backend, dtype, bits, group, layout):
+    """Rows [64, 192) of a 256-row weight: that part of each output is the reference's, the rest of
+    the (sentinel-filled) buffers is untouched, and the sums are the chunk's alone."""
+    w = _weights(dtype, n=256, k=256, seed=3)
+    row0, rows = 64, 128
+    q_ref, s_ref, _ = reference(w, bits, group, layout)
+    qshape, sshape = fastquant.out_shapes(256, 256, bits, group, layout)
+    q = torch.full(qshape, -0x5A5A5A5B, dtype=torch.int32)
+    s = torch.full(sshape, 1234.0, dtype=dtype)
+    sums = [0.0, 0.0]
+    fastquant.quantize_rows(w[row0 : row0 + rows], row0, q, s, bits, group, sums, backend=backend, layout=layout)
+    if layout == "rows":
+        q_part, s_part = (slice(row0, row0 + rows), slice(None)), (slice(row0, row0 + rows), slice(None))
+    elif layout == "cols":
+        q_part, s_part = (slice(None), slice(row0, row0 + rows)), (slice(None), slice(row0, row0 + rows))
+    else:
+        words = marlin.TILE * bits // 32
+        q_part, s_part = (slice(None), slice(row0 * words, (row0 + rows) * words)), (slice(None), slice(row0, row0 + rows))
+    q_mask = torch.zeros(qshape, dtype=torch.bool)
+    q_mask[q_part] = True
+    s_mask = torch.zeros(sshape, dtype=torch.bool)
+    s_mask[s_part] = True
+    assert torch.equal(q[q_mask], q_ref[q_mask])
+    assert torch.equal(s[s_mask], s_ref[s_mask])
+    assert bool((q[~q_mask] == -0x5A5A5A5B).all()) and bool((s[~s_mask] == 1234.0).all())
+    w64 = w[row0 : row0 + rows].double()
+    codes, scales = rtn.quantize(w[row0 : row0 + rows], bits, group)
+    d64 = w64 - rtn.dequantize(codes, scales, bits, group).double()
+    assert sums[0] == pytest.approx(float((w64 * w64).sum()), rel=1e-6)
+    assert sums[1] == pytest.approx(float((d64 * d64).sum()), rel=1e-6, nan_ok=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_chunks_in_any_order_equal_the_whole_tensor(backend, bits, layout):
+    w = _weights(torch.bfloat16, n=320, k=256, seed=4)
+    q_ref, s_ref, e_ref = fastquant.quantize_pack(w, bits, 64, backend=backend, layout=layout)
+    qshape, sshape = fastquant.out_shapes(320, 256, bits, 64, layout)
+    q, s = torch.zeros(qshape, dtype=torch.int32), torch.zeros(sshape, dtype=w.dtype)
+    sums = [0.0, 0.0]
+    for row0, rows in ((192, 128), (0, 64), (64, 128)):
+        fastquant.quantize_rows(w[row0 : row0 + rows], row0, q, s, bits, 64, sums, backend=backend, layout=layout)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    assert fastquant.relative_error(sums) == pytest.approx(e_ref, rel=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [128, -1])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_one_group_per_row_when_k_equals_the_group(backend, dtype, bits, group, layout):
+    """k == g: a single scale row (Marlin then uses its channelwise scale permutation)."""
+    w = _weights(dtype, n=192, k=128, seed=5)
+    q_ref, s_ref, e_ref = reference(w, bits, group, layout)
+    q, s, e = fastquant.quantize_pack(w, bits, group, backend=backend, layout=layout)
+    assert s.shape == ((192, 1) if layout == "rows" else (1, 192))
+    assert torch.equal(q, q_ref)
+    assert torch.equal(s, s_ref)
+    assert e == pytest.approx(e_ref, rel=1e-6, nan_ok=True)  # fp16 row 9, as above
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_error_sums_are_the_same_in_every_layout(backend, dtype, bits):
+    """Only the stores differ between layouts: the same backend gives the very same sums."""
+    w = _weights(dtype, n=512, k=512, seed=6)
+    w[9] = w[10]  # no infinite fp16 scales: NaN sums would compare unequal
+    found = {}
+    for layout in LAYOUTS:
+        qshape, sshape = fastquant.out_shapes(512, 512, bits, 128, layout)
+        q, s = torch.empty(qshape, dtype=torch.int32), torch.empty(sshape, dtype=dtype)
+        sums = [0.0, 0.0]
+        fastquant.quantize_rows(w, 0, q, s, bits, 128, sums, backend=backend, layout=layout)
+        found[layout] = sums
+    assert found["rows"] == found["marlin"] and found["cols"] == found["marlin"], found
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wrong_buffers_for_the_layout_are_refused(backend):
+    w = _weights(torch.bfloat16)
+    q, s = torch.empty(24, 384, dtype=torch.int32), torch.empty(3, 192, dtype=torch.bfloat16)  # Marlin's
+    with pytest.raises(ShapeError):
+        fastquant.quantize_rows(w, 0, q, s, 4, 128, [0.0, 0.0], backend=backend, layout="rows")
+    with pytest.raises(ShapeError, match="do not fit n=192, k=384 in the cols layout"):
+        fastquant.quantize_rows(w, 0, q, s, 4, 128, [0.0, 0.0], backend=backend, layout="cols")
+    with pytest.raises(ShapeError, match="do not fit n=192, k=384 in the rows layout"):
+        fastquant.quantize_rows(w, 0, q, s.t().contiguous(), 4, 128, [0.0, 0.0], backend=backend, layout="rows")
+    with pytest.raises(UsageError, match="layout must be one of"):
+        fastquant.quantize_pack(w, 4, 128, backend=backend, layout="gptq")
 
 
 def _every_maxabs(dtype):
@@ -90,24 +243,27 @@ def _every_maxabs(dtype):
 @pytest.mark.skipif(not HAVE_C, reason="the C fast path is not built")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_every_16bit_scale_and_its_rounding_cases(dtype, bits):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_16bit_scale_and_its_rounding_cases(dtype, bits, layout):
     """Exhaustive over the scale: every finite 16-bit max |w|, subnormal to the largest (fp16: the
     ones whose 2 * maxabs overflows give an infinite scale), with values around each half-step."""
     w = _every_maxabs(dtype)
-    q_ref, s_ref, _ = reference(w, bits, 32)
+    q_ref, s_ref, _ = reference(w, bits, 32, layout)
     for backend in ("c", "c-scalar"):
-        q, s, _ = fastquant.quantize_pack(w, bits, 32, backend=backend)
+        q, s, _ = fastquant.quantize_pack(w, bits, 32, backend=backend, layout=layout)
         assert torch.equal(s, s_ref), backend
         assert torch.equal(q, q_ref), backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_nan_and_inf_name_the_tensor(backend, bad):
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("group", [128, -1])
+def test_nan_and_inf_name_the_tensor(backend, bad, layout, group):
     w = _weights(torch.bfloat16)
     w[130, 200] = bad
     with pytest.raises(InvalidWeightError, match="layers.7.mlp.up_proj.weight: weight contains NaN or Inf"):
-        fastquant.quantize_pack(w, 4, 128, name="layers.7.mlp.up_proj.weight", backend=backend)
+        fastquant.quantize_pack(w, 4, group, name="layers.7.mlp.up_proj.weight", backend=backend, layout=layout)
 
 
 def test_chunked_quantize_item_equals_whole_tensor_for_experts():

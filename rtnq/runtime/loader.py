@@ -60,6 +60,11 @@ def load_checkpoint(out_dir: str | Path, device: str | torch.device = "cuda") ->
     root = Path(out_dir)
     dev = _device(device)
     man = manifest_mod.read(root)
+    if man.format != manifest_mod.FORMAT:
+        raise CheckpointError(
+            f"{root} is a {man.format} export, which vLLM and SGLang load; rtnq's runtime runs the marlin format "
+            "(convert again with --format marlin, the default)"
+        )
 
     wanted: dict[str, list[str]] = {}  # shard -> output tensor names
     for name, entry in man.tensors.items():

@@ -1,0 +1,188 @@
+r"""The `quantization_config` that vLLM, SGLang and transformers read from a GPTQ or compressed-tensors export.
+
+Pure and torch-free: built from the converter's decisions and the names' analysis (rtnq.selectors).
+Facts: shared FORMATS.md 6.1 (GPTQ) and 6.3 (compressed-tensors).
+
+The hard part is naming modules so that every loader resolves the same precision:
+* engines match their own module names, in which q/k/v are one `qkv_proj`, gate/up one `gate_up_proj`
+  (DeepSeek's q_a/kv_a one `fused_qkv_a_proj`) and all routed experts of a layer one `...experts`;
+  transformers and the compressed-tensors library match the checkpoint's names.
+  Each pattern therefore names a whole fused group: its parent, then an alternation of the members
+  found in the checkpoint plus the engine's fused name; an experts pattern matches the experts
+  container and everything under it. rtnq.precision already gives every fused group one precision.
+* patterns end in `$` and start with `(?:.*\.)?`, so they still match when an engine puts the text
+  model under another prefix (vLLM's multimodal models use `language_model.model.layers...`; GPTQ
+  `dynamic` keys are not renamed for it). Where that optional prefix would also reach another
+  module of the checkpoint, the pattern is anchored at the start instead. Patterns never overlap, so
+  "the first match wins" (vLLM) and "exact > regex > class" (compressed-tensors) agree;
+* the layer index is folded into an alternation, `model\\.layers\\.(?:0|31)\\.mlp\\.down_proj$`, so a
+  rule applied to every layer stays one pattern.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+from rtnq.selectors import FUSED, NameInfo
+
+# The fused layer name an engine builds from members of a FUSED kind (vLLM's packed_modules_mapping).
+ENGINE_FUSED_NAME = {"qkv": "qkv_proj", "gate_up": "gate_up_proj", "qkv_a": "fused_qkv_a_proj"}
+_IDX = "\x00"  # placeholder for the block index while patterns are grouped
+_ANY_PREFIX = r"(?:.*\.)?"
+
+
+def _unit(info: NameInfo, leaves_by_parent: dict[tuple[str, str], set[str]]) -> tuple[tuple[str, ...], str]:
+    """(module components, regex tail) of the load unit `info` belongs to."""
+    comps = info.comps[:-1] if info.comps[-1] in ("weight", "bias") else info.comps
+    if info.experts is not None:
+        n = info.experts.count(".") + 1
+        return comps[:n], r"(?:\..*)?$"
+    kind = FUSED.get(info.role or "")
+    if kind:
+        leaves = leaves_by_parent[(".".join(comps[:-1]), kind)] | {ENGINE_FUSED_NAME[kind]}
+        return comps[:-1], r"\.(?:" + "|".join(re.escape(x) for x in sorted(leaves)) + r")$"
+    return comps, "$"
+
+
+def module_patterns(infos: Iterable[NameInfo], all_infos: Sequence[NameInfo]) -> list[str]:
+    """Regexes (without a `re:` or `+:` prefix) matching exactly the modules of `infos`, their fused
+    partners and the engines' fused names, with the block index folded into alternations.
+
+    all_infos: every tensor of the checkpoint, to find the members of each fused group and the
+    modules a pattern must not reach.
+    """
+    infos = list(infos)
+    leaves_by_parent: dict[tuple[str, str], set[str]] = {}
+    for i in all_infos:
+        kind = FUSED.get(i.role or "")
+        if kind:
+            comps = i.comps[:-1] if i.comps[-1] in ("weight", "bias") else i.comps
+            leaves_by_parent.setdefault((".".join(comps[:-1]), kind), set()).add(comps[-1])
+    grouped: dict[str, set[str]] = {}  # pattern with the block index as _IDX -> indices
+    for info in infos:
+        comps, tail = _unit(info, leaves_by_parent)
+        parts = [re.escape(c) for c in comps]
+        index = None
+        if info.block is not None and info.block < len(comps):
+            index, parts[info.block] = comps[info.block], _IDX
+        key = r"\.".join(parts) + tail
+        grouped.setdefault(key, set())
+        if index is not None:
+            grouped[key].add(index)
+    mine = {i.module for i in infos}
+    others = {i.module for i in all_infos} - mine
+    out = []
+    for key, indices in grouped.items():
+        if indices:
+            alt = "|".join(sorted(indices, key=int))
+            key = key.replace(_IDX, alt if len(indices) == 1 else f"(?:{alt})")
+        loose = re.compile(_ANY_PREFIX + key)
+        out.append(key if any(loose.match(m) for m in others) else _ANY_PREFIX + key)
+    return sorted(out)
+
+
+def unquantized_linear(decision) -> bool:
+    """A linear weight an engine would build as a quantized layer, which rtnq left in 16-bit:
+    skipped by --skip, failed the shape gate, or a GPT-2 Conv1D weight. Loaders must be told."""
+    why = decision.reason or ""
+    return decision.kind != "marlin" and (why.startswith(("skipped by", "shape:")) or "Conv1D" in why)
+
+
+def plain_linears(decisions: Sequence, infos: Sequence[NameInfo], ndim: dict[str, int]) -> list[NameInfo]:
+    """16-bit 2-D weights that may be linear layers in a model definition: skipped or gated linears,
+    routers, projectors outside the blocks, a lm_head not named `lm_head`. Loaders must be told to
+    leave them alone (SGLang, unlike vLLM, does not infer it from the tensors' dtypes)."""
+    by_name = {i.name: i for i in infos}
+    return [
+        by_name[d.name]
+        for d in decisions
+        if d.kind != "marlin" and d.name.endswith(".weight") and ndim[d.name] == 2 and d.name != "lm_head.weight"
+        and (unquantized_linear(d) or (d.reason or "") in _PLAIN_REASONS)
+    ]
+
+
+def gptq(
+    decisions: Sequence, infos: Sequence[NameInfo], ndim: dict[str, int], *, bits: int, group_size: int
+) -> dict:
+    """GPTQ `quantization_config` (FORMATS.md 6.1): the run's default bits at top level, every other
+    precision a `+:` override in `dynamic`, and every 16-bit linear a `-:` entry (listed first)."""
+    by_name = {i.name: i for i in infos}
+    dynamic: dict[str, dict] = {}
+    for p in module_patterns(plain_linears(decisions, infos, ndim), infos):
+        dynamic[f"-:{p}"] = {}
+    for other in (4, 8):
+        mods = [by_name[d.name] for d in decisions if d.kind == "marlin" and d.bits == other and other != bits]
+        for p in module_patterns(mods, infos):
+            dynamic[f"+:{p}"] = {"bits": other}
+    cfg = {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": False,
+        "sym": True,
+        "lm_head": False,
+        "checkpoint_format": "gptq",
+    }
+    if dynamic:
+        cfg["dynamic"] = dynamic
+    return cfg
+
+
+def _ct_weights(bits: int, group_size: int) -> dict:
+    grouped = group_size != -1
+    return {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": True,
+        "strategy": "group" if grouped else "channel",
+        "group_size": group_size if grouped else None,
+        "dynamic": False,
+        "actorder": None,
+        "block_structure": None,
+        "observer": "minmax",
+        "observer_kwargs": {},
+    }
+
+
+def compressed_tensors(
+    decisions: Sequence, infos: Sequence[NameInfo], ndim: dict[str, int], *, bits: int, group_size: int
+) -> dict:
+    """compressed-tensors `pack-quantized` config (FORMATS.md 6.3).
+
+    The other precision's group comes first, with regex targets; the default precision's group last,
+    with the class target "Linear". Engines and the library's model matching prefer a name match over a
+    class match whatever the order, but the library's checkpoint dequantizer treats "Linear" as "every
+    remaining module" and visits the groups in order. `ignore`: lm_head and every other 16-bit module
+    with a 2-D weight (routers, projectors, skipped or gated linears), which "Linear" would claim.
+    """
+    by_name = {i.name: i for i in infos}
+    groups: dict[str, dict] = {}
+    other = 8 if bits == 4 else 4
+    mods = [by_name[d.name] for d in decisions if d.kind == "marlin" and d.bits == other]
+    if mods:
+        groups[f"group_{len(groups)}"] = _scheme([f"re:{p}" for p in module_patterns(mods, infos)], other, group_size)
+    groups[f"group_{len(groups)}"] = _scheme(["Linear"], bits, group_size)
+    ignore = ["lm_head"] + [f"re:{p}" for p in module_patterns(plain_linears(decisions, infos, ndim), infos)]
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": list(dict.fromkeys(ignore)),
+        "kv_cache_scheme": None,
+        "sparsity_config": {},
+    }
+
+
+_PLAIN_REASONS = ("lm_head", "router gate", "not a linear weight inside a block")
+
+
+def _scheme(targets: list[str], bits: int, group_size: int) -> dict:
+    return {
+        "targets": targets,
+        "weights": _ct_weights(bits, group_size),
+        "input_activations": None,
+        "output_activations": None,
+        "format": "pack-quantized",
+    }

@@ -1,0 +1,78 @@
+"""The three output formats of `rtnq convert --format`: which tensors replace a quantized `P.weight`.
+
+| format             | tensors per quantized module                          | read by                      |
+|--------------------|-------------------------------------------------------|------------------------------|
+| marlin             | qweight (Marlin layout), scales (Marlin-permuted)     | rtnq's runtime               |
+| gptq               | qweight (k/pf, n), scales (k/g, n), qzeros, g_idx     | vLLM, SGLang, transformers   |
+| compressed-tensors | weight_packed (n, k/pf), weight_scale (n, k/g),        | vLLM, SGLang, transformers   |
+|                    | weight_shape                                          |                              |
+
+The codes and scale values are the same RTN numbers in every format (the scales keep the dtype the
+weight was quantized in); only their arrangement differs, so all three dequantize to identical weights.
+The first two outputs of each format are the packed codes and the scales, filled by the converter's
+quantizer (rtnq.fastquant, layout `pack_layout`); the rest are constants of the shape (`constants`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rtnq import kpack, marlin, rtn
+from rtnq.source import TORCH_TO_ST
+
+FORMATS = ("marlin", "gptq", "compressed-tensors")
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str  # the --format value
+    manifest_name: str  # the manifest's "format"
+    pack_layout: str  # rtnq.fastquant layout of the packed codes and scales
+    roles: tuple[str, ...]  # output tensor suffixes, codes and scales first
+    stacked_experts: bool  # can hold a 3-D (E, n, k) expert tensor
+
+    def entries(self, prefix: str, shape: tuple[int, ...], bits: int, group_size: int, qdt: torch.dtype):
+        """(name, safetensors dtype, shape) of each output of the weight `prefix.weight` of `shape`."""
+        *lead, n, k = shape
+        g = rtn.effective_group(k, group_size)
+        pf = 32 // bits
+        sdt = TORCH_TO_ST[qdt]
+        if self.name == "marlin":
+            shapes = [("I32", (*lead, k // marlin.TILE, n * marlin.TILE * bits // 32)), (sdt, (*lead, k // g, n))]
+        elif self.name == "gptq":
+            shapes = [("I32", (k // pf, n)), (sdt, (k // g, n)), ("I32", (k // g, n // pf)), ("I32", (k,))]
+        else:
+            shapes = [("I32", (n, k // pf)), (sdt, (n, k // g)), ("I64", (2,))]
+        return [(f"{prefix}.{role}", dt, s) for role, (dt, s) in zip(self.roles, shapes)]
+
+    def constants(self, shape: tuple[int, ...], bits: int, group_size: int) -> list[torch.Tensor]:
+        """The outputs after codes and scales, which depend only on the shape: GPTQ's qzeros and g_idx,
+        compressed-tensors' weight_shape."""
+        n, k = shape[-2:]
+        g = rtn.effective_group(k, group_size)
+        if self.name == "gptq":
+            return [kpack.qzeros(bits, k // g, n), kpack.g_idx(k, g)]
+        if self.name == "compressed-tensors":
+            return [torch.tensor([n, k], dtype=torch.int64)]
+        return []
+
+    def reference(self, codes: torch.Tensor, scales_ng: torch.Tensor, bits: int, group_size: int) -> list[torch.Tensor]:
+        """Every output from rtn.quantize's (codes, scales), with the readable reference packers."""
+        if self.name == "marlin":
+            return list(marlin.pack(codes, scales_ng, bits))
+        if self.name == "gptq":
+            packed = [kpack.pack_cols(codes, bits), scales_ng.t().contiguous()]
+        else:
+            packed = [kpack.pack_rows(codes, bits), scales_ng.contiguous()]
+        return packed + self.constants(tuple(codes.shape), bits, group_size)
+
+
+MARLIN = Format("marlin", "rtnq-marlin", "marlin", ("qweight", "scales"), True)
+GPTQ = Format("gptq", "gptq", "cols", ("qweight", "scales", "qzeros", "g_idx"), False)
+COMPRESSED_TENSORS = Format(
+    "compressed-tensors", "compressed-tensors", "rows", ("weight_packed", "weight_scale", "weight_shape"), False
+)
+BY_NAME = {f.name: f for f in (MARLIN, GPTQ, COMPRESSED_TENSORS)}
+BY_MANIFEST_NAME = {f.manifest_name: f for f in BY_NAME.values()}
