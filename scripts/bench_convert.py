@@ -17,6 +17,7 @@ Cases (a case whose tool is missing is skipped with the command that installs it
   rtnq4       rtnq convert --bits 4 (group 128, manifest, error statistics, all checks, fsync)
   rtnq8       rtnq convert --bits 8
   rtnqkeep    rtnq convert --bits 4 --keep-int8 layers.0,mlp
+  gptqkeep, ctkeep   the same with --format gptq / --format compressed-tensors
   rtnq4-nosync, rtnq8-nosync
               diagnostics, not product modes: rtnq with fsync and early writeback stubbed out, to
               show what durability costs on this disk (the floor and the peers never fsync: their
@@ -105,6 +106,9 @@ def cases() -> dict[str, list[str] | None]:
         "rtnq4": RTNQ + ["convert", "{src}", "{out}", "--bits", "4"],
         "rtnq8": RTNQ + ["convert", "{src}", "{out}", "--bits", "8"],
         "rtnqkeep": RTNQ + ["convert", "{src}", "{out}", "--bits", "4", "--keep-int8", "layers.0,mlp"],
+        "gptqkeep": RTNQ + ["convert", "{src}", "{out}", "--bits", "4", "--keep-int8", "layers.0,mlp", "--format", "gptq"],
+        "ctkeep": RTNQ + ["convert", "{src}", "{out}", "--bits", "4", "--keep-int8", "layers.0,mlp",
+                          "--format", "compressed-tensors"],
         "rtnq4-nosync": [PY, "-c", RTNQ_NO_FSYNC, "convert", "{src}", "{out}", "--bits", "4"],
         "rtnq8-nosync": [PY, "-c", RTNQ_NO_FSYNC, "convert", "{src}", "{out}", "--bits", "8"],
         "torchnaive": [PY, "-c", TORCH_NAIVE, "{src}", "{out}"],

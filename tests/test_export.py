@@ -422,3 +422,22 @@ def test_every_run_prints_the_tp_summary(exports, tmp_path):
     assert line and "TP2 ok" in line[0] and "TP4" in line[0] and "TP8:" in line[0] and "--dry-run --tp 8" in line[0]
     totals = _manifest(tmp_path / "o")["totals"]
     assert totals["tp_failures"]["2"] == 0 and totals["tp_failures"]["8"] > 0
+
+
+def test_dequantize_marlin_stacked_experts(tmp_path):
+    """The marlin format holds stacked (E, n, k) experts; dequantize restores them per expert."""
+    src = tmp_path / "stacked"
+    src.mkdir()
+    g = torch.Generator().manual_seed(1)
+    w = (0.02 * torch.randn(3, 128, 256, generator=g)).bfloat16()
+    save_file({"model.layers.0.mlp.experts.down_proj.weight": w,
+               "model.norm.weight": torch.ones(256, dtype=torch.bfloat16)}, str(src / "model.safetensors"))
+    (src / "config.json").write_text('{"hidden_size": 256}')
+    assert run("convert", src, tmp_path / "q", "--keep-int8", "experts").code == 0
+    r = run("dequantize", tmp_path / "q", tmp_path / "d", "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["modules_by_bits"] == {"8": 1}
+    dense = _tensors(tmp_path / "d")
+    codes, scales = rtn.quantize(w, 8, 128)
+    assert torch.equal(dense["model.layers.0.mlp.experts.down_proj.weight"], rtn.dequantize(codes, scales, 8, 128))
+    assert torch.equal(dense["model.norm.weight"], torch.ones(256, dtype=torch.bfloat16))

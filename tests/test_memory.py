@@ -9,6 +9,9 @@ import pytest
 
 from rtnq import testing
 
+# VmHWM, the high-water mark of this process's own address space. Not ru_maxrss: Linux carries the
+# forking parent's RSS into the child's ru_maxrss across exec, so under a large pytest process (with
+# transformers imported by the export tests) ru_maxrss reports the parent, not the converter.
 PEAK_RSS = """
 import resource, runpy, sys
 sys.argv = ["rtnq"] + sys.argv[1:]
@@ -16,7 +19,11 @@ try:
     runpy.run_module("rtnq.cli", run_name="__main__")
 except SystemExit as e:
     assert not e.code, e.code
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+try:
+    with open("/proc/self/status") as f:
+        print(next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024)
+except (OSError, StopIteration):
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 
