@@ -37,6 +37,7 @@ from rtnq.source import INDEX_NAME, Reader, TensorSpec, resolve, scan
 from rtnq.writer import Entry, ShardWriter, atomic_dir, check_output_location, write_json
 
 METHODS = ("gptq", "compressed-tensors", "rtnq")
+CHUNK_BYTES = 8 * 1024 * 1024  # passthrough tensors are copied in pieces of this size
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -270,14 +271,15 @@ def dense_weight(m: Module, method: str, reader: Reader) -> torch.Tensor:
     if method == "gptq":
         codes = kpack.unpack_cols(reader.read(m.inputs["qweight"]), m.bits)
         scales = reader.read(m.inputs["scales"])  # (groups, n)
+        group = m.k // scales.shape[0]
         if "g_idx" in m.inputs:
             rows = reader.read(m.inputs["g_idx"]).to(torch.int64)
             if rows.min() < 0 or rows.max() >= scales.shape[0]:
                 raise CheckpointError(f"{m.prefix}.g_idx points outside the {scales.shape[0]} scale rows")
-        else:
-            rows = torch.arange(m.k) // (m.k // scales.shape[0])
-        signed = (codes.to(torch.int16) - rtn.bias(m.bits)).to(scales.dtype)
-        return signed * scales.t()[:, rows]  # one rounding per product, like rtn.dequantize
+            if not torch.equal(rows, torch.arange(m.k) // group):  # act-order: one scale per input
+                signed = (codes.to(torch.int16) - rtn.bias(m.bits)).to(scales.dtype)
+                return signed * scales.t()[:, rows]  # one rounding per product, like rtn.dequantize
+        return rtn.dequantize(codes, scales.t().contiguous(), m.bits, group if group != m.k else -1)
     if method == "compressed-tensors":
         codes = kpack.unpack_rows(reader.read(m.inputs["weight_packed"]), m.bits)
         scales = reader.read(m.inputs["weight_scale"])  # (n, groups)
@@ -304,8 +306,12 @@ def run(plan: Plan, progress: Callable[[int, int], None] | None = None) -> Resul
                     if m is not None:
                         w = dense_weight(m, plan.method, reader)
                         writer.write(e.name, w.reshape(e.shape).contiguous())
-                    else:
-                        writer.write_part(e.name, reader.read_bytes(spec_by_name[e.name]), whole=True)
+                    else:  # in pieces: an embedding may be GBs
+                        spec = spec_by_name[e.name]
+                        for start in range(0, max(spec.nbytes, 1), CHUNK_BYTES):
+                            buf = torch.empty(min(CHUNK_BYTES, spec.nbytes - start), dtype=torch.uint8)
+                            reader.read_into(spec, buf, start)
+                            writer.write_part(e.name, buf)
                     done += 1
                     if progress:
                         progress(done, total)

@@ -40,12 +40,17 @@ def pack_rows(codes_nk: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_rows(words_nw: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 (n, k*bits/32) -> uint8 codes (n, k); the inverse of pack_rows."""
-    pf = per_word(bits)
-    n, w = words_nw.shape
-    shifts = torch.arange(pf, dtype=torch.int64) * bits
-    fields = (words_nw.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return fields.reshape(n, w * pf).to(torch.uint8)
+    """int32 (n, k*bits/32) -> uint8 codes (n, k); the inverse of pack_rows.
+
+    Works on the words' little-endian bytes (rtnq.marlin refuses big-endian machines): an 8-bit
+    code is a byte, a 4-bit byte holds code 2i in its low and 2i+1 in its high nibble.
+    """
+    per_word(bits)
+    n = words_nw.shape[0]
+    raw = words_nw.contiguous().view(torch.uint8).reshape(n, -1)
+    if bits == 8:
+        return raw.clone()
+    return torch.stack((raw & 0xF, raw >> 4), dim=-1).reshape(n, -1)
 
 
 def pack_cols(codes_nk: torch.Tensor, bits: int) -> torch.Tensor:
