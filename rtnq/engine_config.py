@@ -184,5 +184,6 @@ def _scheme(targets: list[str], bits: int, group_size: int) -> dict:
         "weights": _ct_weights(bits, group_size),
         "input_activations": None,
         "output_activations": None,
-        "format": "pack-quantized",
+        # no per-group "format": the top-level one covers both groups, and compressed-tensors before
+        # its PR #415 (2025-08) rejects the key (its scheme model forbids unknown keys)
     }

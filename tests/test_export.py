@@ -441,3 +441,55 @@ def test_dequantize_marlin_stacked_experts(tmp_path):
     codes, scales = rtn.quantize(w, 8, 128)
     assert torch.equal(dense["model.layers.0.mlp.experts.down_proj.weight"], rtn.dequantize(codes, scales, 8, 128))
     assert torch.equal(dense["model.norm.weight"], torch.ones(256, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("group", ["-1", "64"])
+def test_other_group_sizes_round_trip_through_the_library(tmp_path, group):
+    """Channelwise (strategy "channel", one scale per row) and group 64, both formats."""
+    from compressed_tensors.entrypoints.convert import convert_checkpoint
+    from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+
+    src = tmp_path / "src"
+    testing.write_checkpoint(src, testing.SampleSpec(hidden=256, intermediate=512, layers=2, dtype="fp16"))
+    dense = {}
+    for fmt in ("gptq", "compressed-tensors"):
+        r = run("convert", src, tmp_path / fmt, "--format", fmt, "--group-size", group, "--keep-int8", "layers.1")
+        assert r.code == 0, r.err
+        assert run("verify", tmp_path / fmt, "--against", src).code == 0
+        assert run("dequantize", tmp_path / fmt, tmp_path / f"{fmt}-dense").code == 0
+        dense[fmt] = _tensors(tmp_path / f"{fmt}-dense")
+    q = _qcfg(tmp_path / "compressed-tensors")
+    weights = q["config_groups"]["group_1"]["weights"]
+    assert (weights["strategy"], weights["group_size"]) == (("channel", None) if group == "-1" else ("group", 64))
+    convert_checkpoint(str(tmp_path / "compressed-tensors"), str(tmp_path / "lib-dense"),
+                       CompressedTensorsDequantizer(str(tmp_path / "compressed-tensors"), dtype=torch.float16),
+                       max_workers=1, device="cpu")
+    theirs = _tensors(tmp_path / "lib-dense")
+    source = _tensors(src)
+    g = int(group)
+    for name, t in dense["gptq"].items():
+        assert torch.equal(t, dense["compressed-tensors"][name]) and torch.equal(t, theirs[name]), name
+        if name.endswith("proj.weight"):
+            bits = 8 if ".layers.1." in name else 4
+            codes, scales = rtn.quantize(source[name], bits, g)
+            assert torch.equal(t, rtn.dequantize(codes, scales, bits, g)), name
+
+
+def test_transformers_loads_the_compressed_tensors_export(exports, tmp_path):
+    """transformers' own loading of the export (LlamaForCausalLM, the compressed-tensors integration): the
+    weights it decompresses for its forward pass are rtnq's dequantized weights, INT4 and INT8 alike."""
+    transformers = pytest.importorskip("transformers")
+    _, outs = exports
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(outs["compressed-tensors"]), dtype=torch.bfloat16)
+    logits = model(torch.tensor([[1, 2, 3]])).logits  # the first forward decompresses every module
+    assert logits.shape == (1, 3, 512) and torch.isfinite(logits).all()
+    assert run("dequantize", outs["compressed-tensors"], tmp_path / "dense").code == 0
+    dense = _tensors(tmp_path / "dense")
+    theirs = model.state_dict()
+    m = _manifest(outs["compressed-tensors"])
+    checked = {4: 0, 8: 0}
+    for name, e in m["tensors"].items():
+        if e["kind"] == "marlin":
+            assert torch.equal(theirs[name], dense[name]), name
+            checked[e["bits"]] += 1
+    assert checked == {4: 7, 8: 6}
