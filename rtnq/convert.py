@@ -144,6 +144,18 @@ def small_files(src: Path) -> list[str]:
     return keep
 
 
+def _kv_heads(src: Path) -> int | None:
+    """num_key_value_heads (else num_attention_heads) from config.json, for the TP check; None if unknown.
+    Best effort: a broken config.json is reported when it is rewritten, not here."""
+    try:
+        cfg = json.loads((src / "config.json").read_text())
+        cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+        heads = cfg.get("num_key_value_heads", cfg.get("num_attention_heads"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return heads if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 else None
+
+
 def make_plan(src: str | Path, out: str | Path, options: Options) -> Plan:
     """Everything about the output, from headers only: decisions, names, dtypes, shapes, shards."""
     rtn.check_params(options.bits, options.group_size)
@@ -164,6 +176,7 @@ def make_plan(src: str | Path, out: str | Path, options: Options) -> Plan:
         skip=options.skip,
         strict=options.strict,
         tp=options.tp,
+        kv_heads=_kv_heads(src_dir),
     )
     names = out_shard_names(list(dict.fromkeys(s.shard for s in specs)))
     items = []

@@ -32,9 +32,11 @@ otherwise). A rule that hits one member is extended to the whole group, recorded
 group passes through, because a Marlin half and a 16-bit half cannot be loaded as one layer.
 
 Shape gate (Marlin): n % 64 == 0, k % 128 == 0, k % group_size == 0 (channelwise: k is the group); 3-D experts
-are checked on their (n, k). --tp checks each quantized tensor's per-rank shape too: column-parallel layers
-(q/k/v, gate/up) split n, row-parallel ones (o, down) split k. Those failures are warnings, never errors
-(Plan.tp_failures lists them all); fused qkv_proj/gate_up_proj are checked on their whole n, an approximation.
+are checked on their (n, k). --tp checks each quantized tensor's per-rank shape too, the way engines split
+it (see _tp_check): column-parallel layers (q/k/v, gate/up) split n and are checked as the fused per-rank
+layer, row-parallel ones (o, down) split k, MoE experts by Marlin MoE's rule. Those failures are warnings,
+never errors (Plan.tp_failures lists them all). Checkpoints whose q/k/v are already one tensor (Phi-3's
+qkv_proj) are split as one n, an approximation: the engine splits each of q, k and v inside it.
 """
 
 from __future__ import annotations
@@ -136,10 +138,12 @@ def plan(
     skip: str | Sequence[str | Selector] | None = (),
     strict: bool = False,
     tp: Sequence[int] = (),
+    kv_heads: int | None = None,
 ) -> Plan:
     """One Decision per spec (input order), the rules with what each decided, and warnings.
 
     keep_int8 / skip: selector strings (comma lists) or parsed Selectors. tp: tensor-parallel degrees to check.
+    kv_heads: the model's key-value heads (config.json), for how engines split k/v at high TP degrees.
     Raises UsageError for bad arguments or a selector that matches no tensor at all, and (strict=True)
     ShapeError for a tensor that would be quantized but fails the Marlin shape gate.
     """
@@ -209,7 +213,7 @@ def plan(
     # The common degrees are always checked, for the one-line summary of every run; only the degrees
     # asked for with --tp become warnings.
     degrees = sorted(set(tp) | set(SUMMARY_TP))
-    tp_failures = {t: _tp_check(t, decisions, by_name, nk, group_size) for t in degrees}
+    tp_failures = {t: _tp_check(t, decisions, by_name, nk, group_size, kv_heads) for t in degrees}
     warnings += _tp_warnings({t: tp_failures[t] for t in dict.fromkeys(tp)}, decisions, by_name)
     rules = [{"option": o, "selector": s.text, "matched": c} for (o, s), c in zip(options, credit)]
     return Plan(decisions, rules, warnings, tp_failures)
@@ -292,24 +296,70 @@ def _warnings(options, matched, credit, skipped, int8, reason, gated, bits) -> l
     return out
 
 
-def _tp_check(t: int, decisions: dict[str, Decision], infos: dict[str, NameInfo], nk: dict, group_size: int):
-    """[(name, why)] for each quantized tensor whose per-rank shape under tensor parallelism t fails the gate."""
+def _tp_check(t: int, decisions: dict[str, Decision], infos: dict[str, NameInfo], nk: dict, group_size: int,
+              kv_heads: int | None = None):
+    """[(name, why)] for each quantized tensor whose per-rank shape under tensor parallelism t breaks Marlin.
+
+    What an engine (vLLM, SGLang) holds per rank, and checks:
+    * a fused column-parallel layer (q/k/v, gate/up) is one tensor per rank whose n is the sum of its
+      members' parts; each member must split evenly, k/v heads are replicated rather than split when
+      t exceeds the model's key-value heads (kv_heads, from config.json), and the Marlin rule applies
+      to the fused n;
+    * other column-parallel layers split n, row-parallel ones (o, down) split k, which must still hold
+      whole groups and 128-wide k tiles;
+    * routed MoE experts (Marlin MoE): the intermediate size per rank (gate/up n, down k) must be a
+      multiple of max(64, group size), and the hidden size a multiple of 128.
+    """
     fails = []
+    g = group_size
+    fused: dict[tuple[str, str], list[str]] = {}
     for name, d in decisions.items():
         if d.kind != "marlin":
             continue
+        info = infos[name]
         n, k = nk[name]
-        role = infos[name].role
-        if role in COLUMN:  # each rank holds n/t output rows
-            split = f"column-parallel, n/{t}"
-            why = f"n={n} is not divisible by {t}" if n % t else check_shape(n // t, k, group_size)
+        role = info.role
+        if info.experts is not None and role in COLUMN | ROW:
+            inter, hidden = (n, k) if role in COLUMN else (k, n)
+            unit = max(64, g)
+            if inter % t:
+                why = f"intermediate size {inter} is not divisible by {t}"
+            elif (inter // t) % unit:
+                why = f"intermediate size per rank {inter // t} is not a multiple of {unit}"
+            elif hidden % 128:
+                why = f"hidden size {hidden} is not a multiple of 128"
+            else:
+                continue
+            fails.append((name, f"MoE experts, split {inter}/{t}: {why}"))
+        elif FUSED.get(role or "") in ("qkv", "gate_up"):
+            fused.setdefault((info.module.rpartition(".")[0], FUSED[role]), []).append(name)
+        elif role in COLUMN:  # each rank holds n/t output rows
+            why = f"n={n} is not divisible by {t}" if n % t else check_shape(n // t, k, g)
+            if why:
+                fails.append((name, f"column-parallel, n/{t}: {why}"))
         elif role in ROW:  # each rank holds k/t input columns, so its groups and k tiles must still fit
-            split = f"row-parallel, k/{t}"
-            why = f"k={k} is not divisible by {t}" if k % t else check_shape(n, k // t, group_size)
-        else:
-            continue
+            why = f"k={k} is not divisible by {t}" if k % t else check_shape(n, k // t, g)
+            if why:
+                fails.append((name, f"row-parallel, k/{t}: {why}"))
+    for (_, kind), members in fused.items():
+        parts = []
+        why = None
+        for name in members:
+            n = nk[name][0]
+            if infos[name].role in ("k", "v") and kv_heads and t > kv_heads and t % kv_heads == 0:
+                parts.append(n // kv_heads)  # vLLM replicates the key-value heads: one head per rank
+            elif n % t:
+                why = why or f"n={n} of {name.rsplit('.', 2)[-2]} is not divisible by {t}"
+            else:
+                parts.append(n // t)
+        label = "q/k/v" if kind == "qkv" else "gate/up"
+        if why is None:
+            total = sum(parts)
+            why = check_shape(total, nk[members[0]][1], g)
+            if why:
+                why = f"fused {label} per rank ({' + '.join(map(str, parts))}): {why}"
         if why:
-            fails.append((name, f"{split}: {why}"))
+            fails += [(name, f"column-parallel, n/{t}: {why}") for name in members]
     return fails
 
 

@@ -399,7 +399,8 @@ def test_runtime_loader_refuses_an_engine_export(exports):
 
 def test_tp_preflight_passes_at_2_and_fails_at_8(exports, tmp_path):
     """hidden 512, intermediate 1536: every split at TP 2 keeps n % 64 and k % 128; at TP 8 the o_proj and
-    down_proj inputs (512/8 = 64, 1536/8 = 192) and k/v outputs (256/8 = 32) break them."""
+    down_proj inputs per rank (512/8 = 64, 1536/8 = 192) break them. q/k/v pass: 2 key-value heads
+    (config.json) are replicated at TP 8, so the fused per-rank n is 64 + 128 + 128."""
     src, _ = exports
     r = run("convert", src, tmp_path / "o", "--format", "gptq", *RULES, "--dry-run", "--tp", "2,8", "--json")
     assert r.code == 0, r.err
@@ -407,7 +408,8 @@ def test_tp_preflight_passes_at_2_and_fails_at_8(exports, tmp_path):
     assert tp["2"] == []
     fails = {f["name"]: f["why"] for f in tp["8"]}
     assert "row-parallel, k/8: k=192" in fails["model.layers.0.mlp.down_proj.weight"]
-    assert "column-parallel, n/8: n=32" in fails["model.layers.0.self_attn.k_proj.weight"]
+    assert "row-parallel, k/8: k=64" in fails["model.layers.0.self_attn.o_proj.weight"]
+    assert "model.layers.0.self_attn.k_proj.weight" not in fails
     assert "model.layers.1.mlp.down_proj.weight" not in fails  # skipped: stays 16-bit, nothing to split
     assert "model.layers.0.mlp.gate_proj.weight" not in fails  # 1536/8 = 192 = 3 * 64
     assert "TP2 ok" in r.err and f"TP8: {len(fails)} quantized tensors fail" in r.err

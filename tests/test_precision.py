@@ -710,17 +710,45 @@ def test_tp_reports_per_rank_failures_for_column_and_row_splits():
     p = plan(llama(layers=1), tp=[2, 4, 2])
     assert p.tp_failures[2] == []
     fails = dict(p.tp_failures[4])
+    # k and v get 32 columns each per rank, but the engine holds q/k/v as one fused tensor of 64 + 32 + 32
     assert fails == {
-        "model.layers.0.self_attn.k_proj.weight": "column-parallel, n/4: n=32 (out_features) is not a multiple of 64",
-        "model.layers.0.self_attn.v_proj.weight": "column-parallel, n/4: n=32 (out_features) is not a multiple of 64",
         "model.layers.0.self_attn.o_proj.weight": "row-parallel, k/4: k=64 (in_features) is not a multiple of 128",
     }
     assert list(p.tp_failures) == [2, 4, 8]  # 2, 4 and 8 always, for the summary line of every run
     assert len([w for w in p.warnings if w.startswith("--tp")]) == 1  # only the degrees asked for warn
     assert not any(w.startswith("--tp") for w in plan(llama(layers=1)).warnings)
-    assert "--tp 4: 3 quantized tensors would fail" in p.warnings[0]
+    assert "--tp 4: 1 quantized tensors would fail" in p.warnings[0]
+    assert "model.layers.0.self_attn.q_proj.weight" not in dict(plan(llama(layers=1), tp=[8]).tp_failures[8])
+
+
+def test_tp_checks_fused_qkv_as_one_tensor_per_rank():
+    fails = dict(plan(llama(layers=1, kv=64), tp=[8]).tp_failures[8])  # q/k/v per rank: 32 + 8 + 8 = 48
+    for m in ("q", "k", "v"):
+        assert fails[f"model.layers.0.self_attn.{m}_proj.weight"] == (
+            "column-parallel, n/8: fused q/k/v per rank (32 + 8 + 8): n=48 (out_features) is not a multiple of 64")
+    assert "model.layers.0.mlp.gate_proj.weight" not in fails  # gate/up: 64 + 64
+
+
+def test_tp_replicates_kv_heads_beyond_their_count():
+    """One key-value head (MQA) of width 64 at TP 8: engines give every rank the whole head."""
+    specs = llama(layers=1, h=512, kv=64)
+    assert "model.layers.0.self_attn.k_proj.weight" in dict(plan(specs, tp=[8]).tp_failures[8])  # 64 + 8 + 8
+    assert "model.layers.0.self_attn.k_proj.weight" not in dict(plan(specs, tp=[8], kv_heads=1).tp_failures[8])
+
+
+def test_tp_moe_experts_follow_the_marlin_moe_rule():
+    """Experts' intermediate size per rank must be a multiple of max(64, g): 128 / 2 = 64 fails at g = 128."""
+    p = plan(qwen2_moe(layers=1), tp=[2])
+    experts = [n for n, d in p.decisions.items() if ".experts." in n and d.kind == "marlin"]
+    fails = dict(p.tp_failures[2])
+    assert fails["model.layers.0.mlp.experts.0.down_proj.weight"] == (
+        "MoE experts, split 128/2: intermediate size per rank 64 is not a multiple of 128")
+    assert all(n in fails for n in experts)
+    assert "model.layers.0.mlp.shared_expert.down_proj.weight" not in fails  # a plain MLP: 512 / 2 = 256
+    p64 = plan(qwen2_moe(layers=1), tp=[2], group_size=64)
+    assert not any(n in dict(p64.tp_failures[2]) for n in experts)  # max(64, 64) = 64
     p3 = plan(llama(layers=1), tp=[3])
-    assert ("model.layers.0.mlp.up_proj.weight", "column-parallel, n/3: n=512 is not divisible by 3") in (
+    assert ("model.layers.0.mlp.up_proj.weight", "column-parallel, n/3: n=512 of gate_proj is not divisible by 3") in (
         p3.tp_failures[3])
 
 
