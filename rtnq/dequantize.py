@@ -167,12 +167,26 @@ def _dense_entry(prefix: str, shape: tuple[int, ...], scales: TensorSpec) -> Ent
 
 def _dynamic_bits(q: dict, prefix: str) -> int | None:
     """GPTQ `dynamic`: the first pattern that matches the module decides (None: skipped by a -: rule)."""
-    for pattern, override in (q.get("dynamic") or {}).items():
+    dynamic = q.get("dynamic") or {}
+    if not isinstance(dynamic, dict):
+        raise CheckpointError("GPTQ config: `dynamic` must be an object of pattern -> overrides")
+    for pattern, override in dynamic.items():
         negative = pattern.startswith("-:")
         body = pattern[2:] if pattern[:2] in ("-:", "+:") else pattern
-        if re.match(body, prefix):
-            return None if negative else int((override or {}).get("bits", q["bits"]))
-    return int(q["bits"])
+        try:
+            hit = re.match(body, prefix)
+        except re.error as e:
+            raise CheckpointError(f"GPTQ config: `dynamic` pattern {pattern!r} is not a valid regex ({e})") from None
+        if hit:
+            return None if negative else _int(override.get("bits", q.get("bits")) if isinstance(override, dict)
+                                               else None, f"`dynamic` {pattern!r} bits")
+    return _int(q.get("bits"), "bits")
+
+
+def _int(value, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CheckpointError(f"GPTQ config: {what} is {value!r}, not an integer")
+    return value
 
 
 def _gptq_modules(q: dict, by_name: dict[str, TensorSpec], reader: Reader) -> list[Module]:
@@ -224,8 +238,12 @@ def _check_sym_zeros(reader: Reader, qz: TensorSpec, bits: int, v2: bool, prefix
 
 def _ct_modules(q: dict, by_name: dict[str, TensorSpec], reader: Reader) -> list[Module]:
     groups = q.get("config_groups") or {}
+    if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()):
+        raise CheckpointError("compressed-tensors config: `config_groups` must map names to scheme objects")
     for gname, g in groups.items():
-        w = (g or {}).get("weights") or {}
+        w = g.get("weights") or {}
+        if not isinstance(w, dict):
+            raise CheckpointError(f"compressed-tensors group {gname}: `weights` is not an object")
         fmt = g.get("format") or q.get("format")
         if fmt != "pack-quantized":
             raise CheckpointError(f"compressed-tensors group {gname}: format {fmt!r}; rtnq reads pack-quantized")

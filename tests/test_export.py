@@ -495,3 +495,63 @@ def test_transformers_loads_the_compressed_tensors_export(exports, tmp_path):
             assert torch.equal(theirs[name], dense[name]), name
             checked[e["bits"]] += 1
     assert checked == {4: 7, 8: 6}
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda q: q.update(dynamic={"+:(unclosed": {"bits": 8}}), "not a valid regex"),
+    (lambda q: q.update(dynamic=["x"]), "must be an object"),
+    (lambda q: q.update(bits="four"), "bits is 'four'"),
+])
+def test_dequantize_reports_a_broken_gptq_config(exports, tmp_path, edit, message):
+    import shutil
+
+    _, outs = exports
+    bad = tmp_path / "bad"
+    shutil.copytree(outs["gptq"], bad)
+    for path in bad.glob("*.safetensors"):  # without g_idx the bits must come from the config
+        with safe_open(str(path), "pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if not k.endswith(".g_idx")}
+        save_file(tensors, str(path), metadata=meta)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.endswith(".g_idx")}
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    cfg = json.loads((bad / "config.json").read_text())
+    edit(cfg["quantization_config"])
+    (bad / "config.json").write_text(json.dumps(cfg))
+    r = run("dequantize", bad, tmp_path / "d")
+    assert r.code == 4 and message in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert not (tmp_path / "d").exists() and leftovers(tmp_path) == []
+
+
+def test_dequantize_without_g_idx_reads_bits_from_dynamic(exports, tmp_path):
+    """A GPTQ checkpoint without g_idx (some writers omit it): bits from the config's `dynamic`."""
+    import shutil
+
+    src, outs = exports
+    bare = tmp_path / "bare"
+    shutil.copytree(outs["gptq"], bare)
+    for path in bare.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if not k.endswith(".g_idx")}
+        save_file(tensors, str(path), metadata=meta)
+    (bare / "model.safetensors.index.json").unlink()
+    r = run("dequantize", bare, tmp_path / "d", "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["modules_by_bits"] == {"4": 7, "8": 6}
+
+
+def test_dequantize_reports_a_broken_compressed_tensors_config(exports, tmp_path):
+    import shutil
+
+    _, outs = exports
+    bad = tmp_path / "bad"
+    shutil.copytree(outs["compressed-tensors"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] = False
+    (bad / "config.json").write_text(json.dumps(cfg))
+    r = run("dequantize", bad, tmp_path / "d")
+    assert r.code == 4 and "only symmetric int weights" in r.err
+    cfg["quantization_config"]["config_groups"] = ["nope"]
+    (bad / "config.json").write_text(json.dumps(cfg))
+    r = run("dequantize", bad, tmp_path / "d")
+    assert r.code == 4 and "config_groups" in r.err
