@@ -451,13 +451,14 @@ def test_cli_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_cpu_on_a_converted_checkpoint(tmp_path):
+@pytest.mark.parametrize("fmt", ["marlin", "gptq", "compressed-tensors"])
+def test_cli_cpu_on_a_converted_checkpoint(tmp_path, fmt):
     from rtnq import manifest as mf
     from rtnq import testing
 
     src, out = tmp_path / "src", tmp_path / "out"
     testing.write_checkpoint(src, testing.SampleSpec(layers=2, shards=1))
-    c = run("convert", src, out, "--bits", "4", "--keep-int8", "layers.0")
+    c = run("convert", src, out, "--bits", "4", "--keep-int8", "layers.0", "--format", fmt)
     assert c.code == 0, c.err
     r = run("bench", out, "--device", "cpu", "--batch", "1,5", "--json")
     assert r.code == 0, r.err

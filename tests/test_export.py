@@ -386,13 +386,23 @@ def test_dequantize_refuses_what_it_cannot_read(exports, tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def test_runtime_loader_refuses_an_engine_export(exports):
-    from rtnq.errors import CheckpointError
+def test_runtime_loads_every_format_into_the_same_marlin_bytes(exports):
+    """rtnq's runtime repacks a GPTQ or compressed-tensors export into Marlin on load (vLLM does the same on
+    the GPU): the bytes equal what the marlin format stores, and the layers compute the same outputs."""
     from rtnq.runtime.loader import load_checkpoint
 
     _, outs = exports
-    with pytest.raises(CheckpointError, match="gptq export"):
-        load_checkpoint(outs["gptq"], device="cpu")
+    loaded = {fmt: load_checkpoint(outs[fmt], device="cpu") for fmt in FORMATS}
+    ref = loaded["marlin"].linears
+    assert len(ref) == 13
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(0)).bfloat16()
+    for fmt in ("gptq", "compressed-tensors"):
+        assert set(loaded[fmt].linears) == set(ref)
+        for name, layer in loaded[fmt].linears.items():
+            assert layer.bits == ref[name].bits
+            assert torch.equal(layer.qweight, ref[name].qweight) and torch.equal(layer.scales, ref[name].scales), name
+        layer = loaded[fmt].linears["model.layers.0.self_attn.q_proj"]
+        assert torch.equal(layer(x), ref["model.layers.0.self_attn.q_proj"](x))
 
 
 # ------------------------------------------------------------------------------------------ TP preflight

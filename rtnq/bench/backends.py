@@ -180,11 +180,18 @@ class TorchBackend:
     def _read_representative(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         from safetensors import safe_open
 
+        from rtnq import formats
+        from rtnq.runtime.loader import to_marlin
+
         entry = self.manifest.tensors[module]
         path = Path(self.out_dir) / entry.shard
+        fmt = formats.BY_MANIFEST_NAME[self.manifest.format]
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
-                return f.get_tensor(entry.outputs["qweight"]), f.get_tensor(entry.outputs["scales"])
+                packed, scales = (f.get_tensor(entry.outputs[role]) for role in fmt.roles[:2])
+            if fmt is not formats.MARLIN:  # an export: repack like the loader (and vLLM) do
+                return to_marlin(fmt, packed, scales, entry, f"{path}: {module}")
+            return packed, scales
         except (OSError, KeyError, RuntimeError) as e:  # safetensors raises SafetensorError (an Exception)
             raise CheckpointError(f"{path}: cannot read {module} ({e})") from None
         except Exception as e:  # noqa: BLE001
