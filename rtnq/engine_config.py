@@ -10,13 +10,14 @@ The hard part is naming modules so that every loader resolves the same precision
   Each pattern therefore names a whole fused group: its parent, then an alternation of the members
   found in the checkpoint plus the engine's fused name; an experts pattern matches the experts
   container and everything under it. rtnq.precision already gives every fused group one precision.
-* patterns end in `$` and start with `(?:.*\.)?`, so they still match when an engine puts the text
-  model under another prefix (vLLM's multimodal models use `language_model.model.layers...`; GPTQ
-  `dynamic` keys are not renamed for it). Where that optional prefix would also reach another
-  module of the checkpoint, the pattern is anchored at the start instead. Patterns never overlap, so
-  "the first match wins" (vLLM) and "exact > regex > class" (compressed-tensors) agree;
-* the layer index is folded into an alternation, `model\\.layers\\.(?:0|31)\\.mlp\\.down_proj$`, so a
-  rule applied to every layer stays one pattern.
+* patterns end in `$` and start at the block container with an optional prefix,
+  `(?:.*\.)?layers\.3\.mlp\.down_proj$`, so they still match when an engine names the text model
+  differently (vLLM's multimodal models use `language_model.model.layers...`, and GPTQ `dynamic` keys
+  are not renamed for it). Where that would also reach another module of the checkpoint (a vision
+  tower's `layers.3`), the pattern keeps the full name, then is anchored at the start. Patterns never
+  overlap, so "the first match wins" (vLLM) and "exact > regex > class" (compressed-tensors) agree;
+* the layer index is folded into an alternation, `layers\.(?:0|31)\.mlp\.down_proj$`, so a rule
+  applied to every layer stays one pattern.
 """
 
 from __future__ import annotations
@@ -59,26 +60,30 @@ def module_patterns(infos: Iterable[NameInfo], all_infos: Sequence[NameInfo]) ->
         if kind:
             comps = i.comps[:-1] if i.comps[-1] in ("weight", "bias") else i.comps
             leaves_by_parent.setdefault((".".join(comps[:-1]), kind), set()).add(comps[-1])
-    grouped: dict[str, set[str]] = {}  # pattern with the block index as _IDX -> indices
+    # (full pattern, pattern from the block container on) with the block index as _IDX -> indices
+    grouped: dict[tuple[str, str | None], set[str]] = {}
     for info in infos:
         comps, tail = _unit(info, leaves_by_parent)
         parts = [re.escape(c) for c in comps]
-        index = None
+        index = short = None
         if info.block is not None and info.block < len(comps):
             index, parts[info.block] = comps[info.block], _IDX
-        key = r"\.".join(parts) + tail
+            short = r"\.".join(parts[info.block - 1 :]) + tail  # `layers\.#\....`: no model-specific root
+        key = (r"\.".join(parts) + tail, short)
         grouped.setdefault(key, set())
         if index is not None:
             grouped[key].add(index)
     mine = {i.module for i in infos}
     others = {i.module for i in all_infos} - mine
-    out = []
-    for key, indices in grouped.items():
+    out = set()
+    for (full, short), indices in grouped.items():
         if indices:
             alt = "|".join(sorted(indices, key=int))
-            key = key.replace(_IDX, alt if len(indices) == 1 else f"(?:{alt})")
-        loose = re.compile(_ANY_PREFIX + key)
-        out.append(key if any(loose.match(m) for m in others) else _ANY_PREFIX + key)
+            alt = alt if len(indices) == 1 else f"(?:{alt})"
+            full, short = full.replace(_IDX, alt), short.replace(_IDX, alt)
+        # The most general candidate that reaches no other module of the checkpoint.
+        candidates = ([_ANY_PREFIX + short] if short else []) + [_ANY_PREFIX + full, full]
+        out.add(next(c for c in candidates if c == full or not any(re.match(c, m) for m in others)))
     return sorted(out)
 
 

@@ -104,13 +104,14 @@ def test_gptq_config(exports):
         "checkpoint_format": "gptq"}
     any_prefix = "(?:.*\\.)?"  # an engine may put the text model under another prefix
     assert q["dynamic"] == {
-        f"-:{any_prefix}model\\.layers\\.0\\.mlp\\.odd_proj$": {},
-        f"-:{any_prefix}model\\.layers\\.1\\.mlp\\.down_proj$": {},
-        f"+:{any_prefix}model\\.layers\\.0\\.mlp\\.down_proj$": {"bits": 8},
-        f"+:{any_prefix}model\\.layers\\.0\\.mlp\\.(?:gate_proj|gate_up_proj|up_proj)$": {"bits": 8},
-        f"+:{any_prefix}model\\.layers\\.1\\.self_attn\\.(?:k_proj|q_proj|qkv_proj|v_proj)$": {"bits": 8},
+        f"-:{any_prefix}layers\\.0\\.mlp\\.odd_proj$": {},
+        f"-:{any_prefix}layers\\.1\\.mlp\\.down_proj$": {},
+        f"+:{any_prefix}layers\\.0\\.mlp\\.down_proj$": {"bits": 8},
+        f"+:{any_prefix}layers\\.0\\.mlp\\.(?:gate_proj|gate_up_proj|up_proj)$": {"bits": 8},
+        f"+:{any_prefix}layers\\.1\\.self_attn\\.(?:k_proj|q_proj|qkv_proj|v_proj)$": {"bits": 8},
     }
     assert _gptq_bits_vllm(q, "language_model.model.layers.0.mlp.gate_up_proj") == 8  # a VLM's prefix
+    assert _gptq_bits_vllm(q, "model.language_model.layers.0.mlp.gate_up_proj") == 8
 
 
 # ------------------------------------------------------------------------------------- compressed-tensors bytes
@@ -282,16 +283,16 @@ def test_moe_experts_get_one_pattern_per_layer(tmp_path):
         assert "fused partners" in r.err  # one precision per MoE layer
         assert ("SGLang gives all experts the default bits" in r.err) == (fmt == "gptq")
         cfg = _qcfg(tmp_path / fmt)
-        pattern = "(?:.*\\.)?model\\.layers\\.1\\.block_sparse_moe\\.experts(?:\\..*)?$"
+        pattern = "(?:.*\\.)?layers\\.1\\.block_sparse_moe\\.experts(?:\\..*)?$"
         if fmt == "gptq":
-            router = "(?:.*\\.)?model\\.layers\\.(?:0|1)\\.block_sparse_moe\\.gate$"
+            router = "(?:.*\\.)?layers\\.(?:0|1)\\.block_sparse_moe\\.gate$"
             assert cfg["dynamic"] == {f"-:{router}": {}, f"+:{pattern}": {"bits": 8}}  # SGLang needs the -:
             assert _gptq_bits_vllm(cfg, "model.layers.1.block_sparse_moe.experts") == 8
             assert _gptq_bits_vllm(cfg, "model.layers.0.block_sparse_moe.experts") == 4
             assert _gptq_bits_vllm(cfg, "model.layers.1.block_sparse_moe.experts.3.w1") == 8
         else:
             assert cfg["config_groups"]["group_0"]["targets"] == [f"re:{pattern}"]
-            assert "re:(?:.*\\.)?model\\.layers\\.(?:0|1)\\.block_sparse_moe\\.gate$" in cfg["ignore"]  # routers
+            assert "re:(?:.*\\.)?layers\\.(?:0|1)\\.block_sparse_moe\\.gate$" in cfg["ignore"]  # routers
 
 
 # ------------------------------------------------------------------------------------------------ round trips

@@ -1,0 +1,74 @@
+"""The engine-facing patterns (rtnq.engine_config): general where that is safe, never reaching another module."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from rtnq import engine_config, precision, selectors
+from rtnq.source import TensorSpec
+
+
+def S(name, shape):
+    return TensorSpec(name, "BF16", shape, "model.safetensors", 0, 0)
+
+
+def vlm(layers=2):
+    """A text stack and a vision tower whose blocks share names below the block container."""
+    out = []
+    for root, h in (("model.language_model", 256), ("model.vision_tower.encoder", 128)):
+        for n in range(layers):
+            p = f"{root}.layers.{n}"
+            out += [S(f"{p}.self_attn.{m}_proj.weight", (h, h)) for m in ("q", "k", "v", "o")]
+            out += [S(f"{p}.mlp.up_proj.weight", (512, h)), S(f"{p}.mlp.gate_proj.weight", (512, h)),
+                    S(f"{p}.mlp.down_proj.weight", (h, 512))]
+    return out
+
+
+def patterns(specs, names):
+    infos = selectors.analyse(specs)
+    return engine_config.module_patterns([i for i in infos if i.name in names], infos)
+
+
+def test_pattern_starts_at_the_block_container_when_that_is_unambiguous():
+    specs = vlm()
+    text = {s.name for s in specs if "language_model.layers.0.mlp.down" in s.name}
+    both = text | {s.name for s in specs if "vision_tower.encoder.layers.0.mlp.down" in s.name}
+    # only the text model's module: `layers.0.mlp.down_proj` would reach the vision tower, so the full name
+    assert patterns(specs, text) == [r"(?:.*\.)?model\.language_model\.layers\.0\.mlp\.down_proj$"]
+    # both modules: the general pattern is exactly right
+    assert patterns(specs, both) == [r"(?:.*\.)?layers\.0\.mlp\.down_proj$"]
+
+
+def test_fused_groups_and_layer_indices_fold_into_one_pattern():
+    specs = vlm(layers=4)
+    names = {s.name for s in specs if re.search(r"language_model\.layers\.[13]\.self_attn\.[qkv]_proj", s.name)}
+    assert patterns(specs, names) == [
+        r"(?:.*\.)?model\.language_model\.layers\.(?:1|3)\.self_attn\.(?:k_proj|q_proj|qkv_proj|v_proj)$"]
+
+
+@pytest.mark.parametrize("keep", [["layers.0"], ["down"], ["qkv", "layers.-1"], ["language_model+mlp"],
+                                  ["vision_tower"], ["layers.1+o"]])
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
+def test_patterns_never_reach_a_module_of_another_precision(keep, fmt):
+    specs = vlm(layers=3)
+    p = precision.plan(specs, keep_int8=keep, skip=["vision_tower.encoder.layers.2"])
+    infos = selectors.analyse(specs)
+    decisions = list(p.decisions.values())
+    ndim = {s.name: len(s.shape) for s in specs}
+    if fmt == "gptq":
+        cfg = engine_config.gptq(decisions, infos, ndim, bits=4, group_size=128)
+        rules = [(k[2:], None if k.startswith("-:") else v["bits"]) for k, v in cfg.get("dynamic", {}).items()]
+    else:
+        cfg = engine_config.compressed_tensors(decisions, infos, ndim, bits=4, group_size=128)
+        rules = [(t[3:], g["weights"]["num_bits"]) for g in cfg["config_groups"].values() for t in g["targets"]
+                 if t.startswith("re:")] + [(t[3:], None) for t in cfg["ignore"] if t.startswith("re:")]
+    for s in specs:
+        d = p.decisions[s.name]
+        want = d.bits if d.kind == "marlin" else None
+        module = s.name.removesuffix(".weight")
+        hits = {bits for pattern, bits in rules if re.match(pattern, module)}
+        assert hits <= {want}, (module, hits, want)  # a pattern never reaches the other precision
+        if want != 4:  # everything not at the default precision is named explicitly
+            assert hits == {want}, (module, want)
