@@ -111,7 +111,8 @@ def gptq(
     decisions: Sequence, infos: Sequence[NameInfo], ndim: dict[str, int], *, bits: int, group_size: int
 ) -> dict:
     """GPTQ `quantization_config` (FORMATS.md 6.1): the run's default bits at top level, every other
-    precision a `+:` override in `dynamic`, and every 16-bit linear a `-:` entry (listed first)."""
+    precision a `+:` override in `dynamic`, and every 16-bit linear a `-:` entry. The patterns never
+    overlap, so their order (config.json is written with sorted keys) does not matter."""
     by_name = {i.name: i for i in infos}
     dynamic: dict[str, dict] = {}
     for p in module_patterns(plain_linears(decisions, infos, ndim), infos):
