@@ -21,7 +21,7 @@ import torch
 from rtnq import manifest as mf
 from rtnq import engine_config, fastquant, formats, pipeline, precision, rtn, selectors
 from rtnq.errors import CheckpointError, UsageError
-from rtnq.source import DTYPES, INDEX_NAME, SINGLE_NAME, TORCH_TO_ST, Reader, TensorSpec, resolve, scan
+from rtnq.source import DTYPES, INDEX_NAME, SINGLE_NAME, Reader, TensorSpec, read_json_object, resolve, scan
 from rtnq.writer import Entry, ShardWriter, atomic_dir, check_output_location, shard_size, write_json
 
 VERSION = "0.1.0"
@@ -361,14 +361,7 @@ def quantization_config(plan: Plan) -> dict:
 
 def write_config(plan: Plan, tmp: Path) -> None:
     cfg_path = plan.src / "config.json"
-    cfg: dict = {}
-    if cfg_path.is_file():
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-        if not isinstance(cfg, dict):
-            raise CheckpointError(f"{cfg_path}: not a JSON object")
+    cfg = read_json_object(cfg_path) if cfg_path.is_file() else {}
     qcfg = quantization_config(plan)
     cfg["quantization_config"] = qcfg
     write_json(tmp / "config.json", cfg)

@@ -20,7 +20,6 @@ output is built in a temporary directory and renamed into place at the end.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import time
@@ -33,7 +32,7 @@ import torch
 from rtnq import kpack, marlin, rtn
 from rtnq import manifest as mf
 from rtnq.errors import CheckpointError
-from rtnq.source import INDEX_NAME, Reader, TensorSpec, resolve, scan
+from rtnq.source import INDEX_NAME, Reader, TensorSpec, read_json_object, resolve, scan
 from rtnq.writer import Entry, ShardWriter, atomic_dir, check_output_location, write_json
 
 METHODS = ("gptq", "compressed-tensors", "rtnq")
@@ -79,23 +78,14 @@ def _config(src: Path) -> dict:
     path = src / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{src}: no config.json; cannot tell how the checkpoint is quantized")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return cfg
+    return read_json_object(path)
 
 
 def _qconfig(cfg: dict, src: Path) -> dict:
     q = cfg.get("quantization_config") or cfg.get("compression_config")
     if q is None and (src / "quantize_config.json").is_file():  # AutoGPTQ-era GPTQ checkpoints
-        try:
-            q = json.loads((src / "quantize_config.json").read_text())
-            q.setdefault("quant_method", "gptq")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-            raise CheckpointError(f"{src / 'quantize_config.json'}: not a valid JSON object ({e})") from None
+        q = read_json_object(src / "quantize_config.json")
+        q.setdefault("quant_method", "gptq")
     if not isinstance(q, dict):
         raise CheckpointError(f"{src}: config.json has no quantization_config; the checkpoint is not quantized")
     method = q.get("quant_method")

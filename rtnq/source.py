@@ -174,6 +174,17 @@ def shard_files(model_dir: Path) -> list[str]:
     raise CheckpointError(f"{model_dir}: no .safetensors files found")
 
 
+def read_json_object(path: Path) -> dict:
+    """A checkpoint's JSON file (config.json, quantize_config.json) as a dict; CheckpointError otherwise."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return data
+
+
 def resolve(src: str | Path) -> Path:
     """A local model directory; a hub id is recognised and refused with the download command."""
     path = Path(src)
