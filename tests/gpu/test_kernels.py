@@ -295,6 +295,25 @@ def test_loader_on_cuda(tmp_path):
     assert all(t.is_cuda for t in on_gpu.tensors.values())
 
 
+def test_exports_load_on_cuda_like_the_marlin_format(tmp_path):
+    # GPTQ and compressed-tensors exports are repacked into Marlin on load: on the GPU they must give the
+    # marlin format's outputs exactly (same bytes, same kernels).
+    from rtnq import convert, testing
+
+    src = tmp_path / "src"
+    testing.write_checkpoint(src, testing.SampleSpec(hidden=256, intermediate=512, layers=1))
+    loaded = {}
+    for fmt in ("marlin", "gptq", "compressed-tensors"):
+        opts = convert.Options(keep_int8=["mlp"], format=fmt)
+        convert.run(convert.make_plan(src, tmp_path / fmt, opts))
+        loaded[fmt] = load_checkpoint(tmp_path / fmt, device="cuda")
+    x = torch.randn(5, 256, device=dev()).to(torch.bfloat16)
+    for name, layer in loaded["marlin"].linears.items():
+        want = layer(x)
+        for fmt in ("gptq", "compressed-tensors"):
+            assert torch.equal(loaded[fmt].linears[name](x), want), (fmt, name)
+
+
 def test_huge_m_stays_correct_on_small_m_path():
     # The small-M path accepts any m (one CTA row per 8 rows of x); check one m far beyond its sweet spot.
     case = Case(4, 128, 256, 128, torch.float16)
