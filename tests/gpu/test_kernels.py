@@ -307,8 +307,8 @@ def test_exports_load_on_cuda_like_the_marlin_format(tmp_path):
         opts = convert.Options(keep_int8=["mlp"], format=fmt)
         convert.run(convert.make_plan(src, tmp_path / fmt, opts))
         loaded[fmt] = load_checkpoint(tmp_path / fmt, device="cuda")
-    x = torch.randn(5, 256, device=dev()).to(torch.bfloat16)
     for name, layer in loaded["marlin"].linears.items():
+        x = torch.randn(5, layer.in_features, device=dev()).to(torch.bfloat16)
         want = layer(x)
         for fmt in ("gptq", "compressed-tensors"):
             assert torch.equal(loaded[fmt].linears[name](x), want), (fmt, name)
