@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from rtnq import kpack, marlin, rtn
+from rtnq import kpack, marlin, pipeline, rtn
 from rtnq import manifest as mf
 from rtnq.errors import CheckpointError
 from rtnq.source import INDEX_NAME, Reader, TensorSpec, read_json_object, resolve, scan
@@ -37,6 +38,7 @@ from rtnq.writer import Entry, ShardWriter, atomic_dir, check_output_location, w
 
 METHODS = ("gptq", "compressed-tensors", "rtnq")
 CHUNK_BYTES = 8 * 1024 * 1024  # passthrough tensors are copied in pieces of this size
+IN_FLIGHT = 4  # dense tensors or pieces waiting for the writer thread
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -300,33 +302,50 @@ def dense_weight(m: Module, method: str, reader: Reader) -> torch.Tensor:
 
 
 def run(plan: Plan, progress: Callable[[int, int], None] | None = None) -> Result:
+    """Write the dense checkpoint into a temporary directory, then rename it to OUT.
+
+    The main thread reads and dequantizes; a writer thread writes behind it and an fsync thread
+    starts the disk early (rtnq.pipeline, as in convert). At most IN_FLIGHT tensors or 8 MB pieces
+    wait for the writer, so memory stays a few tensors whatever the model size.
+    """
     t0 = time.perf_counter()
     dense_by_name = {m.out.name: m for m in plan.modules}
     spec_by_name = {s.name: s for s in plan.passthrough}
     total = sum(len(entries) for _, entries in plan.shards)
     done = 0
+    stop = threading.Event()
     with atomic_dir(plan.out, plan.force) as tmp, Reader(plan.src) as reader:
-        for fname, entries in plan.shards:
-            writer = ShardWriter(tmp / fname, entries, {"format": "pt"})
-            try:
+        behind = pipeline.WriteBehind(stop)
+        slots = pipeline.Slots(IN_FLIGHT, stop)
+        writers: list[ShardWriter] = []
+        try:
+            for fname, entries in plan.shards:
+                writer = ShardWriter(tmp / fname, entries, {"format": "pt"}, writeback=behind.writeback)
+                writers.append(writer)
                 for e in entries:
                     m = dense_by_name.get(e.name)
                     if m is not None:
-                        w = dense_weight(m, plan.method, reader)
-                        writer.write(e.name, w.reshape(e.shape).contiguous())
+                        slots.acquire()
+                        w = dense_weight(m, plan.method, reader).reshape(e.shape).contiguous()
+                        behind.submit(writer.write, e.name, w, release=slots.release)
                     else:  # in pieces: an embedding may be GBs
                         spec = spec_by_name[e.name]
                         for start in range(0, max(spec.nbytes, 1), CHUNK_BYTES):
+                            slots.acquire()
                             buf = torch.empty(min(CHUNK_BYTES, spec.nbytes - start), dtype=torch.uint8)
                             reader.read_into(spec, buf, start)
-                            writer.write_part(e.name, buf)
+                            behind.submit(writer.write_part, e.name, buf, release=slots.release)
                     done += 1
                     if progress:
                         progress(done, total)
-                writer.close()
-            except BaseException:
+                behind.submit(writer.finish)
+                behind.sync_later(writer.sync_close)
+            behind.finish()
+        except BaseException:
+            behind.abort()
+            for writer in writers:
                 writer.abort()
-                raise
+            raise
         if len(plan.shards) > 1:
             weight_map = {e.name: fname for fname, entries in plan.shards for e in entries}
             size = sum(e.nbytes for _, entries in plan.shards for e in entries)

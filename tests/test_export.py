@@ -566,3 +566,50 @@ def test_dequantize_reports_a_broken_compressed_tensors_config(exports, tmp_path
     (bad / "config.json").write_text(json.dumps(cfg))
     r = run("dequantize", bad, tmp_path / "d")
     assert r.code == 4 and "config_groups" in r.err
+
+
+def test_dequantize_disk_full_and_interrupt_leave_nothing(exports, tmp_path, monkeypatch):
+    import errno
+
+    from rtnq import dequantize, writer
+
+    _, outs = exports
+    real_init = writer.ShardWriter.__init__
+    calls = {"n": 0}
+
+    class FullDisk:
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, data):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self._f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        self._f = FullDisk(self._f)
+
+    monkeypatch.setattr(writer.ShardWriter, "__init__", init)
+    r = run("dequantize", outs["gptq"], tmp_path / "full")
+    assert r.code == 8 and "disk full" in r.err and len(r.err.strip().splitlines()) == 1
+    assert not (tmp_path / "full").exists() and leftovers(tmp_path) == []
+    monkeypatch.undo()
+
+    real = dequantize.dense_weight
+    seen = {"n": 0}
+
+    def interrupt(*a, **k):
+        seen["n"] += 1
+        if seen["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(dequantize, "dense_weight", interrupt)
+    r = run("dequantize", outs["compressed-tensors"], tmp_path / "int")
+    assert r.code == 130 and "nothing was written" in r.err
+    assert not (tmp_path / "int").exists() and leftovers(tmp_path) == []
