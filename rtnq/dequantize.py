@@ -14,7 +14,8 @@ What each module is, is read off the tensors, not trusted from a manifest:
   compressed-tensors weight_shape [n, k]; bits = 32 * weight_packed columns / k; groups from the scales.
                      A weight_zero_point (asymmetric) is refused.
   marlin (rtnq)      bits, group size and shape from rtnq_manifest.json, unpacked with rtnq.marlin.
-Streaming like convert: one module in memory at a time; output shards mirror the input shards; the
+Streaming like convert: a few modules in memory at a time (IN_FLIGHT), writes behind on a writer
+thread; output shards mirror the input shards; the
 output is built in a temporary directory and renamed into place at the end.
 """
 
