@@ -243,6 +243,9 @@ def inspect(
         for w in m.warnings:
             err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
         _print_totals(m.totals)
+        tp = m.totals.get("tp_failures")  # absent in manifests written before rtnq recorded it
+        if tp:
+            err.print(_tp_summary({int(t): [None] * c for t, c in tp.items()}), highlight=False, soft_wrap=True)
     if plot:
         from rtnq import plotting
 

@@ -328,6 +328,7 @@ def test_verify_and_inspect_every_format(exports, fmt):
     assert r.code == 0 and json.loads(r.out)["format"] == ("rtnq-marlin" if fmt == "marlin" else fmt)
     r = run("inspect", outs[fmt])
     assert r.code == 0 and "format:" in r.err
+    assert "tensor parallel (Marlin shape rules per rank): TP2 ok" in r.err
 
 
 @pytest.mark.parametrize("fmt,role", [("gptq", "qzeros"), ("gptq", "g_idx"), ("compressed-tensors", "weight_shape")])
