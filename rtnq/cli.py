@@ -324,7 +324,14 @@ def dequantize(
 
     plan = deq.make_plan(src, out, force)
     try:
-        result = deq.run(plan)
+        if err.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+            with Progress(BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err, transient=True) as bar:
+                task = bar.add_task("dequantize", total=None)
+                result = deq.run(plan, lambda done, total: bar.update(task, completed=done, total=total))
+        else:
+            result = deq.run(plan)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; nothing was written to {plan.out}") from None
     summary = {"out": str(plan.out), "method": plan.method, "modules": result.modules,
