@@ -117,7 +117,9 @@ def convert(
         dtype=dtype, strict=strict, force=force, tp=_tp(tp), format=fmt,
     )
     plan = conv.make_plan(src, out, options)
-    for w in plan.precision.warnings:
+    from rtnq import fastquant
+
+    for w in plan.precision.warnings + ([fastquant.problem()] if fastquant.problem() and not dry_run else []):
         err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     if dry_run:
         _print_plan(plan, json_out)

@@ -60,9 +60,12 @@ def library() -> ctypes.CDLL | None:
             continue
         try:
             lib = ctypes.CDLL(str(path))
-        except OSError:
+        except OSError as e:
+            _PROBLEM.append(f"{path.name} cannot be loaded ({e})")
             return None
-        if lib.rtnq_cpu_abi() != ABI:
+        if lib.rtnq_cpu_abi() != ABI:  # built from another rtnq's source: rebuild, never call it
+            _PROBLEM.append(f"{path.name} was built for another rtnq version (ABI {lib.rtnq_cpu_abi()}, "
+                            f"this one needs {ABI})")
             return None
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         cint = ctypes.c_int
@@ -71,6 +74,19 @@ def library() -> ctypes.CDLL | None:
         lib.rtnq_quant_pack.restype = cint
         return lib
     return None
+
+
+_PROBLEM: list[str] = []  # why a library that exists was not used (set by `library`)
+
+
+def problem() -> str | None:
+    """A one-line warning when the C fast path exists but cannot be used, so conversion would silently
+    run the ~20x slower torch reference; None when it is used, absent or turned off on purpose."""
+    library()
+    if not _PROBLEM:
+        return None
+    return (f"the C fast path {_PROBLEM[0]}; converting with the much slower torch reference. "
+            "Reinstall rtnq (pip install -e . in its checkout) to rebuild it")
 
 
 def implementation() -> str:

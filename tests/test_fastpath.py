@@ -8,6 +8,7 @@ the per-chunk torch path are each compared with that reference, and with the sto
 
 from __future__ import annotations
 
+import importlib.machinery
 import math
 
 import pytest
@@ -385,3 +386,36 @@ def test_relative_error_from_sums():
     assert fastquant.relative_error([0.0, 0.0]) == 0.0
     assert fastquant.relative_error([4.0, 1.0]) == 0.5
     assert math.isnan(fastquant.relative_error([4.0, float("nan")]))
+
+
+def test_a_stale_library_is_reported_not_used(tmp_path, monkeypatch):
+    """A _cpu library built from another rtnq's source (an older ABI) is never called; convert warns that
+    it falls back to the slow reference path instead of slowing down silently."""
+    import shutil
+    import subprocess
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    src = tmp_path / "old.c"
+    src.write_text("int rtnq_cpu_abi(void) { return 1; }\n")
+    so = tmp_path / "pkg" / f"_cpu{importlib.machinery.EXTENSION_SUFFIXES[0]}"
+    so.parent.mkdir()
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(so), str(src)], check=True)
+    (so.parent / "fastquant.py").write_text("")
+    monkeypatch.setattr(fastquant, "__file__", str(so.parent / "fastquant.py"))
+    monkeypatch.setattr(fastquant, "_PROBLEM", [])
+    fastquant.library.cache_clear()
+    try:
+        assert fastquant.library() is None and fastquant.implementation() == "torch-reference"
+        assert "built for another rtnq version (ABI 1, this one needs 2)" in fastquant.problem()
+    finally:
+        fastquant.library.cache_clear()
+
+
+def test_convert_warns_when_the_fast_path_is_unusable(tmp_path, monkeypatch):
+    from cliutil import run
+
+    testing.write_checkpoint(tmp_path / "src", testing.SampleSpec(layers=1))
+    monkeypatch.setattr(fastquant, "problem", lambda: "the C fast path _cpu.so was built for another rtnq")
+    r = run("convert", tmp_path / "src", tmp_path / "out")
+    assert r.code == 0 and "warning: the C fast path _cpu.so was built for another rtnq" in r.err
