@@ -190,13 +190,18 @@ def make_plan(src: str | Path, out: str | Path, options: Options) -> Plan:
         qdt = quant_dtype(spec, options) if d.kind == "marlin" else None
         items.append(Item(spec, d, output_entries(spec, d, qdt, fmt), names[spec.shard], qdt, fmt.pack_layout))
     if fmt is formats.GPTQ:
-        odd = [i for i in items if i.decision.kind == "marlin" and i.decision.bits != options.bits
-               and "experts" in i.spec.name.lower().split(".")]
+        # SGLang's GPTQ MoE layers never read `dynamic` (checked with scripts/check_vllm_matching.py
+        # --engine sglang): every expert loads at the default bits.
+        odd = [i for i in items if "experts" in i.spec.name.lower().split(".")
+               and ((i.decision.kind == "marlin" and i.decision.bits != options.bits)
+                    or engine_config.unquantized_linear(i.decision))]
         if odd:
+            d = odd[0].decision
+            what = f"{d.bits}-bit" if d.kind == "marlin" else "16-bit"
             pplan.warnings.append(
-                f"{len(odd)} MoE expert weights (e.g. {odd[0].spec.name}) are {odd[0].decision.bits}-bit while the default is "
-                f"{options.bits}-bit: vLLM reads that from the GPTQ `dynamic` overrides, but SGLang gives all experts "
-                "the default bits; for SGLang use --format compressed-tensors"
+                f"{len(odd)} MoE expert weights (e.g. {odd[0].spec.name}) are {what} while the default is "
+                f"{options.bits}-bit: vLLM reads that from the GPTQ `dynamic` overrides, but SGLang loads every "
+                "expert at the default bits; for SGLang use --format compressed-tensors"
             )
     shards: dict[str, list[Entry]] = {}
     for item in items:

@@ -281,8 +281,10 @@ def test_moe_experts_get_one_pattern_per_layer(tmp_path):
         r = run("convert", src, tmp_path / fmt, "--format", fmt, "--keep-int8", "layers.1.block_sparse_moe.experts.0.w2")
         assert r.code == 0, r.err
         assert "fused partners" in r.err  # one precision per MoE layer
-        assert ("SGLang gives all experts the default bits" in r.err) == (fmt == "gptq")
+        assert ("SGLang loads every expert at the default bits" in r.err) == (fmt == "gptq")
         cfg = _qcfg(tmp_path / fmt)
+        skipped = run("convert", src, tmp_path / f"{fmt}-skip", "--format", fmt, "--skip", "layers.0+experts")
+        assert skipped.code == 0 and ("are 16-bit while the default is 4-bit" in skipped.err) == (fmt == "gptq")
         pattern = "(?:.*\\.)?layers\\.1\\.block_sparse_moe\\.experts(?:\\..*)?$"
         if fmt == "gptq":
             router = "(?:.*\\.)?layers\\.(?:0|1)\\.block_sparse_moe\\.gate$"
