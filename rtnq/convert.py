@@ -22,7 +22,7 @@ from rtnq import manifest as mf
 from rtnq import engine_config, fastquant, formats, pipeline, precision, rtn, selectors
 from rtnq.errors import CheckpointError, UsageError
 from rtnq.source import DTYPES, INDEX_NAME, SINGLE_NAME, Reader, TensorSpec, read_json_object, resolve, scan
-from rtnq.writer import Entry, ShardWriter, atomic_dir, check_output_location, shard_size, write_json
+from rtnq.writer import Entry, ShardWriter, atomic_dir, check_output_location, shard_size, write_index, write_json
 
 VERSION = "0.1.0"
 GPTQ_CONFIG_NAME = "quantize_config.json"
@@ -451,10 +451,7 @@ def run(plan: Plan, progress: Callable[[Progress], None] | None = None) -> Resul
             for writer in writers:
                 writer.abort()
             raise
-        if len(plan.shards) > 1:
-            weight_map = {e.name: fname for fname, entries in plan.shards for e in entries}
-            total = sum(e.nbytes for _, entries in plan.shards for e in entries)
-            write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_index(tmp, plan.shards, INDEX_NAME)
         write_config(plan, tmp)
         for name in plan.small_files:
             shutil.copy2(plan.src / name, tmp / name)

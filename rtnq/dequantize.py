@@ -35,7 +35,7 @@ from rtnq import kpack, marlin, pipeline, rtn
 from rtnq import manifest as mf
 from rtnq.errors import CheckpointError
 from rtnq.source import INDEX_NAME, Reader, TensorSpec, read_json_object, resolve, scan
-from rtnq.writer import Entry, ShardWriter, atomic_dir, check_output_location, write_json
+from rtnq.writer import Entry, ShardWriter, atomic_dir, check_output_location, write_index, write_json
 
 METHODS = ("gptq", "compressed-tensors", "rtnq")
 CHUNK_BYTES = 8 * 1024 * 1024  # passthrough tensors are copied in pieces of this size
@@ -347,10 +347,7 @@ def run(plan: Plan, progress: Callable[[int, int], None] | None = None) -> Resul
             for writer in writers:
                 writer.abort()
             raise
-        if len(plan.shards) > 1:
-            weight_map = {e.name: fname for fname, entries in plan.shards for e in entries}
-            size = sum(e.nbytes for _, entries in plan.shards for e in entries)
-            write_json(tmp / INDEX_NAME, {"metadata": {"total_size": size}, "weight_map": weight_map})
+        write_index(tmp, plan.shards, INDEX_NAME)
         write_json(tmp / "config.json", plan.config)
         for name in plan.small_files:
             shutil.copy2(plan.src / name, tmp / name)

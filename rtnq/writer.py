@@ -203,6 +203,15 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
+def write_index(out_dir: Path, shards: list[tuple[str, list[Entry]]], name: str) -> None:
+    """`model.safetensors.index.json` for a multi-shard output (nothing for a single file)."""
+    if len(shards) < 2:
+        return
+    weight_map = {e.name: fname for fname, entries in shards for e in entries}
+    total = sum(e.nbytes for _, entries in shards for e in entries)
+    write_json(out_dir / name, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
 def write_json(path: Path, obj: object) -> None:
     try:
         path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

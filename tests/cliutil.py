@@ -51,3 +51,32 @@ def run_process(*args: str | Path, env: dict | None = None) -> subprocess.Comple
 def leftovers(parent: Path) -> list[str]:
     """Temporary output directories the converter would leave behind on failure."""
     return [p.name for p in Path(parent).iterdir() if ".rtnq-tmp-" in p.name or ".rtnq-old-" in p.name]
+
+
+def fail_writes_with_enospc(monkeypatch, at: int = 5) -> None:
+    """Make the `at`-th write to any output shard fail with ENOSPC, as a full disk would."""
+    import errno
+
+    from rtnq import writer
+
+    real_init = writer.ShardWriter.__init__
+    calls = {"n": 0}
+
+    class FullDisk:
+        def __init__(self, f):
+            self._f = f
+
+        def write(self, data):
+            calls["n"] += 1
+            if calls["n"] == at:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self._f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        self._f = FullDisk(self._f)
+
+    monkeypatch.setattr(writer.ShardWriter, "__init__", init)

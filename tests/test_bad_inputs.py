@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import struct
 
 import pytest
 import torch
 
-from cliutil import leftovers, run
-from rtnq import testing, writer
+from cliutil import fail_writes_with_enospc, leftovers, run
+from rtnq import testing
 from rtnq.errors import EXIT_CODES
 
 
@@ -186,27 +185,7 @@ def test_bad_option_values_are_usage_errors(src, tmp_path):
 
 def test_disk_full_leaves_nothing_behind(src, tmp_path, monkeypatch):
     """The 5th write to any output file fails with ENOSPC, as a full disk would."""
-    real_init = writer.ShardWriter.__init__
-    calls = {"n": 0}
-
-    class FullDisk:
-        def __init__(self, f):
-            self._f = f
-
-        def write(self, data):
-            calls["n"] += 1
-            if calls["n"] == 5:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return self._f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self._f, name)
-
-    def init(self, *a, **k):
-        real_init(self, *a, **k)
-        self._f = FullDisk(self._f)
-
-    monkeypatch.setattr(writer.ShardWriter, "__init__", init)
+    fail_writes_with_enospc(monkeypatch)
     line = _convert_fails(src, tmp_path, 8, "disk full")
     assert "model-0000" in line
 

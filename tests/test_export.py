@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cliutil import leftovers, run
+from cliutil import fail_writes_with_enospc, leftovers, run
 from rtnq import rtn, testing
 
 RULES = ("--keep-int8", "layers.0+mlp,layers.1.self_attn.q_proj", "--skip", "layers.1.mlp.down_proj")
@@ -572,32 +572,10 @@ def test_dequantize_reports_a_broken_compressed_tensors_config(exports, tmp_path
 
 
 def test_dequantize_disk_full_and_interrupt_leave_nothing(exports, tmp_path, monkeypatch):
-    import errno
-
-    from rtnq import dequantize, writer
+    from rtnq import dequantize
 
     _, outs = exports
-    real_init = writer.ShardWriter.__init__
-    calls = {"n": 0}
-
-    class FullDisk:
-        def __init__(self, f):
-            self._f = f
-
-        def write(self, data):
-            calls["n"] += 1
-            if calls["n"] == 5:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return self._f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self._f, name)
-
-    def init(self, *a, **k):
-        real_init(self, *a, **k)
-        self._f = FullDisk(self._f)
-
-    monkeypatch.setattr(writer.ShardWriter, "__init__", init)
+    fail_writes_with_enospc(monkeypatch)
     r = run("dequantize", outs["gptq"], tmp_path / "full")
     assert r.code == 8 and "disk full" in r.err and len(r.err.strip().splitlines()) == 1
     assert not (tmp_path / "full").exists() and leftovers(tmp_path) == []
