@@ -119,7 +119,8 @@ def convert(
     plan = conv.make_plan(src, out, options)
     from rtnq import fastquant
 
-    for w in plan.precision.warnings + ([fastquant.problem()] if fastquant.problem() and not dry_run else []):
+    slow = None if dry_run else fastquant.problem()
+    for w in plan.precision.warnings + ([slow] if slow else []):
         err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     if dry_run:
         _print_plan(plan, json_out)

@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from rtnq import manifest as mf
-from rtnq import engine_config, fastquant, formats, pipeline, precision, rtn, selectors
+from rtnq import engine_config, fastquant, formats, pipeline, precision, rtn
 from rtnq.errors import CheckpointError, UsageError
 from rtnq.source import DTYPES, INDEX_NAME, SINGLE_NAME, Reader, TensorSpec, read_json_object, resolve, scan
 from rtnq.writer import Entry, ShardWriter, atomic_dir, check_output_location, shard_size, write_index, write_json
@@ -345,7 +345,7 @@ def quantization_config(plan: Plan) -> dict:
     o = plan.options
     if o.format != "marlin":
         decisions = [i.decision for i in plan.items]
-        infos = selectors.analyse([i.spec for i in plan.items])
+        infos = plan.precision.infos
         ndim = {i.spec.name: len(i.spec.shape) for i in plan.items}
         if o.format == "gptq":
             return engine_config.gptq(decisions, infos, ndim, bits=o.bits, group_size=o.group_size)

@@ -31,13 +31,14 @@ from typing import Callable
 
 import torch
 
-from rtnq import kpack, marlin, pipeline, rtn
+from rtnq import formats, pipeline, rtn
 from rtnq import manifest as mf
 from rtnq.errors import CheckpointError
 from rtnq.source import INDEX_NAME, Reader, TensorSpec, read_json_object, resolve, scan
 from rtnq.writer import Entry, ShardWriter, atomic_dir, check_output_location, write_index, write_json
 
-METHODS = ("gptq", "compressed-tensors", "rtnq")
+FORMAT_OF_METHOD = {"gptq": formats.GPTQ, "compressed-tensors": formats.COMPRESSED_TENSORS, "rtnq": formats.MARLIN}
+METHODS = tuple(FORMAT_OF_METHOD)
 CHUNK_BYTES = 8 * 1024 * 1024  # passthrough tensors are copied in pieces of this size
 IN_FLIGHT = 4  # dense tensors or pieces waiting for the writer thread
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -66,7 +67,6 @@ class Plan:
     config: dict  # the dense config.json
     small_files: list[str]
     force: bool = False
-    manifest: mf.Manifest | None = None
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,6 @@ def make_plan(src: str | Path, out: str | Path, force: bool = False) -> Plan:
     method = q["quant_method"]
     specs = scan(src_dir)
     by_name = {s.name: s for s in specs}
-    manifest = None
     with Reader(src_dir) as reader:
         if method == "gptq":
             modules = _gptq_modules(q, by_name, reader)
@@ -142,7 +141,7 @@ def make_plan(src: str | Path, out: str | Path, force: bool = False) -> Plan:
     dense_cfg = {k: v for k, v in cfg.items() if k not in ("quantization_config", "compression_config")}
     files = [f for f in small_files(src_dir) if f not in ("quantize_config.json", mf.FILENAME)]
     return Plan(src_dir, out_dir, method, modules, passthrough, list(shard_of_output.items()), dense_cfg, files,
-                force, manifest)
+                force)
 
 
 def _need(by_name: dict[str, TensorSpec], name: str, why: str) -> TensorSpec:
@@ -279,26 +278,17 @@ def _marlin_modules(manifest: mf.Manifest, by_name: dict[str, TensorSpec]) -> li
 
 def dense_weight(m: Module, method: str, reader: Reader) -> torch.Tensor:
     """(code - bias) * scale in the scales' dtype, one module."""
-    if method == "gptq":
-        codes = kpack.unpack_cols(reader.read(m.inputs["qweight"]), m.bits)
-        scales = reader.read(m.inputs["scales"])  # (groups, n)
-        group = m.k // scales.shape[0]
-        if "g_idx" in m.inputs:
-            rows = reader.read(m.inputs["g_idx"]).to(torch.int64)
-            if rows.min() < 0 or rows.max() >= scales.shape[0]:
-                raise CheckpointError(f"{m.prefix}.g_idx points outside the {scales.shape[0]} scale rows")
-            if not torch.equal(rows, torch.arange(m.k) // group):  # act-order: one scale per input
-                signed = (codes.to(torch.int16) - rtn.bias(m.bits)).to(scales.dtype)
-                return signed * scales.t()[:, rows]  # one rounding per product, like rtn.dequantize
-        return rtn.dequantize(codes, scales.t().contiguous(), m.bits, group if group != m.k else -1)
-    if method == "compressed-tensors":
-        codes = kpack.unpack_rows(reader.read(m.inputs["weight_packed"]), m.bits)
-        scales = reader.read(m.inputs["weight_scale"])  # (n, groups)
-        group = m.k // scales.shape[1]
-        return rtn.dequantize(codes, scales, m.bits, group if group != m.k else -1)
-    qw, sc = reader.read(m.inputs["qweight"]), reader.read(m.inputs["scales"])
-    codes, scales = marlin.unpack(qw, sc, m.bits, m.n, m.k)
+    fmt = FORMAT_OF_METHOD[method]
+    packed, scales = (reader.read(m.inputs[role]) for role in fmt.roles[:2])
+    codes, scales = fmt.unpack(packed, scales, m.bits, m.n, m.k)  # (..., n, k), (..., n, groups)
     group = m.k // scales.shape[-1]
+    if "g_idx" in m.inputs:
+        rows = reader.read(m.inputs["g_idx"]).to(torch.int64)
+        if rows.min() < 0 or rows.max() >= scales.shape[-1]:
+            raise CheckpointError(f"{m.prefix}.g_idx points outside the {scales.shape[-1]} scale rows")
+        if not torch.equal(rows, torch.arange(m.k) // group):  # act-order: one scale per input
+            signed = (codes.to(torch.int16) - rtn.bias(m.bits)).to(scales.dtype)
+            return signed * scales[:, rows]  # one rounding per product, like rtn.dequantize
     return rtn.dequantize(codes, scales, m.bits, group if group != m.k else -1)
 
 

@@ -68,6 +68,15 @@ class Format:
             packed = [kpack.pack_rows(codes, bits), scales_ng.contiguous()]
         return packed + self.constants(tuple(codes.shape), bits, group_size)
 
+    def unpack(self, packed: torch.Tensor, scales: torch.Tensor, bits: int, n: int, k: int):
+        """The packed codes and scales outputs -> (codes uint8 (..., n, k), scales (..., n, k/g)),
+        the inputs of `reference` (and of rtn.dequantize)."""
+        if self.name == "marlin":
+            return marlin.unpack(packed, scales, bits, n, k)
+        if self.name == "gptq":
+            return kpack.unpack_cols(packed, bits), scales.t().contiguous()
+        return kpack.unpack_rows(packed, bits), scales
+
 
 MARLIN = Format("marlin", "rtnq-marlin", "marlin", ("qweight", "scales"), True)
 GPTQ = Format("gptq", "gptq", "cols", ("qweight", "scales", "qzeros", "g_idx"), False)

@@ -91,6 +91,7 @@ class Plan:
     rules: list[dict]  # [{"option": "keep-int8", "selector": "layers.0", "matched": 7}, ...]
     warnings: list[str]
     tp_failures: dict[int, list[tuple[str, str]]] = field(default_factory=dict)  # tp -> [(name, why)]
+    infos: list[NameInfo] = field(default_factory=list)  # what each name is, in input order (selectors.analyse)
 
 
 def _conv1d_layout(specs: Sequence[TensorSpec], infos: list[NameInfo]) -> bool:
@@ -216,7 +217,7 @@ def plan(
     tp_failures = {t: _tp_check(t, decisions, by_name, nk, group_size, kv_heads) for t in degrees}
     warnings += _tp_warnings({t: tp_failures[t] for t in dict.fromkeys(tp)}, decisions, by_name)
     rules = [{"option": o, "selector": s.text, "matched": c} for (o, s), c in zip(options, credit)]
-    return Plan(decisions, rules, warnings, tp_failures)
+    return Plan(decisions, rules, warnings, tp_failures, infos)
 
 
 def _group_key(i: NameInfo) -> tuple[str, str]:

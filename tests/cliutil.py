@@ -80,3 +80,14 @@ def fail_writes_with_enospc(monkeypatch, at: int = 5) -> None:
         self._f = FullDisk(self._f)
 
     monkeypatch.setattr(writer.ShardWriter, "__init__", init)
+
+
+def load_tensors(path: Path) -> dict:
+    """Every tensor of every .safetensors file in a directory, read with the safetensors library."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for p in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(p), "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cliutil import leftovers, run, run_process
+from cliutil import load_tensors, leftovers, run, run_process
 from rtnq import manifest as mf
 from rtnq import marlin, rtn, testing
 
@@ -25,14 +25,6 @@ def _load_dir(path):
                 tensors[name] = f.get_tensor(name)
     assert set(index) == set(tensors)
     return tensors, meta
-
-
-def _load_src(path):
-    tensors = {}
-    for p in sorted(path.glob("*.safetensors")):
-        with safe_open(str(p), "pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    return tensors
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +44,7 @@ def converted(llama, tmp_path_factory):
 
 
 def test_every_tensor_matches_rtn_and_marlin_directly(llama, converted):
-    src = _load_src(llama)
+    src = load_tensors(llama)
     out, meta = _load_dir(converted)
     m = mf.read(converted)
     assert set(m.tensors) == set(src)

@@ -16,19 +16,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cliutil import fail_writes_with_enospc, leftovers, run
+from cliutil import fail_writes_with_enospc, leftovers, load_tensors, run
 from rtnq import rtn, testing
 
 RULES = ("--keep-int8", "layers.0+mlp,layers.1.self_attn.q_proj", "--skip", "layers.1.mlp.down_proj")
 FORMATS = ("marlin", "gptq", "compressed-tensors")
-
-
-def _tensors(path):
-    out = {}
-    for p in sorted(path.glob("*.safetensors")):
-        with safe_open(str(p), "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +61,7 @@ def _unpack_gptq_independently(qweight: np.ndarray, bits: int) -> np.ndarray:
 
 def test_gptq_tensors_hold_the_rtn_codes(exports):
     src, outs = exports
-    source, out = _tensors(src), _tensors(outs["gptq"])
+    source, out = load_tensors(src), load_tensors(outs["gptq"])
     m = _manifest(outs["gptq"])
     assert m["format"] == "gptq" and m["version"] == 2
     quantized = {n: e for n, e in m["tensors"].items() if e["kind"] == "marlin"}
@@ -116,10 +108,10 @@ def test_gptq_config(exports):
 
 # ------------------------------------------------------------------------------------- compressed-tensors bytes
 
-def test_compressed_tensors_tensors(exports):
+def test_compressed_tensorsload_tensors(exports):
     src, outs = exports
-    source, out = _tensors(src), _tensors(outs["compressed-tensors"])
-    gptq = _tensors(outs["gptq"])
+    source, out = load_tensors(src), load_tensors(outs["compressed-tensors"])
+    gptq = load_tensors(outs["gptq"])
     m = _manifest(outs["compressed-tensors"])
     assert m["format"] == "compressed-tensors"
     for name, e in m["tensors"].items():
@@ -157,11 +149,11 @@ def test_compressed_tensors_library_dequantizes_to_rtnq_weights(exports, tmp_pat
     convert_checkpoint(str(outs["compressed-tensors"]), str(dense_ct),
                        CompressedTensorsDequantizer(str(outs["compressed-tensors"]), dtype=torch.bfloat16),
                        max_workers=1, device="cpu")
-    theirs = _tensors(dense_ct)
+    theirs = load_tensors(dense_ct)
     r = run("dequantize", outs["compressed-tensors"], tmp_path / "rtnq-dense")
     assert r.code == 0, r.err
-    ours = _tensors(tmp_path / "rtnq-dense")
-    source = _tensors(src)
+    ours = load_tensors(tmp_path / "rtnq-dense")
+    source = load_tensors(src)
     assert set(theirs) == set(ours) == set(source)
     m = _manifest(outs["compressed-tensors"])
     for name, t in ours.items():
@@ -307,12 +299,12 @@ def test_all_formats_dequantize_to_identical_weights(exports, tmp_path):
         assert r.code == 0, r.err
         summary = json.loads(r.out)
         assert summary["modules_by_bits"] == {"4": 7, "8": 6}  # 14 linears: 1 skipped, 6 kept INT8
-        dense[fmt] = _tensors(tmp_path / fmt)
+        dense[fmt] = load_tensors(tmp_path / fmt)
         cfg = json.loads((tmp_path / fmt / "config.json").read_text())
         assert "quantization_config" not in cfg and cfg["hidden_size"] == 512
         assert not (tmp_path / fmt / "rtnq_manifest.json").exists()
         assert (tmp_path / fmt / "model.safetensors.index.json").exists()  # the shards are kept
-    source = _tensors(src)
+    source = load_tensors(src)
     for name in source:
         a = dense["marlin"][name]
         assert a.shape == source[name].shape
@@ -453,7 +445,7 @@ def test_dequantize_marlin_stacked_experts(tmp_path):
     r = run("dequantize", tmp_path / "q", tmp_path / "d", "--json")
     assert r.code == 0, r.err
     assert json.loads(r.out)["modules_by_bits"] == {"8": 1}
-    dense = _tensors(tmp_path / "d")
+    dense = load_tensors(tmp_path / "d")
     codes, scales = rtn.quantize(w, 8, 128)
     assert torch.equal(dense["model.layers.0.mlp.experts.down_proj.weight"], rtn.dequantize(codes, scales, 8, 128))
     assert torch.equal(dense["model.norm.weight"], torch.ones(256, dtype=torch.bfloat16))
@@ -473,15 +465,15 @@ def test_other_group_sizes_round_trip_through_the_library(tmp_path, group):
         assert r.code == 0, r.err
         assert run("verify", tmp_path / fmt, "--against", src).code == 0
         assert run("dequantize", tmp_path / fmt, tmp_path / f"{fmt}-dense").code == 0
-        dense[fmt] = _tensors(tmp_path / f"{fmt}-dense")
+        dense[fmt] = load_tensors(tmp_path / f"{fmt}-dense")
     q = _qcfg(tmp_path / "compressed-tensors")
     weights = q["config_groups"]["group_1"]["weights"]
     assert (weights["strategy"], weights["group_size"]) == (("channel", None) if group == "-1" else ("group", 64))
     convert_checkpoint(str(tmp_path / "compressed-tensors"), str(tmp_path / "lib-dense"),
                        CompressedTensorsDequantizer(str(tmp_path / "compressed-tensors"), dtype=torch.float16),
                        max_workers=1, device="cpu")
-    theirs = _tensors(tmp_path / "lib-dense")
-    source = _tensors(src)
+    theirs = load_tensors(tmp_path / "lib-dense")
+    source = load_tensors(src)
     g = int(group)
     for name, t in dense["gptq"].items():
         assert torch.equal(t, dense["compressed-tensors"][name]) and torch.equal(t, theirs[name]), name
@@ -500,7 +492,7 @@ def test_transformers_loads_the_compressed_tensors_export(exports, tmp_path):
     logits = model(torch.tensor([[1, 2, 3]])).logits  # the first forward decompresses every module
     assert logits.shape == (1, 3, 512) and torch.isfinite(logits).all()
     assert run("dequantize", outs["compressed-tensors"], tmp_path / "dense").code == 0
-    dense = _tensors(tmp_path / "dense")
+    dense = load_tensors(tmp_path / "dense")
     theirs = model.state_dict()
     m = _manifest(outs["compressed-tensors"])
     checked = {4: 0, 8: 0}

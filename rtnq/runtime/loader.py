@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from rtnq import formats, kpack, marlin, rtn
+from rtnq import formats, marlin
 from rtnq import manifest as manifest_mod
 from rtnq.errors import CheckpointError, KernelUnavailable, RtnqError
 from rtnq.runtime.quant_linear import QuantLinear
@@ -138,16 +138,9 @@ def load_checkpoint(out_dir: str | Path, device: str | torch.device = "cuda") ->
 def to_marlin(fmt, packed: torch.Tensor, scales: torch.Tensor, entry, where: str):
     """A GPTQ / compressed-tensors module's packed codes and plain scales -> Marlin qweight and scales."""
     n, k = entry.shape
-    pf = 32 // entry.bits
-    if fmt is formats.GPTQ:
-        want = ((k // pf, n), (k // rtn.effective_group(k, entry.group_size), n))
-    else:
-        want = ((n, k // pf), (n, k // rtn.effective_group(k, entry.group_size)))
+    planned = fmt.entries("", (n, k), entry.bits, entry.group_size, scales.dtype)
+    want = tuple(shape for _, _, shape in planned[:2])
     if (tuple(packed.shape), tuple(scales.shape)) != want or packed.dtype != torch.int32:
         raise CheckpointError(f"{where}: {fmt.name} tensors {tuple(packed.shape)}, {tuple(scales.shape)} do not fit "
                               f"its manifest entry ({n}, {k}), {entry.bits}-bit")
-    if fmt is formats.GPTQ:
-        codes, scales_ng = kpack.unpack_cols(packed, entry.bits), scales.t().contiguous()
-    else:
-        codes, scales_ng = kpack.unpack_rows(packed, entry.bits), scales
-    return marlin.pack(codes, scales_ng, entry.bits)
+    return marlin.pack(*fmt.unpack(packed, scales, entry.bits, n, k), entry.bits)
