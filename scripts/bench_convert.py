@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_convert.py [--repeats 3] [--cases floor,rtnq4,...] [--markdown]
 
 Generates (once, cached under bench-cache/, git-ignored) two synthetic Llama checkpoints with
-rtnq.testing: the issue's 1.1B shape (hidden 2048, intermediate 5632, 22 layers, vocab 32000,
+rtnq.synthetic: the issue's 1.1B shape (hidden 2048, intermediate 5632, 22 layers, vocab 32000,
 2.2 GB bf16 in 3 shards) and the same with 44 layers (4.1 GB, 6 shards). Then runs every case as a
 separate process, interleaved (repeat 1 of every case, then repeat 2, ...), with the input read into
 the page cache right before each run (some VMs evict idle page cache within seconds) and `sync`
@@ -71,7 +71,7 @@ for shard in sorted(src.glob("*.safetensors")):
 # page cache when they exit, and the disk writes it after the clock stops).
 RTNQ_NO_FSYNC = r'''
 import os, sys
-from rtnq import pipeline, writer
+from rtnq.checkpoint import pipeline, writer
 writer.os = type("os_without_fsync", (), {"__getattr__": lambda self, n: getattr(os, n),
                                           "fsync": staticmethod(lambda fd: None)})()
 pipeline.start_writeback = lambda fd, offset, length: None
@@ -117,17 +117,17 @@ def cases() -> dict[str, list[str] | None]:
 
 
 def models(cache: Path) -> dict[str, Path]:
-    from rtnq import testing
+    from rtnq import synthetic
 
     out = {}
     for label, layers, shards in (("l22", 22, 3), ("l44", 44, 6)):
         path = cache / f"llama-{label}"
-        spec = testing.SampleSpec(**{**testing.BENCH_1B, "layers": layers}, shards=shards)
+        spec = synthetic.SampleSpec(**{**synthetic.BENCH_1B, "layers": layers}, shards=shards)
         if not (path / "config.json").is_file():
             print(f"generating {path} ({layers} layers) ...", flush=True)
             tmp = path.with_name(path.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            testing.write_checkpoint(tmp, spec)
+            synthetic.write_checkpoint(tmp, spec)
             tmp.rename(path)
         out[label] = path
     return out

@@ -115,7 +115,7 @@ def cmd_sanitize() -> int:
     column tile and partial m-tiles. Inputs are made on the CPU and copied, and results are checked on the CPU, so
     the GPU runs almost nothing but rtnq's kernels (cheap under memcheck/racecheck)."""
     torch = _torch()
-    from rtnq import marlin, rtn
+    from rtnq.numerics import marlin, rtn
     from rtnq.runtime import ops
 
     dev = torch.device("cuda")
@@ -166,7 +166,7 @@ def cmd_timing(out: str, quick: bool = False) -> int:
     torch = _torch()
     import torch.nn.functional as F
 
-    from rtnq import marlin
+    from rtnq.numerics import marlin
     from rtnq.bench import timing
     from rtnq.runtime import dispatch, library, ops
 

@@ -1,4 +1,4 @@
-"""Write a deterministic synthetic Llama-style checkpoint (rtnq.testing), one tensor at a time.
+"""Write a deterministic synthetic Llama-style checkpoint (rtnq.synthetic), one tensor at a time.
 
     .venv/bin/python scripts/make_sample.py OUT [--preset tiny|bench-1b] [--layers N] [--shards S] [--dtype bf16]
 
@@ -11,24 +11,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from rtnq import testing
+from rtnq import synthetic
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
     ap.add_argument("--preset", choices=["tiny", "bench-1b"], default="tiny")
-    for field in dataclasses.fields(testing.SampleSpec):
+    for field in dataclasses.fields(synthetic.SampleSpec):
         if field.type in ("int", int):
             ap.add_argument(f"--{field.name.replace('_', '-')}", type=int, default=None)
-    ap.add_argument("--dtype", choices=sorted(testing.DTYPES), default=None)
+    ap.add_argument("--dtype", choices=sorted(synthetic.DTYPES), default=None)
     ap.add_argument("--tied", action="store_true")
     ap.add_argument("--odd-linear", action="store_true")
     args = vars(ap.parse_args())
-    spec = testing.SampleSpec(**(testing.BENCH_1B if args.pop("preset") == "bench-1b" else {}))
+    spec = synthetic.SampleSpec(**(synthetic.BENCH_1B if args.pop("preset") == "bench-1b" else {}))
     out = args.pop("out")
     overrides = {k: v for k, v in args.items() if v not in (None, False)}
-    testing.write_checkpoint(out, dataclasses.replace(spec, **overrides))
+    synthetic.write_checkpoint(out, dataclasses.replace(spec, **overrides))
     print(out)
 
 

@@ -5,7 +5,7 @@
 Runs one conversion in this process (into a temporary directory next to SRC, removed afterwards)
 with timers around each pipeline stage and prints, per stage, wall seconds and thread CPU seconds
 (time.thread_time: user + system of that thread). Start-up (Python, torch import) is measured
-separately as the time to import rtnq.convert. For a sampling profile of the whole process use
+separately as the time to import rtnq.commands.convert. For a sampling profile of the whole process use
 py-spy (`pip install py-spy`): py-spy record -r 200 -f raw -o prof.txt -- rtnq convert SRC OUT.
 """
 
@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 T_START = time.perf_counter()
-from rtnq import convert, fastquant, pipeline  # noqa: E402  (the import time is what we measure)
+from rtnq.commands import convert  # noqa: E402  (the import time is what we measure)
+from rtnq.numerics import fused
+from rtnq.checkpoint import pipeline
 
 T_IMPORT = time.perf_counter() - T_START
 STATS: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0])  # wall, cpu, calls
@@ -49,12 +51,12 @@ def main() -> None:
     ap.add_argument("--no-fsync", action="store_true", help="diagnostic: skip fsync to see what the disk costs")
     args = ap.parse_args()
     if args.no_fsync:
-        from rtnq import writer
+        from rtnq.checkpoint import writer
 
         writer.os = type("os_without_fsync", (), {"__getattr__": lambda self, n: getattr(__import__("os"), n),
                                                   "fsync": staticmethod(lambda fd: None)})()
 
-    lib = fastquant.library()
+    lib = fused.library()
     if lib is not None:  # the C call, per thread (main vs helper)
         real = lib.rtnq_quant_pack
 
@@ -100,8 +102,8 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     gb = plan.bytes_in / 1e9
-    print(f"implementation: {fastquant.implementation()}, {fastquant.workers()} quantize threads")
-    print(f"import rtnq.convert (python start-up not included): {T_IMPORT:.2f} s")
+    print(f"implementation: {fused.implementation()}, {fused.workers()} quantize threads")
+    print(f"import rtnq.commands.convert (python start-up not included): {T_IMPORT:.2f} s")
     print(f"make_plan: {t_plan:.2f} s; plan + run: {wall:.2f} s wall, {cpu:.2f} s CPU (all threads), "
           f"{gb:.2f} GB in -> {gb / wall:.2f} GB/s")
     print(f"{'stage':<48} {'wall s':>8} {'cpu s':>8} {'calls':>7}")

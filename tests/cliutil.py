@@ -57,7 +57,7 @@ def fail_writes_with_enospc(monkeypatch, at: int = 5) -> None:
     """Make the `at`-th write to any output shard fail with ENOSPC, as a full disk would."""
     import errno
 
-    from rtnq import writer
+    from rtnq.checkpoint import writer
 
     real_init = writer.ShardWriter.__init__
     calls = {"n": 0}

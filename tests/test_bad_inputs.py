@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from cliutil import fail_writes_with_enospc, leftovers, run
-from rtnq import testing
+from rtnq import synthetic
 from rtnq.errors import EXIT_CODES
 
 
 @pytest.fixture
 def src(tmp_path):
-    return testing.write_checkpoint(tmp_path / "src", testing.SampleSpec(shards=2))
+    return synthetic.write_checkpoint(tmp_path / "src", synthetic.SampleSpec(shards=2))
 
 
 def _one_line(text: str) -> str:
@@ -120,8 +120,8 @@ def test_unsupported_dtype(src, tmp_path):
 
 
 def test_nan_in_a_weight_names_the_tensor(tmp_path):
-    spec = testing.SampleSpec(shards=1)
-    src = testing.write_checkpoint(tmp_path / "src", spec)
+    spec = synthetic.SampleSpec(shards=1)
+    src = synthetic.write_checkpoint(tmp_path / "src", spec)
     shard = src / "model.safetensors"
     data = bytearray(shard.read_bytes())
     (n,) = struct.unpack("<Q", data[:8])
@@ -138,7 +138,7 @@ def test_unmatched_selector_suggests_candidates(src, tmp_path):
 
 
 def test_strict_shape_gate(tmp_path):
-    src = testing.write_checkpoint(tmp_path / "src", testing.SampleSpec(odd_linear=True))
+    src = synthetic.write_checkpoint(tmp_path / "src", synthetic.SampleSpec(odd_linear=True))
     _convert_fails(src, tmp_path, 6, "model.layers.0.mlp.odd_proj.weight", "--strict", extra=("--strict",))
 
 
@@ -191,7 +191,7 @@ def test_disk_full_leaves_nothing_behind(src, tmp_path, monkeypatch):
 
 
 def test_interruption_leaves_nothing_behind(src, tmp_path, monkeypatch):
-    from rtnq import convert
+    from rtnq.commands import convert
 
     real = convert.quantize_item
     calls = {"n": 0}
@@ -208,7 +208,7 @@ def test_interruption_leaves_nothing_behind(src, tmp_path, monkeypatch):
 
 
 def test_interrupted_force_keeps_the_previous_output(src, tmp_path, monkeypatch):
-    from rtnq import convert
+    from rtnq.commands import convert
 
     out = tmp_path / "out"
     assert run("convert", src, out, "--bits", "8").code == 0
@@ -222,7 +222,7 @@ def test_interrupted_force_keeps_the_previous_output(src, tmp_path, monkeypatch)
 
 def test_verify_against_wrong_source(src, tmp_path):
     assert run("convert", src, tmp_path / "out").code == 0
-    other = testing.write_checkpoint(tmp_path / "other", testing.SampleSpec(shards=2, seed=7))
+    other = synthetic.write_checkpoint(tmp_path / "other", synthetic.SampleSpec(shards=2, seed=7))
     r = run("verify", tmp_path / "out", "--against", other)
     assert r.code == 7 and "differ" in r.err.strip().splitlines()[-1]
 

@@ -453,11 +453,11 @@ def test_cli_plot(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["marlin", "gptq", "compressed-tensors"])
 def test_cli_cpu_on_a_converted_checkpoint(tmp_path, fmt):
-    from rtnq import manifest as mf
-    from rtnq import testing
+    from rtnq.checkpoint import manifest as mf
+    from rtnq import synthetic
 
     src, out = tmp_path / "src", tmp_path / "out"
-    testing.write_checkpoint(src, testing.SampleSpec(layers=2, shards=1))
+    synthetic.write_checkpoint(src, synthetic.SampleSpec(layers=2, shards=1))
     c = run("convert", src, out, "--bits", "4", "--keep-int8", "layers.0", "--format", fmt)
     assert c.code == 0, c.err
     r = run("bench", out, "--device", "cpu", "--batch", "1,5", "--json")
@@ -505,7 +505,7 @@ class FakeOps:
         self.calls = []
 
     def gemm(self, x, qweight, scales, *, bits, n, k, group_size, path="auto", out=None):
-        from rtnq import marlin, rtn
+        from rtnq.numerics import marlin, rtn
 
         self.calls.append((path, tuple(x.shape), bits, n, k, group_size, out is not None))
         if path == "small_m" and x.shape[0] > 16:

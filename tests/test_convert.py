@@ -9,8 +9,9 @@ import torch
 from safetensors import safe_open
 
 from cliutil import load_tensors, leftovers, run, run_process
-from rtnq import manifest as mf
-from rtnq import marlin, rtn, testing
+from rtnq.checkpoint import manifest as mf
+from rtnq.numerics import marlin, rtn
+from rtnq import synthetic
 
 
 def _load_dir(path):
@@ -30,7 +31,7 @@ def _load_dir(path):
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     src = tmp_path_factory.mktemp("src") / "llama"
-    testing.write_checkpoint(src, testing.SampleSpec(layers=3, shards=3, odd_linear=True,
+    synthetic.write_checkpoint(src, synthetic.SampleSpec(layers=3, shards=3, odd_linear=True,
                                                      extra_files={"tokenizer.json": '{"v": 1}'}))
     return src
 
@@ -173,7 +174,7 @@ def test_convert_json_summary(llama, tmp_path):
 
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
 def test_fp16_and_fp32_sources(tmp_path, dtype):
-    src = testing.write_checkpoint(tmp_path / "src", testing.SampleSpec(dtype=dtype, tied=True))
+    src = synthetic.write_checkpoint(tmp_path / "src", synthetic.SampleSpec(dtype=dtype, tied=True))
     r = run("convert", src, tmp_path / "out")
     assert r.code == 0, r.err
     m = mf.read(tmp_path / "out")
@@ -184,14 +185,14 @@ def test_fp16_and_fp32_sources(tmp_path, dtype):
         emb = f.get_tensor("model.embed_tokens.weight")
     expect = torch.float16 if dtype == "fp16" else torch.bfloat16  # fp32 is quantized in bf16
     assert scales.dtype == expect
-    assert norm.dtype == testing.DTYPES[dtype]  # passthrough keeps the source dtype and bytes
-    assert emb.dtype == testing.DTYPES[dtype]
+    assert norm.dtype == synthetic.DTYPES[dtype]  # passthrough keeps the source dtype and bytes
+    assert emb.dtype == synthetic.DTYPES[dtype]
     assert m.tensors["model.embed_tokens.weight"].kind == "passthrough"
     assert run("verify", tmp_path / "out", "--against", src).code == 0
 
 
 def test_fp32_source_with_explicit_fp16(tmp_path):
-    src = testing.write_checkpoint(tmp_path / "src", testing.SampleSpec(dtype="fp32"))
+    src = synthetic.write_checkpoint(tmp_path / "src", synthetic.SampleSpec(dtype="fp32"))
     assert run("convert", src, tmp_path / "out", "--dtype", "fp16").code == 0
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.layers.1.self_attn.q_proj.scales").dtype == torch.float16

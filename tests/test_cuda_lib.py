@@ -1,5 +1,5 @@
 """librtnq_cuda.so through ctypes: ABI, exported symbols, statuses, argument checks, no-GPU behaviour, and
-the host references of the kernels' decode arithmetic (bit-exact against rtnq.marlin + rtnq.rtn).
+the host references of the kernels' decode arithmetic (bit-exact against rtnq.numerics.marlin + rtnq.numerics.rtn).
 
 Skipped when the library is not built (scripts/test.sh builds it whenever nvcc exists). Tests that pass
 fake device pointers run only on machines without a GPU, where the library must refuse before touching
@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rtnq import marlin, rtn
+from rtnq.numerics import marlin, rtn
 from rtnq.errors import KernelError, KernelUnavailable, ShapeError
 from rtnq.runtime import dispatch, library
 

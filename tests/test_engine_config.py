@@ -1,4 +1,4 @@
-"""The engine-facing patterns (rtnq.engine_config): general where that is safe, never reaching another module."""
+"""The engine-facing patterns (rtnq.formats.engine_config): general where that is safe, never reaching another module."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import re
 
 import pytest
 
-from rtnq import engine_config, precision, selectors
-from rtnq.source import TensorSpec
+from rtnq.formats import engine_config
+from rtnq.selection import precision, selectors
+from rtnq.checkpoint.source import TensorSpec
 
 
 def S(name, shape):

@@ -17,7 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cliutil import fail_writes_with_enospc, leftovers, load_tensors, run
-from rtnq import rtn, testing
+from rtnq.numerics import rtn
+from rtnq import synthetic
 
 RULES = ("--keep-int8", "layers.0+mlp,layers.1.self_attn.q_proj", "--skip", "layers.1.mlp.down_proj")
 FORMATS = ("marlin", "gptq", "compressed-tensors")
@@ -28,7 +29,7 @@ def exports(tmp_path_factory):
     """The source (2 shards, an odd linear the gate refuses) and its three exports, same rules."""
     root = tmp_path_factory.mktemp("export")
     src = root / "src"
-    testing.write_checkpoint(src, testing.SampleSpec(hidden=512, intermediate=1536, layers=2, shards=2,
+    synthetic.write_checkpoint(src, synthetic.SampleSpec(hidden=512, intermediate=1536, layers=2, shards=2,
                                                      odd_linear=True))
     outs = {}
     for fmt in FORMATS:
@@ -458,7 +459,7 @@ def test_other_group_sizes_round_trip_through_the_library(tmp_path, group):
     from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
 
     src = tmp_path / "src"
-    testing.write_checkpoint(src, testing.SampleSpec(hidden=256, intermediate=512, layers=2, dtype="fp16"))
+    synthetic.write_checkpoint(src, synthetic.SampleSpec(hidden=256, intermediate=512, layers=2, dtype="fp16"))
     dense = {}
     for fmt in ("gptq", "compressed-tensors"):
         r = run("convert", src, tmp_path / fmt, "--format", fmt, "--group-size", group, "--keep-int8", "layers.1")
@@ -564,7 +565,7 @@ def test_dequantize_reports_a_broken_compressed_tensors_config(exports, tmp_path
 
 
 def test_dequantize_disk_full_and_interrupt_leave_nothing(exports, tmp_path, monkeypatch):
-    from rtnq import dequantize
+    from rtnq.commands import dequantize
 
     _, outs = exports
     fail_writes_with_enospc(monkeypatch)

@@ -1,4 +1,4 @@
-"""The conversion fast path (rtnq.fastquant, csrc/rtnq_cpu.c, the overlapped pipeline) against the references.
+"""The conversion fast path (rtnq.numerics.fused, csrc/rtnq_cpu.c, the overlapped pipeline) against the references.
 
 Every backend must give, in each layout, the bytes of marlin.pack(*rtn.quantize(...)) ("marlin") or
 of kpack.pack_rows / pack_cols of rtn.quantize's codes with plain scales ("rows", "cols"), and the
@@ -14,14 +14,16 @@ import math
 import pytest
 import torch
 
-from rtnq import convert, fastquant, kpack, marlin, rtn, testing
+from rtnq.commands import convert
+from rtnq.numerics import fused, kpack, marlin, rtn
+from rtnq import synthetic
 from rtnq.errors import CheckpointError, InvalidWeightError, ShapeError, UsageError
-from rtnq.source import Reader, scan
-from rtnq.writer import Entry, ShardWriter
+from rtnq.checkpoint.source import Reader, scan
+from rtnq.checkpoint.writer import Entry, ShardWriter
 
-HAVE_C = fastquant.library() is not None
+HAVE_C = fused.library() is not None
 BACKENDS = ["torch"] + (["c", "c-scalar"] if HAVE_C else [])
-LAYOUTS = fastquant.LAYOUTS
+LAYOUTS = fused.LAYOUTS
 
 
 def packed(codes, scales, bits, layout):
@@ -41,27 +43,27 @@ def reference(w, bits, group, layout="marlin"):
 
 def test_layout_names_and_shapes():
     assert LAYOUTS == ("marlin", "rows", "cols")
-    assert fastquant.out_shapes(192, 384, 4, 128) == ((24, 384), (3, 192))
-    assert fastquant.out_shapes(192, 384, 4, 128, "rows") == ((192, 48), (192, 3))
-    assert fastquant.out_shapes(192, 384, 8, 64, "cols") == ((96, 192), (6, 192))
-    assert fastquant.out_shapes(192, 384, 8, -1, "rows") == ((192, 96), (192, 1))
+    assert fused.out_shapes(192, 384, 4, 128) == ((24, 384), (3, 192))
+    assert fused.out_shapes(192, 384, 4, 128, "rows") == ((192, 48), (192, 3))
+    assert fused.out_shapes(192, 384, 8, 64, "cols") == ((96, 192), (6, 192))
+    assert fused.out_shapes(192, 384, 8, -1, "rows") == ((192, 96), (192, 1))
     with pytest.raises(UsageError, match="layout must be one of marlin, rows, cols"):
-        fastquant.out_shapes(192, 384, 4, 128, "gptq")
+        fused.out_shapes(192, 384, 4, 128, "gptq")
 
 
 def test_the_c_library_is_built_where_a_compiler_exists():
     import shutil
 
     if shutil.which("cc") or shutil.which("gcc"):
-        assert HAVE_C, "pip install built no rtnq/_cpu*.so although a C compiler is on PATH"
-        assert fastquant.implementation() in ("c-avx2", "c-portable")
+        assert HAVE_C, "pip install built no rtnq/numerics/_cpu*.so although a C compiler is on PATH"
+        assert fused.implementation() in ("c-avx2", "c-portable")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_reference_vector_bit_exact(vectors, backend, layout):
     d = vectors("rtn_bf16_w4_g128")
-    q, s, err = fastquant.quantize_pack(d["w"], 4, 128, backend=backend, layout=layout)
+    q, s, err = fused.quantize_pack(d["w"], 4, 128, backend=backend, layout=layout)
     expected = {
         "marlin": (d["marlin_qweight"], d["marlin_scales"]),
         "rows": (kpack.pack_rows(d["codes_nk"], 4), d["rtn_scale"]),
@@ -91,7 +93,7 @@ def test_k_packed_words_hold_the_codes_lsb_first(backend, bits):
     pf = 32 // bits
     shifts = torch.arange(pf, dtype=torch.int64) * bits
     for layout in ("rows", "cols"):
-        q, s, _ = fastquant.quantize_pack(w, bits, 64, backend=backend, layout=layout)
+        q, s, _ = fused.quantize_pack(w, bits, 64, backend=backend, layout=layout)
         words = (q if layout == "rows" else q.t()).to(torch.int64) & 0xFFFFFFFF
         fields = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
         assert torch.equal(fields.reshape(codes.shape).to(torch.uint8), codes), layout
@@ -119,7 +121,7 @@ def _weights(dtype, n=192, k=384, seed=0):
 def test_matches_rtn_quantize_and_marlin_pack(backend, dtype, bits, group, layout):
     w = _weights(dtype)
     q_ref, s_ref, e_ref = reference(w, bits, group, layout)
-    q, s, e = fastquant.quantize_pack(w, bits, group, backend=backend, layout=layout)
+    q, s, e = fused.quantize_pack(w, bits, group, backend=backend, layout=layout)
     assert torch.equal(q, q_ref)
     assert torch.equal(s, s_ref)
     assert e == pytest.approx(e_ref, rel=1e-6, nan_ok=True)  # fp16 row 9: infinite scales -> NaN in both
@@ -136,11 +138,11 @@ def test_a_row_chunk_writes_only_its_part(backend, dtype, bits, group, layout):
     w = _weights(dtype, n=256, k=256, seed=3)
     row0, rows = 64, 128
     q_ref, s_ref, _ = reference(w, bits, group, layout)
-    qshape, sshape = fastquant.out_shapes(256, 256, bits, group, layout)
+    qshape, sshape = fused.out_shapes(256, 256, bits, group, layout)
     q = torch.full(qshape, -0x5A5A5A5B, dtype=torch.int32)
     s = torch.full(sshape, 1234.0, dtype=dtype)
     sums = [0.0, 0.0]
-    fastquant.quantize_rows(w[row0 : row0 + rows], row0, q, s, bits, group, sums, backend=backend, layout=layout)
+    fused.quantize_rows(w[row0 : row0 + rows], row0, q, s, bits, group, sums, backend=backend, layout=layout)
     if layout == "rows":
         q_part, s_part = (slice(row0, row0 + rows), slice(None)), (slice(row0, row0 + rows), slice(None))
     elif layout == "cols":
@@ -167,14 +169,14 @@ def test_a_row_chunk_writes_only_its_part(backend, dtype, bits, group, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_chunks_in_any_order_equal_the_whole_tensor(backend, bits, layout):
     w = _weights(torch.bfloat16, n=320, k=256, seed=4)
-    q_ref, s_ref, e_ref = fastquant.quantize_pack(w, bits, 64, backend=backend, layout=layout)
-    qshape, sshape = fastquant.out_shapes(320, 256, bits, 64, layout)
+    q_ref, s_ref, e_ref = fused.quantize_pack(w, bits, 64, backend=backend, layout=layout)
+    qshape, sshape = fused.out_shapes(320, 256, bits, 64, layout)
     q, s = torch.zeros(qshape, dtype=torch.int32), torch.zeros(sshape, dtype=w.dtype)
     sums = [0.0, 0.0]
     for row0, rows in ((192, 128), (0, 64), (64, 128)):
-        fastquant.quantize_rows(w[row0 : row0 + rows], row0, q, s, bits, 64, sums, backend=backend, layout=layout)
+        fused.quantize_rows(w[row0 : row0 + rows], row0, q, s, bits, 64, sums, backend=backend, layout=layout)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
-    assert fastquant.relative_error(sums) == pytest.approx(e_ref, rel=1e-9)
+    assert fused.relative_error(sums) == pytest.approx(e_ref, rel=1e-9)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -186,7 +188,7 @@ def test_one_group_per_row_when_k_equals_the_group(backend, dtype, bits, group, 
     """k == g: a single scale row (Marlin then uses its channelwise scale permutation)."""
     w = _weights(dtype, n=192, k=128, seed=5)
     q_ref, s_ref, e_ref = reference(w, bits, group, layout)
-    q, s, e = fastquant.quantize_pack(w, bits, group, backend=backend, layout=layout)
+    q, s, e = fused.quantize_pack(w, bits, group, backend=backend, layout=layout)
     assert s.shape == ((192, 1) if layout == "rows" else (1, 192))
     assert torch.equal(q, q_ref)
     assert torch.equal(s, s_ref)
@@ -202,10 +204,10 @@ def test_error_sums_are_the_same_in_every_layout(backend, dtype, bits):
     w[9] = w[10]  # no infinite fp16 scales: NaN sums would compare unequal
     found = {}
     for layout in LAYOUTS:
-        qshape, sshape = fastquant.out_shapes(512, 512, bits, 128, layout)
+        qshape, sshape = fused.out_shapes(512, 512, bits, 128, layout)
         q, s = torch.empty(qshape, dtype=torch.int32), torch.empty(sshape, dtype=dtype)
         sums = [0.0, 0.0]
-        fastquant.quantize_rows(w, 0, q, s, bits, 128, sums, backend=backend, layout=layout)
+        fused.quantize_rows(w, 0, q, s, bits, 128, sums, backend=backend, layout=layout)
         found[layout] = sums
     assert found["rows"] == found["marlin"] and found["cols"] == found["marlin"], found
 
@@ -215,13 +217,13 @@ def test_wrong_buffers_for_the_layout_are_refused(backend):
     w = _weights(torch.bfloat16)
     q, s = torch.empty(24, 384, dtype=torch.int32), torch.empty(3, 192, dtype=torch.bfloat16)  # Marlin's
     with pytest.raises(ShapeError):
-        fastquant.quantize_rows(w, 0, q, s, 4, 128, [0.0, 0.0], backend=backend, layout="rows")
+        fused.quantize_rows(w, 0, q, s, 4, 128, [0.0, 0.0], backend=backend, layout="rows")
     with pytest.raises(ShapeError, match="do not fit n=192, k=384 in the cols layout"):
-        fastquant.quantize_rows(w, 0, q, s, 4, 128, [0.0, 0.0], backend=backend, layout="cols")
+        fused.quantize_rows(w, 0, q, s, 4, 128, [0.0, 0.0], backend=backend, layout="cols")
     with pytest.raises(ShapeError, match="do not fit n=192, k=384 in the rows layout"):
-        fastquant.quantize_rows(w, 0, q, s.t().contiguous(), 4, 128, [0.0, 0.0], backend=backend, layout="rows")
+        fused.quantize_rows(w, 0, q, s.t().contiguous(), 4, 128, [0.0, 0.0], backend=backend, layout="rows")
     with pytest.raises(UsageError, match="layout must be one of"):
-        fastquant.quantize_pack(w, 4, 128, backend=backend, layout="gptq")
+        fused.quantize_pack(w, 4, 128, backend=backend, layout="gptq")
 
 
 def _every_maxabs(dtype):
@@ -251,7 +253,7 @@ def test_every_16bit_scale_and_its_rounding_cases(dtype, bits, layout):
     w = _every_maxabs(dtype)
     q_ref, s_ref, _ = reference(w, bits, 32, layout)
     for backend in ("c", "c-scalar"):
-        q, s, _ = fastquant.quantize_pack(w, bits, 32, backend=backend, layout=layout)
+        q, s, _ = fused.quantize_pack(w, bits, 32, backend=backend, layout=layout)
         assert torch.equal(s, s_ref), backend
         assert torch.equal(q, q_ref), backend
 
@@ -264,7 +266,7 @@ def test_nan_and_inf_name_the_tensor(backend, bad, layout, group):
     w = _weights(torch.bfloat16)
     w[130, 200] = bad
     with pytest.raises(InvalidWeightError, match="layers.7.mlp.up_proj.weight: weight contains NaN or Inf"):
-        fastquant.quantize_pack(w, 4, group, name="layers.7.mlp.up_proj.weight", backend=backend, layout=layout)
+        fused.quantize_pack(w, 4, group, name="layers.7.mlp.up_proj.weight", backend=backend, layout=layout)
 
 
 def test_chunked_quantize_item_equals_whole_tensor_for_experts():
@@ -285,8 +287,8 @@ def test_chunked_quantize_item_equals_whole_tensor_for_experts():
 
 
 def _item(shape, st_dtype, bits, group):
-    from rtnq import precision
-    from rtnq.source import TensorSpec
+    from rtnq.selection import precision
+    from rtnq.checkpoint.source import TensorSpec
 
     spec = TensorSpec("model.layers.0.mlp.experts", st_dtype, tuple(shape), "x.safetensors", 0, 0)
     d = precision.Decision(spec.name, "marlin", bits=bits, group_size=group, rule="test")
@@ -297,7 +299,7 @@ def _item(shape, st_dtype, bits, group):
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory):
     src = tmp_path_factory.mktemp("fp") / "m"
-    return testing.write_checkpoint(src, testing.SampleSpec(layers=3, shards=2, odd_linear=True, hidden=256,
+    return synthetic.write_checkpoint(src, synthetic.SampleSpec(layers=3, shards=2, odd_linear=True, hidden=256,
                                                             intermediate=640, vocab=4096))
 
 
@@ -307,7 +309,7 @@ def test_conversion_bytes_identical_with_and_without_the_c_library(small_model, 
         return convert.run(plan).manifest
 
     fast = convert_to(tmp_path / "fast")
-    monkeypatch.setattr(fastquant, "library", lambda: None)
+    monkeypatch.setattr(fused, "library", lambda: None)
     slow = convert_to(tmp_path / "slow")
     files = sorted(p.name for p in (tmp_path / "fast").glob("*.safetensors"))
     assert files and files == sorted(p.name for p in (tmp_path / "slow").glob("*.safetensors"))
@@ -383,9 +385,9 @@ def test_shard_writer_takes_tensors_in_any_order_and_in_parts(tmp_path):
 
 
 def test_relative_error_from_sums():
-    assert fastquant.relative_error([0.0, 0.0]) == 0.0
-    assert fastquant.relative_error([4.0, 1.0]) == 0.5
-    assert math.isnan(fastquant.relative_error([4.0, float("nan")]))
+    assert fused.relative_error([0.0, 0.0]) == 0.0
+    assert fused.relative_error([4.0, 1.0]) == 0.5
+    assert math.isnan(fused.relative_error([4.0, float("nan")]))
 
 
 def test_a_stale_library_is_reported_not_used(tmp_path, monkeypatch):
@@ -401,21 +403,21 @@ def test_a_stale_library_is_reported_not_used(tmp_path, monkeypatch):
     so = tmp_path / "pkg" / f"_cpu{importlib.machinery.EXTENSION_SUFFIXES[0]}"
     so.parent.mkdir()
     subprocess.run(["cc", "-shared", "-fPIC", "-o", str(so), str(src)], check=True)
-    (so.parent / "fastquant.py").write_text("")
-    monkeypatch.setattr(fastquant, "__file__", str(so.parent / "fastquant.py"))
-    monkeypatch.setattr(fastquant, "_PROBLEM", [])
-    fastquant.library.cache_clear()
+    (so.parent / "fused.py").write_text("")
+    monkeypatch.setattr(fused, "__file__", str(so.parent / "fused.py"))
+    monkeypatch.setattr(fused, "_PROBLEM", [])
+    fused.library.cache_clear()
     try:
-        assert fastquant.library() is None and fastquant.implementation() == "torch-reference"
-        assert "built for another rtnq version (ABI 1, this one needs 2)" in fastquant.problem()
+        assert fused.library() is None and fused.implementation() == "torch-reference"
+        assert "built for another rtnq version (ABI 1, this one needs 2)" in fused.problem()
     finally:
-        fastquant.library.cache_clear()
+        fused.library.cache_clear()
 
 
 def test_convert_warns_when_the_fast_path_is_unusable(tmp_path, monkeypatch):
     from cliutil import run
 
-    testing.write_checkpoint(tmp_path / "src", testing.SampleSpec(layers=1))
-    monkeypatch.setattr(fastquant, "problem", lambda: "the C fast path _cpu.so was built for another rtnq")
+    synthetic.write_checkpoint(tmp_path / "src", synthetic.SampleSpec(layers=1))
+    monkeypatch.setattr(fused, "problem", lambda: "the C fast path _cpu.so was built for another rtnq")
     r = run("convert", tmp_path / "src", tmp_path / "out")
     assert r.code == 0 and "warning: the C fast path _cpu.so was built for another rtnq" in r.err

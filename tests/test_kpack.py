@@ -1,11 +1,11 @@
-"""The GPTQ / compressed-tensors packing rules (rtnq.kpack) against hand-computed words (FORMATS.md 5, 6)."""
+"""The GPTQ / compressed-tensors packing rules (rtnq.numerics.kpack) against hand-computed words (FORMATS.md 5, 6)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rtnq import kpack
+from rtnq.numerics import kpack
 from rtnq.errors import ShapeError
 
 

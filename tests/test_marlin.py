@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rtnq import marlin, rtn
+from rtnq.numerics import marlin, rtn
 from rtnq.errors import ShapeError
 
 
@@ -115,7 +115,7 @@ def test_shape_errors_name_sizes_and_rule():
 @pytest.mark.parametrize("k", [64, 128, 192, 256, 384])
 @pytest.mark.parametrize("group", [64, 128, 256, -1])
 def test_shape_gate_admits_exactly_what_pack_can_hold(n, k, group):
-    """The converter's gate (rtnq.gate) says yes exactly when packing succeeds."""
+    """The converter's gate (rtnq.numerics.shape_rule) says yes exactly when packing succeeds."""
     g = k if group == -1 else group
     reason = marlin.check_shape(n, k, group)
     if k % g:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rtnq import testing
+from rtnq import synthetic
 
 # VmHWM, the high-water mark of this process's own address space. Not ru_maxrss: Linux carries the
 # forking parent's RSS into the child's ru_maxrss across exec, so under a large pytest process (with
@@ -36,8 +36,8 @@ def peak_rss(*args) -> int:
 @pytest.mark.slow
 def test_peak_rss_is_flat_in_the_number_of_layers(tmp_path):
     sizes = dict(hidden=512, intermediate=1536, vocab=1024, heads=4, kv_heads=2, shards=2)
-    small = testing.write_checkpoint(tmp_path / "l4", testing.SampleSpec(layers=4, **sizes))
-    big = testing.write_checkpoint(tmp_path / "l16", testing.SampleSpec(layers=16, **sizes))
+    small = synthetic.write_checkpoint(tmp_path / "l4", synthetic.SampleSpec(layers=4, **sizes))
+    big = synthetic.write_checkpoint(tmp_path / "l16", synthetic.SampleSpec(layers=16, **sizes))
     per_layer = sum(p.stat().st_size for p in big.glob("*.safetensors")) / 16
     rss_small = peak_rss("convert", small, tmp_path / "o4", "--keep-int8", "layers.0,mlp")
     rss_big = peak_rss("convert", big, tmp_path / "o16", "--keep-int8", "layers.0,mlp")

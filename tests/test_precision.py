@@ -1,4 +1,4 @@
-"""rtnq.precision: selectors, defaults, fused groups, precedence, the shape gate and --tp checks.
+"""rtnq.selection.precision: selectors, defaults, fused groups, precedence, the shape gate and --tp checks.
 
 The checkpoints here are lists of TensorSpecs named the way each architecture names its tensors in
 Hugging Face safetensors files; no weights are involved (the planner reads headers only).
@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rtnq import precision, selectors
+from rtnq.selection import precision, selectors
 from rtnq.errors import ShapeError, UsageError
-from rtnq.precision import parse_selectors, plan
-from rtnq.source import TensorSpec
+from rtnq.selection.precision import parse_selectors, plan
+from rtnq.checkpoint.source import TensorSpec
 
 H, I, KV = 256, 512, 128  # hidden, intermediate, k/v width: all pass the Marlin gate (n % 64, k % 128)
 
@@ -222,14 +222,14 @@ def matching(specs, selector: str) -> set[str]:
 
 
 def test_import_does_not_load_torch():
-    code = "import sys, rtnq.precision; assert 'torch' not in sys.modules, sorted(sys.modules)"
+    code = "import sys, rtnq.selection.precision; assert 'torch' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_planner_and_packer_share_one_shape_rule():
-    from rtnq import gate, marlin
+    from rtnq.numerics import shape_rule, marlin
 
-    assert precision.check_shape is gate.check_shape is marlin.check_shape
+    assert precision.check_shape is shape_rule.check_shape is marlin.check_shape
 
 
 # ---- defaults ---------------------------------------------------------------------------------------------

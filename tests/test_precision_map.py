@@ -3,8 +3,8 @@
 import importlib.util
 
 from cliutil import run
-from rtnq import manifest as mf
-from rtnq import precision_map
+from rtnq.checkpoint import manifest as mf
+from rtnq.commands import precision_map
 
 
 def _entry(kind, bits=None, shape=(64, 128), dtype="bfloat16"):
@@ -36,9 +36,9 @@ def test_ambiguous_short_names_fall_back_to_paths():
 
 
 def test_plot_writes_png_or_says_what_is_missing(tmp_path):
-    from rtnq import testing
+    from rtnq import synthetic
 
-    src = testing.write_checkpoint(tmp_path / "src")
+    src = synthetic.write_checkpoint(tmp_path / "src")
     assert run("convert", src, tmp_path / "out").code == 0
     png = tmp_path / "map.png"
     r = run("inspect", tmp_path / "out", "--plot", png)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rtnq import rtn
+from rtnq.numerics import rtn
 from rtnq.errors import InvalidWeightError, ShapeError, UsageError
 
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from rtnq import manifest, marlin, rtn
+from rtnq.checkpoint import manifest
+from rtnq.numerics import marlin, rtn
 from rtnq.errors import CheckpointError, KernelUnavailable, RtnqError, ShapeError, UsageError
 from rtnq.runtime import QuantLinear, dispatch, library, load_checkpoint, ops
 

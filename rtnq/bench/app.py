@@ -58,7 +58,7 @@ def _validate(o: Options) -> None:
 
 
 def _checkpoint_entries(out_dir: Path) -> tuple[Any, dict, list[str], str | None]:
-    from rtnq import manifest as manifest_mod
+    from rtnq.checkpoint import manifest as manifest_mod
 
     m = manifest_mod.read(out_dir)
     entries, skipped = {}, []

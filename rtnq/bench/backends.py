@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from rtnq import marlin, rtn
+from rtnq.numerics import marlin, rtn
 from rtnq.bench import report
 from rtnq.bench.harness import (DENSE, DENSE_BF16, DENSE_KN, INT8PACK, RTNQ_PATHS, TINYGEMM, Case, StackPlan)
 from rtnq.bench.shapes import Model, QuantConfig, ShapeGroup
@@ -40,7 +40,7 @@ class Runtime:
     QuantLinear: Any = None
     abi_version: int | None = None
     device_info: dict = field(default_factory=dict)
-    missing: str | None = None  # why the runtime is not there (CPU runs fall back to rtnq.marlin + rtn)
+    missing: str | None = None  # why the runtime is not there (CPU runs fall back to rtnq.numerics.marlin + rtn)
 
 
 def load_runtime(device: str) -> Runtime:
@@ -51,7 +51,7 @@ def load_runtime(device: str) -> Runtime:
     except ImportError as e:
         if device == "cuda":
             raise KernelUnavailable(f"the rtnq runtime is not importable ({e})") from None
-        return Runtime(missing=f"rtnq.runtime not importable ({e}); CPU reference = rtnq.marlin.unpack + "
+        return Runtime(missing=f"rtnq.runtime not importable ({e}); CPU reference = rtnq.numerics.marlin.unpack + "
                                "rtn.dequantize + F.linear")
     rt = Runtime(ops=ops, dispatch=dispatch, library=library, loader=loader, QuantLinear=QuantLinear)
     if device == "cuda":

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from rtnq import formats, marlin
-from rtnq import manifest as manifest_mod
+from rtnq import formats
+from rtnq.numerics import marlin
+from rtnq.checkpoint import manifest as manifest_mod
 from rtnq.errors import CheckpointError, KernelUnavailable, RtnqError
 from rtnq.runtime.quant_linear import QuantLinear
 

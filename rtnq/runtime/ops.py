@@ -12,9 +12,9 @@ import threading
 
 import torch
 
-from rtnq import marlin
+from rtnq.numerics import marlin
 from rtnq.errors import ShapeError, UsageError
-from rtnq.rtn import check_params
+from rtnq.numerics.rtn import check_params
 from rtnq.runtime import dispatch, library
 
 GEMM_PATHS = ("auto",) + dispatch.PATHS

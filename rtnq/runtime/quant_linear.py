@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtnq import marlin, rtn
+from rtnq.numerics import marlin, rtn
 from rtnq.errors import ShapeError, UsageError
 from rtnq.runtime import dispatch, ops
 

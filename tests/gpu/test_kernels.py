@@ -1,7 +1,7 @@
 """Every CUDA kernel against the CPU reference (issue 5 item 5; GPU.md 4.2).
 
-Reference: the dequantized weight W = (code - bias) * scale from rtnq.rtn.dequantize on the codes and
-scales before packing (rtnq.marlin.pack), and out_ref = x.double() @ W.double().T. Inputs are random
+Reference: the dequantized weight W = (code - bias) * scale from rtnq.numerics.rtn.dequantize on the codes and
+scales before packing (rtnq.numerics.marlin.pack), and out_ref = x.double() @ W.double().T. Inputs are random
 (never zeros: uniformly random codes hit every code value), outputs are pre-filled with NaN so an
 unwritten element fails, every case runs three times and must be bit-identical, and after every GEMM
 the workspace counters must be back to zero (the split-K protocol resets them).
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rtnq import marlin, rtn
+from rtnq.numerics import marlin, rtn
 from rtnq.runtime import QuantLinear, library, load_checkpoint, ops
 
 M_LIST = [1, 2, 3, 7, 16, 17, 33, 64, 65, 255, 1024, 1500]
@@ -298,10 +298,11 @@ def test_loader_on_cuda(tmp_path):
 def test_exports_load_on_cuda_like_the_marlin_format(tmp_path):
     # GPTQ and compressed-tensors exports are repacked into Marlin on load: on the GPU they must give the
     # marlin format's outputs exactly (same bytes, same kernels).
-    from rtnq import convert, testing
+    from rtnq.commands import convert
+    from rtnq import synthetic
 
     src = tmp_path / "src"
-    testing.write_checkpoint(src, testing.SampleSpec(hidden=256, intermediate=512, layers=1))
+    synthetic.write_checkpoint(src, synthetic.SampleSpec(hidden=256, intermediate=512, layers=1))
     loaded = {}
     for fmt in ("marlin", "gptq", "compressed-tensors"):
         opts = convert.Options(keep_int8=["mlp"], format=fmt)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from rtnq.manifest import Manifest, TensorEntry
+from rtnq.checkpoint.manifest import Manifest, TensorEntry
 
 # A numbered block container, e.g. "model.layers.12." or "transformer.h.3."
 _BLOCK = re.compile(r"^(?P<prefix>.*?\b(?:layers|layer|h|blocks|block))\.(?P<idx>\d+)\.(?P<rest>.+)$")

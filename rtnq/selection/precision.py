@@ -2,7 +2,7 @@
 
 Pure and torch-free: it reads only the names, dtypes and shapes of the source tensors (headers), and returns a
 Plan that the converter executes and the manifest records (DESIGN.md sections 5 and 6). The selector language
-and the alias table live in `rtnq.selectors`.
+and the alias table live in `rtnq.selection.selectors`.
 
 Default: quantize float (F16/BF16/F32) `.weight` tensors of linear layers inside the blocks, i.e. under a
 numbered container of selectors.BLOCK_CONTAINERS (`layers.N`, `layer.N`, `h.N`, `blocks.N`, `block.N`,
@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from rtnq.errors import ShapeError, UsageError
-from rtnq.gate import MIN_K, MIN_N, check_shape
-from rtnq.selectors import (
+from rtnq.numerics.shape_rule import MIN_K, MIN_N, check_shape
+from rtnq.selection.selectors import (
     ALIASES,
     COLUMN,
     FUSED,
@@ -60,8 +60,8 @@ from rtnq.selectors import (
     unmatched_message,
 )
 
-if TYPE_CHECKING:  # rtnq.source imports torch; the planner only reads .name, .dtype and .shape
-    from rtnq.source import TensorSpec
+if TYPE_CHECKING:  # rtnq.checkpoint.source imports torch; the planner only reads .name, .dtype and .shape
+    from rtnq.checkpoint.source import TensorSpec
 
 __all__ = ["ALIASES", "Decision", "Plan", "Selector", "check_shape", "parse_selectors", "plan"]
 

@@ -10,7 +10,7 @@
 The codes and scale values are the same RTN numbers in every format (the scales keep the dtype the
 weight was quantized in); only their arrangement differs, so all three dequantize to identical weights.
 The first two outputs of each format are the packed codes and the scales, filled by the converter's
-quantizer (rtnq.fastquant, layout `pack_layout`); the rest are constants of the shape (`constants`).
+quantizer (rtnq.numerics.fused, layout `pack_layout`); the rest are constants of the shape (`constants`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rtnq import kpack, marlin, rtn
-from rtnq.source import TORCH_TO_ST
+from rtnq.numerics import kpack, marlin, rtn
+from rtnq.checkpoint.source import TORCH_TO_ST
 
 FORMATS = ("marlin", "gptq", "compressed-tensors")
 
@@ -29,7 +29,7 @@ FORMATS = ("marlin", "gptq", "compressed-tensors")
 class Format:
     name: str  # the --format value
     manifest_name: str  # the manifest's "format"
-    pack_layout: str  # rtnq.fastquant layout of the packed codes and scales
+    pack_layout: str  # rtnq.numerics.fused layout of the packed codes and scales
     roles: tuple[str, ...]  # output tensor suffixes, codes and scales first
     stacked_experts: bool  # can hold a 3-D (E, n, k) expert tensor
 

@@ -11,7 +11,7 @@ The codes, the scale values and the error sums are the same in every layout; "ro
 store the scales plain (not permuted). The implementations give the same bytes
 (tests/test_fastpath.py checks each against rtn.quantize + marlin.pack / kpack):
 
-* the C library built from csrc/rtnq_cpu.c by `pip install` (rtnq/_cpu*.so, loaded with ctypes;
+* the C library built from csrc/rtnq_cpu.c by `pip install` (rtnq/numerics/_cpu*.so, loaded with ctypes;
   AVX2 + F16C + FMA when the CPU has them, portable C otherwise), called without the GIL so the
   rows of one chunk are split across the CPU's cores;
 * the readable reference, per chunk: `rtn.quantize` -> `rtn.dequantize` -> `marlin.pack` or
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from rtnq import kpack, marlin, rtn
+from rtnq.numerics import kpack, marlin, rtn
 from rtnq.errors import InvalidWeightError, ShapeError, UsageError
 
 ABI = 2

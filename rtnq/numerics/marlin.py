@@ -22,14 +22,14 @@ import sys
 import torch
 
 from rtnq.errors import ShapeError
-from rtnq.gate import MIN_K, MIN_N, check_shape  # noqa: F401  (re-exported: marlin.check_shape)
-from rtnq.rtn import BITS
+from rtnq.numerics.shape_rule import MIN_K, MIN_N, check_shape  # noqa: F401  (re-exported: marlin.check_shape)
+from rtnq.numerics.rtn import BITS
 
 TILE = 16  # rows per slab and the edge of one tensor-core tile
 BLOCK_N = 64  # columns per permuted block: 4 tiles of 16 x 16
 
 if sys.byteorder != "little":  # the packed words are built from little-endian bytes
-    raise ImportError("rtnq.marlin needs a little-endian machine")
+    raise ImportError("rtnq.numerics.marlin needs a little-endian machine")
 
 
 def _base_perm() -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rtnq.errors import UsageError
-from rtnq.precision_map import PrecisionMap
+from rtnq.commands.precision_map import PrecisionMap
 
 COLORS = {"int4": "#2e7d32", "int8": "#f9a825"}  # anything else (16/32-bit) is grey
 

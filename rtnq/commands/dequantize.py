@@ -13,7 +13,7 @@ What each module is, is read off the tensors, not trusted from a manifest:
                      qzeros must hold the symmetric constants (v1 or v2); asymmetric GPTQ is refused.
   compressed-tensors weight_shape [n, k]; bits = 32 * weight_packed columns / k; groups from the scales.
                      A weight_zero_point (asymmetric) is refused.
-  marlin (rtnq)      bits, group size and shape from rtnq_manifest.json, unpacked with rtnq.marlin.
+  marlin (rtnq)      bits, group size and shape from rtnq_manifest.json, unpacked with rtnq.numerics.marlin.
 Streaming like convert: a few modules in memory at a time (IN_FLIGHT), writes behind on a writer
 thread; output shards mirror the input shards; the
 output is built in a temporary directory and renamed into place at the end.
@@ -31,11 +31,13 @@ from typing import Callable
 
 import torch
 
-from rtnq import formats, pipeline, rtn
-from rtnq import manifest as mf
+from rtnq import formats
+from rtnq.checkpoint import pipeline
+from rtnq.numerics import rtn
+from rtnq.checkpoint import manifest as mf
 from rtnq.errors import CheckpointError
-from rtnq.source import INDEX_NAME, Reader, TensorSpec, read_json_object, resolve, scan
-from rtnq.writer import Entry, ShardWriter, atomic_dir, check_output_location, write_index, write_json
+from rtnq.checkpoint.source import INDEX_NAME, Reader, TensorSpec, read_json_object, resolve, scan
+from rtnq.checkpoint.writer import Entry, ShardWriter, atomic_dir, check_output_location, write_index, write_json
 
 FORMAT_OF_METHOD = {"gptq": formats.GPTQ, "compressed-tensors": formats.COMPRESSED_TENSORS, "rtnq": formats.MARLIN}
 METHODS = tuple(FORMAT_OF_METHOD)
@@ -101,7 +103,7 @@ def _qconfig(cfg: dict, src: Path) -> dict:
 
 def make_plan(src: str | Path, out: str | Path, force: bool = False) -> Plan:
     """Everything about the dense output, from headers and configs (plus GPTQ/CT's tiny shape tensors)."""
-    from rtnq.convert import small_files  # the same rule for what else to copy
+    from rtnq.commands.convert import small_files  # the same rule for what else to copy
 
     src_dir = resolve(src)
     out_dir = Path(out)
@@ -296,7 +298,7 @@ def run(plan: Plan, progress: Callable[[int, int], None] | None = None) -> Resul
     """Write the dense checkpoint into a temporary directory, then rename it to OUT.
 
     The main thread reads and dequantizes; a writer thread writes behind it and an fsync thread
-    starts the disk early (rtnq.pipeline, as in convert). At most IN_FLIGHT tensors or 8 MB pieces
+    starts the disk early (rtnq.checkpoint.pipeline, as in convert). At most IN_FLIGHT tensors or 8 MB pieces
     wait for the writer, so memory stays a few tensors whatever the model size.
     """
     t0 = time.perf_counter()

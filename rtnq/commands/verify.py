@@ -15,10 +15,11 @@ from typing import Callable
 
 import torch
 
-from rtnq import manifest as mf
-from rtnq import formats, rtn
+from rtnq.checkpoint import manifest as mf
+from rtnq import formats
+from rtnq.numerics import rtn
 from rtnq.errors import CheckpointError
-from rtnq.source import Reader, TensorSpec, resolve, scan, scan_shard, shard_files
+from rtnq.checkpoint.source import Reader, TensorSpec, resolve, scan, scan_shard, shard_files
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from rtnq.source import INDEX_NAME, SINGLE_NAME, TORCH_TO_ST
-from rtnq.writer import Entry, ShardWriter
+from rtnq.checkpoint.source import INDEX_NAME, SINGLE_NAME, TORCH_TO_ST
+from rtnq.checkpoint.writer import Entry, ShardWriter
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

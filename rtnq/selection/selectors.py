@@ -1,6 +1,6 @@
 """Tensor names and the `--keep-int8` / `--skip` selector language (DESIGN.md section 5).
 
-Pure and torch-free, like `rtnq.precision`, which is its only user: this module says what a name is
+Pure and torch-free, like `rtnq.selection.precision`, which is its only user: this module says what a name is
 (its block, module role and family) and whether a selector matches it; precision decides what happens.
 
 Selectors (a comma list; a list of such strings is accepted too)
@@ -47,8 +47,8 @@ from typing import TYPE_CHECKING, NamedTuple, Union
 
 from rtnq.errors import UsageError
 
-if TYPE_CHECKING:  # rtnq.source imports torch; only .name is read here
-    from rtnq.source import TensorSpec
+if TYPE_CHECKING:  # rtnq.checkpoint.source imports torch; only .name is read here
+    from rtnq.checkpoint.source import TensorSpec
 
 # The numbered containers that hold the transformer blocks. A closed list on purpose: a generic "any
 # name followed by a number" would turn nn.Sequential projectors (`mm_projector.0`) into blocks.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from rtnq.errors import ShapeError
-from rtnq.rtn import BITS, bias
+from rtnq.numerics.rtn import BITS, bias
 
 
 def per_word(bits: int) -> int:
@@ -42,7 +42,7 @@ def pack_rows(codes_nk: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_rows(words_nw: torch.Tensor, bits: int) -> torch.Tensor:
     """int32 (n, k*bits/32) -> uint8 codes (n, k); the inverse of pack_rows.
 
-    Works on the words' little-endian bytes (rtnq.marlin refuses big-endian machines): an 8-bit
+    Works on the words' little-endian bytes (rtnq.numerics.marlin refuses big-endian machines): an 8-bit
     code is a byte, a 4-bit byte holds code 2i in its low and 2i+1 in its high nibble.
     """
     per_word(bits)

@@ -1,6 +1,6 @@
 r"""The `quantization_config` that vLLM, SGLang and transformers read from a GPTQ or compressed-tensors export.
 
-Pure and torch-free: built from the converter's decisions and the names' analysis (rtnq.selectors).
+Pure and torch-free: built from the converter's decisions and the names' analysis (rtnq.selection.selectors).
 Facts: shared FORMATS.md 6.1 (GPTQ) and 6.3 (compressed-tensors).
 
 The hard part is naming modules so that every loader resolves the same precision:
@@ -9,7 +9,7 @@ The hard part is naming modules so that every loader resolves the same precision
   transformers and the compressed-tensors library match the checkpoint's names.
   Each pattern therefore names a whole fused group: its parent, then an alternation of the members
   found in the checkpoint plus the engine's fused name; an experts pattern matches the experts
-  container and everything under it. rtnq.precision already gives every fused group one precision.
+  container and everything under it. rtnq.selection.precision already gives every fused group one precision.
 * patterns end in `$` and start at the block container with an optional prefix,
   `(?:.*\.)?layers\.3\.mlp\.down_proj$`, so they still match when an engine names the text model
   differently (vLLM's multimodal models use `language_model.model.layers...`, and GPTQ `dynamic` keys
@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from rtnq.selectors import FUSED, NameInfo
+from rtnq.selection.selectors import FUSED, NameInfo
 
 # The fused layer name an engine builds from members of a FUSED kind (vLLM's packed_modules_mapping).
 ENGINE_FUSED_NAME = {"qkv": "qkv_proj", "gate_up": "gate_up_proj", "qkv_a": "fused_qkv_a_proj"}

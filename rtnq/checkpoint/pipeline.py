@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from rtnq.writer import start_writeback
+from rtnq.checkpoint.writer import start_writeback
 
 _POLL = 0.05  # seconds between checks of the stop flag while blocked
 

@@ -18,11 +18,15 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from rtnq import manifest as mf
-from rtnq import engine_config, fastquant, formats, pipeline, precision, rtn
+from rtnq.checkpoint import manifest as mf
+from rtnq.formats import engine_config
+from rtnq.numerics import fused, rtn
+from rtnq import formats
+from rtnq.checkpoint import pipeline
+from rtnq.selection import precision
 from rtnq.errors import CheckpointError, UsageError
-from rtnq.source import DTYPES, INDEX_NAME, SINGLE_NAME, Reader, TensorSpec, read_json_object, resolve, scan
-from rtnq.writer import Entry, ShardWriter, atomic_dir, check_output_location, shard_size, write_index, write_json
+from rtnq.checkpoint.source import DTYPES, INDEX_NAME, SINGLE_NAME, Reader, TensorSpec, read_json_object, resolve, scan
+from rtnq.checkpoint.writer import Entry, ShardWriter, atomic_dir, check_output_location, shard_size, write_index, write_json
 
 VERSION = "0.1.0"
 GPTQ_CONFIG_NAME = "quantize_config.json"
@@ -56,7 +60,7 @@ class Item:
     outputs: list[Entry]
     out_shard: str
     quant_dtype: torch.dtype | None = None  # the 16-bit dtype the RTN arithmetic runs in
-    layout: str = "marlin"  # rtnq.fastquant layout of the packed codes (the format's)
+    layout: str = "marlin"  # rtnq.numerics.fused layout of the packed codes (the format's)
 
 
 @dataclass
@@ -246,12 +250,12 @@ def quantize_item(
     done = 0  # rows of the (experts * n, k) weight quantized so far
     for chunk in w:
         e, row0 = divmod(done, n)
-        fastquant.quantize_rows(chunk.to(item.quant_dtype), row0, q3[e], s3[e], d.bits, d.group_size, sums,
+        fused.quantize_rows(chunk.to(item.quant_dtype), row0, q3[e], s3[e], d.bits, d.group_size, sums,
                                 name=spec.name, layout=item.layout)
         done += chunk.shape[0]
     if done != experts * n:
         raise ValueError(f"{spec.name}: got {done} rows, expected {experts * n}")
-    return qweight, scales, fastquant.relative_error(sums)
+    return qweight, scales, fused.relative_error(sums)
 
 
 def chunk_ranges(item: Item) -> list[tuple[int, int]]:
@@ -267,7 +271,7 @@ def chunk_ranges(item: Item) -> list[tuple[int, int]]:
         return [(s, min(CHUNK_BYTES, spec.nbytes - s)) for s in range(0, spec.nbytes, CHUNK_BYTES)]
     *lead, n, k = spec.shape
     row_bytes = k * DTYPES[spec.dtype][1]
-    rows = max(fastquant.ROW_ALIGN, CHUNK_BYTES // row_bytes // fastquant.ROW_ALIGN * fastquant.ROW_ALIGN)
+    rows = max(fused.ROW_ALIGN, CHUNK_BYTES // row_bytes // fused.ROW_ALIGN * fused.ROW_ALIGN)
     return [((e * n + r) * row_bytes, min(rows, n - r) * row_bytes)
             for e in range(lead[0] if lead else 1) for r in range(0, n, rows)]
 
@@ -377,7 +381,7 @@ def write_config(plan: Plan, tmp: Path) -> None:
 def run(plan: Plan, progress: Callable[[Progress], None] | None = None) -> Result:
     """Execute `plan`: stream every tensor into a temporary directory, then rename it to OUT.
 
-    Reading, quantizing and writing overlap (rtnq/pipeline.py): the next chunk is read while this
+    Reading, quantizing and writing overlap (rtnq/checkpoint/pipeline.py): the next chunk is read while this
     one is quantized and the previous tensor is written; memory is a few chunks plus two quantized
     tensors' outputs, whatever the number of layers.
     """

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import torch
 
 from rtnq.errors import OutputError, UsageError
-from rtnq.source import DTYPES, TORCH_TO_ST
+from rtnq.checkpoint.source import DTYPES, TORCH_TO_ST
 
 HEADER_ALIGN = 8
 WRITEBACK_BYTES = 32 * 1024 * 1024  # eager writeback: start the disk after this many new bytes

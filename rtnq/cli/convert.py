@@ -1,0 +1,125 @@
+"""`rtnq convert`: plan, print the plan (--dry-run) or run it with a progress bar, print the summary."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from rtnq.cli.app import JsonOpt, app, err
+from rtnq.cli.output import emit_json, parse_bits, parse_dtype, parse_format, parse_group, parse_tp, print_summary, print_totals, split_list, tp_summary
+from rtnq.errors import Interrupted
+
+CONVERT_EXAMPLES = """
+Examples:
+
+  rtnq convert llama-3.1-8b/ llama-3.1-8b-rtnq/                      # INT4, group 128
+
+  rtnq convert model/ out/ --bits 4 --keep-int8 layers.0,layers.-1,down   # selective INT8
+
+  rtnq convert model/ out/ --keep-int8 qkv --skip layers.-1 --dry-run  # print the plan only
+
+  rtnq convert model/ out/ --format gptq --keep-int8 layers.0 --dry-run --tp 2,4,8   # for vLLM/SGLang
+"""
+
+
+@app.command(epilog=CONVERT_EXAMPLES)
+def convert(
+    src: Annotated[str, typer.Argument(help="Model directory with model.safetensors or shards + index.")],
+    out: Annotated[str, typer.Argument(help="Output directory (must not exist unless --force).")],
+    bits: Annotated[int, typer.Option(callback=parse_bits, help="Default precision: 4 or 8.")] = 4,
+    group_size: Annotated[int, typer.Option("--group-size", callback=parse_group, help="32, 64, 128 or -1 (channelwise).")] = 128,
+    keep_int8: Annotated[Optional[list[str]], typer.Option("--keep-int8", help="Selectors kept in INT8 (comma list).")] = None,
+    skip: Annotated[Optional[list[str]], typer.Option("--skip", help="Selectors kept in 16-bit (comma list).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(callback=parse_dtype, help="Cast weights to bf16/fp16 before quantizing (default: keep 16-bit, fp32 -> bf16).")] = None,
+    fmt: Annotated[str, typer.Option("--format", callback=parse_format, help="marlin (rtnq's runtime), gptq or compressed-tensors (vLLM, SGLang, transformers).")] = "marlin",
+    tp: Annotated[Optional[str], typer.Option("--tp", help="List the tensors that fail the Marlin shape rules when split for these tensor-parallel degrees, e.g. 2,4,8.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and output size; read no weights.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail instead of passing Marlin-incompatible shapes through.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Quantize SRC with round-to-nearest into Marlin-packed INT4/INT8 and write OUT with a manifest."""
+    from rtnq.commands import convert as conv
+
+    options = conv.Options(
+        bits=bits, group_size=group_size, keep_int8=split_list(keep_int8), skip=split_list(skip),
+        dtype=dtype, strict=strict, force=force, tp=parse_tp(tp), format=fmt,
+    )
+    plan = conv.make_plan(src, out, options)
+    from rtnq.numerics import fused
+
+    slow = None if dry_run else fused.problem()
+    for w in plan.precision.warnings + ([slow] if slow else []):
+        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+    if dry_run:
+        _print_plan(plan, json_out)
+        err.print(tp_summary(plan.precision.tp_failures), highlight=False, soft_wrap=True)
+        return
+    try:
+        result = _run_with_progress(conv, plan)
+    except KeyboardInterrupt:
+        # click would turn this into "Aborted!" and exit 1; the contract is a named error and 130.
+        raise Interrupted(f"interrupted; nothing was written to {plan.out}") from None
+    if json_out:
+        emit_json({"out": str(plan.out), "seconds": round(result.seconds, 3), "format": fmt,
+                    **result.manifest.to_json()["totals"]})
+    else:
+        print_summary(result)
+    err.print(tp_summary(plan.precision.tp_failures), highlight=False, soft_wrap=True)
+
+
+def _run_with_progress(conv, plan):
+    if not err.is_terminal:
+        return conv.run(plan)
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    columns = (TextColumn("{task.fields[tensors]}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("convert", total=plan.bytes_in, tensors=f"0/{len(plan.items)} tensors")
+
+        def update(p):
+            bar.update(task, completed=p.bytes_done, tensors=f"{p.tensors_done}/{p.tensors_total} tensors")
+
+        return conv.run(plan, update)
+
+
+def _print_plan(plan, json_out: bool) -> None:
+    from rtnq.commands import convert as conv
+
+    t = conv.totals(plan)
+    if json_out:
+        tensors = [
+            {"name": i.spec.name, "kind": i.decision.kind, "bits": i.decision.bits, "rule": i.decision.rule,
+             "reason": i.decision.reason, "outputs": [e.name for e in i.outputs], "shard": i.out_shard}
+            for i in plan.items
+        ]
+        tp = {str(d): [{"name": n, "why": why} for n, why in plan.precision.tp_failures[d]]
+              for d in plan.options.tp}
+        emit_json({"dry_run": True, "format": plan.options.format, "totals": t, "rules": plan.precision.rules,
+                    "warnings": plan.precision.warnings, "tensors": tensors, "tp": tp})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"plan: {plan.src} -> {plan.out}, format {plan.options.format} (dry run, nothing written)")
+    for col in ("tensor", "shape", "becomes", "why"):
+        table.add_column(col)
+    for i in plan.items:
+        d = i.decision
+        becomes = f"int{d.bits} g{d.group_size}" if d.kind == "marlin" else i.spec.dtype.lower()
+        table.add_row(i.spec.name, "x".join(map(str, i.spec.shape)), becomes, d.rule if d.kind == "marlin" else (d.reason or ""))
+    err.print(table)
+    for d in plan.options.tp:
+        fails = plan.precision.tp_failures[d]
+        if not fails:
+            continue
+        tp_table = Table(title=f"tensor parallel {d}: quantized tensors that fail the Marlin shape rules per rank")
+        tp_table.add_column("tensor")
+        tp_table.add_column("why")
+        for name, why in fails:
+            tp_table.add_row(name, why)
+        err.print(tp_table)
+    print_totals(t)
+
+

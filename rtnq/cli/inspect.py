@@ -1,0 +1,69 @@
+"""`rtnq inspect`: the precision manifest as a table, JSON or a picture."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from rtnq.cli.app import JsonOpt, app, err
+from rtnq.cli.output import emit_json, print_totals, tp_summary
+
+@app.command()
+def inspect(
+    out_dir: Annotated[str, typer.Argument(help="A directory written by `rtnq convert`.")],
+    json_out: JsonOpt = False,
+    plot: Annotated[Optional[str], typer.Option("--plot", help="Draw the precision map into this PNG file (needs matplotlib).")] = None,
+) -> None:
+    """Show the precision manifest: precision per layer and module, totals and bits per weight."""
+    from rtnq.checkpoint import manifest as mf
+    from rtnq.commands import precision_map
+
+    m = mf.read(out_dir)
+    if json_out:
+        emit_json(m.to_json())
+    else:
+        err.print(f"format: {m.format} (manifest version {m.version})", highlight=False)
+        _print_precision_map(precision_map.build(m))
+        for w in m.warnings:
+            err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+        print_totals(m.totals)
+        tp = m.totals.get("tp_failures")  # absent in manifests written before rtnq recorded it
+        if tp:
+            err.print(tp_summary({int(t): [None] * c for t, c in tp.items()}), highlight=False, soft_wrap=True)
+    if plot:
+        from rtnq.commands import plotting
+
+        plotting.precision_map_png(precision_map.build(m), plot)
+        err.print(f"wrote {plot}", highlight=False)
+
+
+_STYLE = {"int4": "green", "int8": "yellow"}
+
+
+def _print_precision_map(pm) -> None:
+    from rich.table import Table
+
+    table = Table(title="precision by layer and module")
+    table.add_column("layer", justify="right")
+    from rtnq.commands.precision_map import short_names
+
+    for header in short_names(pm.modules):
+        table.add_column(header)
+    for layer in pm.layers:
+        row = [str(layer)]
+        for module in pm.modules:
+            v = pm.cells.get((layer, module), "")
+            row.append(f"[{_STYLE[v]}]{v}[/]" if v in _STYLE else v)
+        table.add_row(*row)
+    err.print(table)
+    if pm.other:
+        other = Table(title="outside the blocks")
+        other.add_column("tensor")
+        other.add_column("precision")
+        for name, v in pm.other.items():
+            other.add_row(name, v)
+        err.print(other)
+
+

@@ -1,0 +1,95 @@
+"""Option parsing callbacks and output helpers shared by the commands."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from rtnq.cli.app import err
+
+def split_list(values: Optional[list[str]]) -> list[str]:
+    """Options may repeat and hold comma lists: --keep-int8 layers.0,mlp --keep-int8 o."""
+    return [part.strip() for v in values or [] for part in v.split(",") if part.strip()]
+
+
+def parse_bits(value: int) -> int:
+    if value not in (4, 8):
+        raise typer.BadParameter("must be 4 or 8")
+    return value
+
+
+def parse_group(value: int) -> int:
+    if value not in (32, 64, 128, -1):
+        raise typer.BadParameter("must be 32, 64, 128 or -1 (channelwise)")
+    return value
+
+
+def parse_dtype(value: Optional[str]) -> Optional[str]:
+    if value is not None and value not in ("bf16", "fp16"):
+        raise typer.BadParameter("must be bf16 or fp16")
+    return value
+
+
+def parse_format(value: str) -> str:
+    if value not in ("marlin", "gptq", "compressed-tensors"):
+        raise typer.BadParameter("must be marlin, gptq or compressed-tensors")
+    return value
+
+
+def parse_tp(value: Optional[str]) -> list[int]:
+    try:
+        degrees = [int(x) for x in (value or "").split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter("must be a comma list of integers, e.g. 2,4,8") from None
+    if any(d < 1 for d in degrees):
+        raise typer.BadParameter("degrees must be >= 1")
+    return degrees
+
+
+def emit_json(data) -> None:
+    """Plain JSON on stdout (rich would wrap long lines at the console width)."""
+    import json
+
+    typer.echo(json.dumps(data, indent=1, sort_keys=True, default=str))
+
+
+def gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def tp_summary(failures: dict[int, list]) -> str:
+    """One line on every run: which tensor-parallel degrees keep every quantized tensor Marlin-loadable."""
+    parts = []
+    for t, fails in sorted(failures.items()):
+        parts.append(f"TP{t} ok" if not fails else f"TP{t}: {len(fails)} quantized tensors fail")
+    line = "tensor parallel (Marlin shape rules per rank): " + ", ".join(parts)
+    bad = [t for t, f in sorted(failures.items()) if f]
+    if bad:
+        line += f" (rtnq convert --dry-run --tp {','.join(map(str, bad))} lists them)"
+    return line
+
+
+def print_totals(t: dict, seconds: float | None = None) -> None:
+    from rich.table import Table
+
+    c = t["tensors"]
+    table = Table(show_header=False, title="summary")
+    table.add_row("quantized INT4 / INT8", f"{c['marlin4']} / {c['marlin8']} tensors")
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(t["passthrough_reasons"].items()))
+    table.add_row("passed through", f"{c['passthrough']} tensors" + (f" ({reasons})" if reasons else ""))
+    table.add_row("bytes in -> out", f"{gb(t['bytes_in'])} -> {gb(t['bytes_out'])}")
+    if t["bits_per_weight"] is not None:
+        table.add_row("bits per weight (quantized linears, scales included)", f"{t['bits_per_weight']:.4f}")
+    if t["model_bits_per_weight"] is not None:
+        table.add_row("bits per weight (whole model)", f"{t['model_bits_per_weight']:.4f}")
+    if seconds is not None:
+        table.add_row("wall time", f"{seconds:.2f} s ({t['bytes_in'] / max(seconds, 1e-9) / 1e9:.2f} GB/s of input)")
+    err.print(table)
+
+
+def print_summary(result) -> None:
+    print_totals(result.manifest.totals, result.seconds)
+    err.print(f"wrote {result.plan.out}", highlight=False)
+
+
