@@ -14,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from rtnq.checkpoint.source import INDEX_NAME, SINGLE_NAME, TORCH_TO_ST
+from rtnq import dtypes
+from rtnq.checkpoint.source import INDEX_NAME, SINGLE_NAME
 from rtnq.checkpoint.writer import Entry, ShardWriter
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = ("bf16", "fp16", "fp32")  # what `rtnq sample --dtype` accepts
 
 # Shapes of the issue-4 benchmark model: a 1.1B-parameter Llama (TinyLlama-like), 2.2 GB in bf16.
 BENCH_1B = dict(hidden=2048, intermediate=5632, layers=22, vocab=32000, heads=32, kv_heads=4)
@@ -97,7 +98,7 @@ def config(spec: SampleSpec) -> dict:
         "max_position_embeddings": 2048,
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": spec.tied,
-        "torch_dtype": {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[spec.dtype],
+        "torch_dtype": dtypes.BY_SHORT[spec.dtype].name,
     }
 
 
@@ -106,8 +107,8 @@ def write_checkpoint(out_dir: str | Path, spec: SampleSpec | None = None) -> Pat
     spec = spec or SampleSpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = DTYPES[spec.dtype]
-    st = TORCH_TO_ST[dtype]
+    dtype = dtypes.BY_SHORT[spec.dtype].torch
+    st = dtypes.BY_SHORT[spec.dtype].st
     shapes = tensor_shapes(spec)
     entries = [Entry(name, st, shape) for name, shape in shapes]
 

@@ -97,7 +97,7 @@ def vllm_layers(manifest: dict) -> dict[str, list[str]]:
 
 
 def stored(manifest: dict, tensors: list[str]) -> set:
-    return {e["bits"] if e["kind"] == "marlin" else None for e in (manifest["tensors"][t] for t in tensors)}
+    return {e["bits"] if e["kind"] == "quantized" else None for e in (manifest["tensors"][t] for t in tensors)}
 
 
 def check(out: Path, fns: dict[str, Any]) -> list[str]:

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from cliutil import load_tensors, leftovers, run, run_process
 from rtnq.checkpoint import manifest as mf
 from rtnq.numerics import marlin, rtn
-from rtnq import synthetic
+from rtnq import dtypes, synthetic
 
 
 def _load_dir(path):
@@ -50,7 +50,7 @@ def test_every_tensor_matches_rtn_and_marlin_directly(llama, converted):
     m = mf.read(converted)
     assert set(m.tensors) == set(src)
     for shard_meta in meta.values():
-        assert shard_meta["format"] == "rtnq" and shard_meta["manifest_version"] == "2"
+        assert shard_meta["format"] == "rtnq" and shard_meta["manifest_version"] == str(mf.VERSION) == "3"
     for name, w in src.items():
         e = m.tensors[name]
         if e.kind == "passthrough":
@@ -77,7 +77,7 @@ def test_manifest_agrees_with_the_files(converted):
         for role, tensor_name in e.outputs.items():
             assert index[tensor_name] == e.shard
             described.add(tensor_name)
-        if e.kind == "marlin":
+        if e.kind == "quantized":
             n, k = e.shape
             assert tuple(out[e.outputs["qweight"]].shape) == (k // 16, n * 16 * e.bits // 32)
             assert tuple(out[e.outputs["scales"]].shape) == (k // 128, n)
@@ -86,8 +86,8 @@ def test_manifest_agrees_with_the_files(converted):
             assert e.reason
     assert described == set(out)
     t = m.totals
-    assert t["tensors"]["marlin4"] == 4 * 2  # attention of layers 1 and 2
-    assert t["tensors"]["marlin8"] == 7 + 3 * 2  # layer 0 all, plus mlp of layers 1-2
+    assert t["tensors"]["int4"] == 4 * 2  # attention of layers 1 and 2
+    assert t["tensors"]["int8"] == 7 + 3 * 2  # layer 0 all, plus mlp of layers 1-2
     assert t["bytes_out"] == sum(p.stat().st_size for p in converted.glob("*.safetensors"))
     assert m.tensors["model.layers.0.mlp.odd_proj.weight"].reason.startswith("shape")
     assert [r["selector"] for r in m.rules if r["option"] == "keep-int8"] == ["layers.0", "mlp"]
@@ -122,7 +122,7 @@ def test_inspect_table_and_json(converted):
     assert r.code == 0
     assert "int8" in r.err and "int4" in r.err and "bits per weight" in r.err
     j = run("inspect", converted, "--json")
-    assert json.loads(j.out)["version"] == 2 and j.err == ""
+    assert json.loads(j.out)["version"] == 3 and j.err == ""
 
 
 def test_inspect_refuses_unknown_manifest_version(converted, tmp_path):
@@ -131,10 +131,10 @@ def test_inspect_refuses_unknown_manifest_version(converted, tmp_path):
     d = tmp_path / "future"
     shutil.copytree(converted, d)
     data = json.loads((d / mf.FILENAME).read_text())
-    data["version"] = 3
+    data["version"] = 4
     (d / mf.FILENAME).write_text(json.dumps(data))
     r = run("inspect", d)
-    assert r.code == 4 and "version 3 is not supported" in r.err
+    assert r.code == 4 and "version 4 is not supported" in r.err
 
 
 def test_version_1_manifests_still_read_as_marlin(converted, llama, tmp_path):
@@ -153,6 +153,30 @@ def test_version_1_manifests_still_read_as_marlin(converted, llama, tmp_path):
     assert run("verify", d, "--against", llama).code == 0
 
 
+def test_version_2_manifests_read_with_kind_quantized(converted, llama, tmp_path):
+    """Versions 1-2 said kind "marlin" and totals "marlin4"/"marlin8"; they read as "quantized"/"int4"/"int8"."""
+    import shutil
+
+    d = tmp_path / "v2"
+    shutil.copytree(converted, d)
+    data = json.loads((d / mf.FILENAME).read_text())
+    want = json.loads(json.dumps(data))
+    data["version"] = 2
+    for e in data["tensors"].values():
+        if e["kind"] == "quantized":
+            e["kind"] = "marlin"
+    data["totals"]["tensors"] = {"marlin4": want["totals"]["tensors"]["int4"],
+                                 "marlin8": want["totals"]["tensors"]["int8"],
+                                 "passthrough": want["totals"]["tensors"]["passthrough"]}
+    (d / mf.FILENAME).write_text(json.dumps(data))
+    m = mf.read(d)
+    assert m.version == 2 and m.totals["tensors"] == want["totals"]["tensors"]
+    assert {n: e.kind for n, e in m.tensors.items()} == {n: e["kind"] for n, e in want["tensors"].items()}
+    assert len(m.quantized()) == want["totals"]["tensors"]["int4"] + want["totals"]["tensors"]["int8"] > 0
+    assert run("verify", d, "--against", llama).code == 0
+    assert run("dequantize", d, tmp_path / "dense").code == 0
+
+
 def test_dry_run_writes_nothing_and_predicts_the_size(llama, converted, tmp_path):
     out = tmp_path / "never"
     r = run("convert", llama, out, "--keep-int8", "layers.0,mlp", "--dry-run", "--json")
@@ -168,7 +192,7 @@ def test_convert_json_summary(llama, tmp_path):
     r = run("convert", llama, tmp_path / "o", "--bits", "8", "--json")
     assert r.code == 0, r.err
     s = json.loads(r.out)
-    assert s["tensors"]["marlin4"] == 0 and s["tensors"]["marlin8"] == 21
+    assert s["tensors"]["int4"] == 0 and s["tensors"]["int8"] == 21
     assert 8.0 < s["bits_per_weight"] < 8.3
 
 
@@ -185,8 +209,8 @@ def test_fp16_and_fp32_sources(tmp_path, dtype):
         emb = f.get_tensor("model.embed_tokens.weight")
     expect = torch.float16 if dtype == "fp16" else torch.bfloat16  # fp32 is quantized in bf16
     assert scales.dtype == expect
-    assert norm.dtype == synthetic.DTYPES[dtype]  # passthrough keeps the source dtype and bytes
-    assert emb.dtype == synthetic.DTYPES[dtype]
+    assert norm.dtype == dtypes.BY_SHORT[dtype].torch  # passthrough keeps the source dtype and bytes
+    assert emb.dtype == dtypes.BY_SHORT[dtype].torch
     assert m.tensors["model.embed_tokens.weight"].kind == "passthrough"
     assert run("verify", tmp_path / "out", "--against", src).code == 0
 

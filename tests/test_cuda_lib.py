@@ -1,7 +1,8 @@
-"""librtnq_cuda.so through ctypes: ABI, exported symbols, statuses, argument checks, no-GPU behaviour, and
-the host references of the kernels' decode arithmetic (bit-exact against rtnq.numerics.marlin + rtnq.numerics.rtn).
+"""librtnq_cuda.so through ctypes: ABI, exported symbols, statuses, argument checks, no-GPU behaviour; and the
+test-only librtnq_emu.so: the host references of the kernels' decode arithmetic (bit-exact against
+rtnq.numerics.marlin + rtnq.numerics.rtn) and the kernels' own source run by the CPU SIMT emulator.
 
-Skipped when the library is not built (scripts/test.sh builds it whenever nvcc exists). Tests that pass
+Skipped when a library is not built (scripts/test.sh builds it whenever nvcc exists). Tests that pass
 fake device pointers run only on machines without a GPU, where the library must refuse before touching
 them; argument-error tests run everywhere because arguments are checked before the device.
 """
@@ -56,6 +57,31 @@ def last_error(lib) -> str:
     return lib.rtnq_last_error().decode()
 
 
+# build/librtnq_emu.so is test-only (rtnq never loads it): the CPU SIMT emulator (rtnq_emu_*, see the emulated
+# section below) and the kernels' host references (rtnq_host_*, cuda/emu/host_ref.h).
+EMU_LIB = Path(os.environ.get("RTNQ_CUDA_EMU_LIB", ROOT / "cuda" / "build" / "librtnq_emu.so"))
+
+
+@pytest.fixture(scope="module")
+def emu():
+    if not EMU_LIB.is_file():
+        pytest.skip("cuda/build/librtnq_emu.so not built (make -C cuda)")
+    e = ctypes.CDLL(str(EMU_LIB))
+    e.rtnq_emu_last_error.restype = e.rtnq_host_last_error.restype = ctypes.c_char_p
+    i64, i32, u32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_uint32
+    e.rtnq_emu_dequantize.argtypes = [P, P, P, i64, i64, i32, i32, i32, i32, u32]
+    for name in ("rtnq_emu_gemm_small_m", "rtnq_emu_gemm_tensor_core"):
+        getattr(e, name).argtypes = [P, P, P, P, i64, i64, i64, i32, i32, i32, i32, u32]
+    e.rtnq_host_dequantize.argtypes = [P, P, P, i64, i64, i32, i32, i32, i32, i32]
+    for name in ("rtnq_host_gemm_small_m", "rtnq_host_gemm_tensor_core"):
+        getattr(e, name).argtypes = [P, P, P, P, i64, i64, i64, i32, i32, i32, i32]
+    return e
+
+
+def host_error(emu) -> str:
+    return emu.rtnq_host_last_error().decode()
+
+
 def header_text() -> str:
     return HEADER.read_text()
 
@@ -71,7 +97,7 @@ def test_abi_version_matches_header_and_binding(lib):
 
 def test_every_header_function_is_exported_and_bound(lib):
     declared = set(re.findall(r"RTNQ_API\s+[\w\s\*]+?\b(rtnq_\w+)\s*\(", header_text()))
-    assert len(declared) >= 17
+    assert len(declared) >= 14
     assert declared == set(library.SIGNATURES), "binding table and header disagree"
     for name in declared:
         assert hasattr(lib, name), name
@@ -86,6 +112,23 @@ def test_only_the_api_is_exported(lib):
     symbols = {line.split()[-1] for line in out.splitlines() if line.strip()}
     assert symbols == set(library.SIGNATURES), f"unexpected exports: {sorted(symbols - set(library.SIGNATURES))}"
     assert not any(s.startswith("cuda") for s in symbols)  # the static runtime stays private
+
+
+def test_built_library_exports_no_test_references():
+    # Issue 11: the CPU references and the emulator are test code and live in librtnq_emu.so; the production
+    # library's dynamic symbol table holds the rtnq_ API only. Checked on the built file itself, whatever
+    # RTNQ_CUDA_LIB points at.
+    so = ROOT / "cuda" / "build" / library.LIB_NAME
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm not installed")
+    if not so.is_file():
+        pytest.skip("cuda/build/librtnq_cuda.so not built (make -C cuda)")
+    out = subprocess.run([nm, "-D", "--defined-only", str(so)], capture_output=True, text=True, check=True).stdout
+    symbols = [line.split()[-1] for line in out.splitlines() if line.strip()]
+    assert symbols, "nm listed no symbols"
+    assert not [s for s in symbols if s.startswith("rtnq_host_") or s.startswith("rtnq_emu_")]
+    assert [s for s in symbols if not s.startswith("rtnq_")] == []
 
 
 def test_enum_values_match_header():
@@ -308,32 +351,33 @@ def test_wrong_abi_version_is_refused(monkeypatch, tmp_path, lib):
     monkeypatch.setenv(library.ENV_VAR, str(so))
     library.reset()
     try:
-        with pytest.raises(KernelUnavailable, match="ABI version 999 but this rtnq needs 1; rebuild"):
+        needs = f"ABI version 999 but this rtnq needs {library.ABI_VERSION}; rebuild"
+        with pytest.raises(KernelUnavailable, match=needs):
             library.load()
     finally:
         monkeypatch.delenv(library.ENV_VAR)
         library.reset()
 
 
-# ---- Host references: the kernels' decode arithmetic, executed on the CPU -----------------------------------------
+# ---- Host references (librtnq_emu.so): the kernels' decode arithmetic, executed on the CPU ------------------------
 
 DT = {torch.float16: library.FLOAT16, torch.bfloat16: library.BFLOAT16}
 
 
-def host_dequantize(lib, qweight, scales, n, k, bits, group, layout, variant):
+def host_dequantize(emu, qweight, scales, n, k, bits, group, layout, variant):
     shape = (k, n) if layout == library.LAYOUT_KN else (n, k)
     out = torch.full(shape, float("nan"), dtype=scales.dtype)
-    status = lib.rtnq_host_dequantize(qweight.data_ptr(), scales.data_ptr(), out.data_ptr(), n, k, bits, group,
+    status = emu.rtnq_host_dequantize(qweight.data_ptr(), scales.data_ptr(), out.data_ptr(), n, k, bits, group,
                                       DT[scales.dtype], layout, variant)
-    assert status == 0, last_error(lib)
+    assert status == 0, host_error(emu)
     return out if layout == library.LAYOUT_NK else out.t()
 
 
-def host_gemm(lib, fn, x, qweight, scales, n, k, bits, group, splits):
+def host_gemm(emu, fn, x, qweight, scales, n, k, bits, group, splits):
     out = torch.full((x.shape[0], n), float("nan"), dtype=x.dtype)
-    status = getattr(lib, fn)(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), out.data_ptr(), x.shape[0], n, k,
+    status = getattr(emu, fn)(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), out.data_ptr(), x.shape[0], n, k,
                               bits, group, DT[x.dtype], splits)
-    assert status == 0, last_error(lib)
+    assert status == 0, host_error(emu)
     return out
 
 
@@ -345,7 +389,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group", [128, 64, 32, -1])
 @pytest.mark.parametrize("n,k", [(192, 384), (64, 128), (256, 512)])
-def test_host_dequantize_is_bit_exact(lib, bits, dtype, group, n, k):
+def test_host_dequantize_is_bit_exact(emu, bits, dtype, group, n, k):
     gen = torch.Generator().manual_seed(1000 * bits + n + k + group)
     w = torch.randn(n, k, generator=gen).to(dtype)
     w[0, :32] = 0  # an all-zero group: scale 0, exact zeros
@@ -354,33 +398,33 @@ def test_host_dequantize_is_bit_exact(lib, bits, dtype, group, n, k):
     ref = rtn.dequantize(codes, scales, bits, group)
     for layout in (library.LAYOUT_KN, library.LAYOUT_NK):
         for variant in (0, 1):  # the dequantize kernel's arithmetic and the GEMM kernels' fragment decode
-            got = host_dequantize(lib, qweight, scales_p, n, k, bits, group, layout, variant)
+            got = host_dequantize(emu, qweight, scales_p, n, k, bits, group, layout, variant)
             assert same_bits(got, ref), (layout, variant)
 
 
-def test_host_dequantize_single_group_uses_channelwise_table(lib):
+def test_host_dequantize_single_group_uses_channelwise_table(emu):
     # k == group_size: one scale row, which the Marlin layout permutes with the channelwise table.
     w = torch.randn(128, 128).to(torch.bfloat16)
     codes, scales = rtn.quantize(w, 4, 128)
     qweight, scales_p = marlin.pack(codes, scales, 4)
-    got = host_dequantize(lib, qweight, scales_p, 128, 128, 4, 128, library.LAYOUT_NK, 0)
+    got = host_dequantize(emu, qweight, scales_p, 128, 128, 4, 128, library.LAYOUT_NK, 0)
     assert same_bits(got, rtn.dequantize(codes, scales, 4, 128))
 
 
 @pytest.mark.parametrize("name,bits", [("marlin_w4_k512_n768_g128", 4), ("marlin_w8_k256_n256_g128", 8)])
-def test_host_dequantize_reads_vllm_packed_tensors(lib, name, bits):
+def test_host_dequantize_reads_vllm_packed_tensors(emu, name, bits):
     # Independent oracle: tensors packed by vLLM's own marlin_weights / marlin_permute_scales (tests/data).
     t = load_file(str(DATA / f"{name}.safetensors"))
     codes_kn, scales_gn = t["codes"], t["scales"]
     k, n = codes_kn.shape
     ref = ((codes_kn.to(torch.int16) - (1 << (bits - 1))).to(torch.float16) * scales_gn.repeat_interleave(128, 0)).t()
     for variant in (0, 1):
-        got = host_dequantize(lib, t["marlin_vllm_qweight"], t["marlin_vllm_scales"], n, k, bits, 128,
+        got = host_dequantize(emu, t["marlin_vllm_qweight"], t["marlin_vllm_scales"], n, k, bits, 128,
                               library.LAYOUT_NK, variant)
         assert same_bits(got, ref.contiguous())
 
 
-def test_host_dequantize_extreme_codes(lib):
+def test_host_dequantize_extreme_codes(emu):
     # Every code value, including the -8 / +7 (-128 / +127) ends, through both decoders.
     for bits in (4, 8):
         n, k = 64, 256
@@ -389,7 +433,7 @@ def test_host_dequantize_extreme_codes(lib):
         qweight, scales_p = marlin.pack(codes, scales, bits)
         ref = rtn.dequantize(codes, scales, bits, 128)
         for variant in (0, 1):
-            assert same_bits(host_dequantize(lib, qweight, scales_p, n, k, bits, 128, library.LAYOUT_NK, variant), ref)
+            assert same_bits(host_dequantize(emu, qweight, scales_p, n, k, bits, 128, library.LAYOUT_NK, variant), ref)
 
 
 def _gemm_case(bits, dtype, group, n, k, m, seed):
@@ -413,12 +457,12 @@ TOL = {torch.float16: 1e-3, torch.bfloat16: 8e-3}  # GPU.md 4.2: fp32 accumulati
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group", [128, -1, 32])
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 9, 17])
-def test_host_small_m_emulation_matches_reference(lib, bits, dtype, group, m):
+def test_host_small_m_emulation_matches_reference(emu, bits, dtype, group, m):
     n, k = 192, 512
     x, qweight, scales, w_deq = _gemm_case(bits, dtype, group, n, k, m, seed=m + bits)
     ref = x.double() @ w_deq.double().t()
     for splits in (1, 4):
-        out = host_gemm(lib, "rtnq_host_gemm_small_m", x, qweight, scales, n, k, bits, group, splits)
+        out = host_gemm(emu, "rtnq_host_gemm_small_m", x, qweight, scales, n, k, bits, group, splits)
         assert torch.isfinite(out).all()
         assert rel_err(out, ref) < TOL[dtype], splits
 
@@ -432,22 +476,22 @@ def test_host_small_m_emulation_matches_reference(lib, bits, dtype, group, m):
     (128, 33, 256, 512, 3),   # TcLarge, rows beyond m in the tile, uneven split-K
     (32, 70, 64, 256, 2),     # TcLarge, two m-tiles, group 32 (several scale rows per stage)
 ])
-def test_host_tensor_core_emulation_matches_reference(lib, bits, dtype, group, m, n, k, splits):
+def test_host_tensor_core_emulation_matches_reference(emu, bits, dtype, group, m, n, k, splits):
     x, qweight, scales, w_deq = _gemm_case(bits, dtype, group, n, k, m, seed=m * 7 + bits)
     ref = x.double() @ w_deq.double().t()
-    out = host_gemm(lib, "rtnq_host_gemm_tensor_core", x, qweight, scales, n, k, bits, group, splits)
+    out = host_gemm(emu, "rtnq_host_gemm_tensor_core", x, qweight, scales, n, k, bits, group, splits)
     assert torch.isfinite(out).all(), "an output element was never written"
     assert rel_err(out, ref) < TOL[dtype]
 
 
-def test_host_reference_argument_errors(lib):
+def test_host_reference_argument_errors(emu):
     t = torch.zeros(64, dtype=torch.int32)
-    assert lib.rtnq_host_dequantize(t.data_ptr(), t.data_ptr(), t.data_ptr(), 64, 128, 3, 128, 0, 0, 0) == library.ERR_INVALID_VALUE
-    assert lib.rtnq_host_dequantize(t.data_ptr(), t.data_ptr(), t.data_ptr(), 64, 128, 4, 128, 0, 0, 2) == library.ERR_INVALID_VALUE
-    assert lib.rtnq_host_dequantize(t.data_ptr(), t.data_ptr(), t.data_ptr(), 60, 128, 4, 128, 0, 0, 0) == library.ERR_SHAPE
-    assert lib.rtnq_host_gemm_small_m(t.data_ptr(), t.data_ptr(), t.data_ptr(), t.data_ptr(), 1, 64, 128, 4, 128, 0, 0) == library.ERR_INVALID_VALUE
-    assert "splits" in last_error(lib)
-    assert lib.rtnq_host_gemm_tensor_core(None, t.data_ptr(), t.data_ptr(), t.data_ptr(), 1, 64, 128, 4, 128, 0, 1) == library.ERR_INVALID_VALUE
+    assert emu.rtnq_host_dequantize(t.data_ptr(), t.data_ptr(), t.data_ptr(), 64, 128, 3, 128, 0, 0, 0) == library.ERR_INVALID_VALUE
+    assert emu.rtnq_host_dequantize(t.data_ptr(), t.data_ptr(), t.data_ptr(), 64, 128, 4, 128, 0, 0, 2) == library.ERR_INVALID_VALUE
+    assert emu.rtnq_host_dequantize(t.data_ptr(), t.data_ptr(), t.data_ptr(), 60, 128, 4, 128, 0, 0, 0) == library.ERR_SHAPE
+    assert emu.rtnq_host_gemm_small_m(t.data_ptr(), t.data_ptr(), t.data_ptr(), t.data_ptr(), 1, 64, 128, 4, 128, 0, 0) == library.ERR_INVALID_VALUE
+    assert "splits" in host_error(emu)
+    assert emu.rtnq_host_gemm_tensor_core(None, t.data_ptr(), t.data_ptr(), t.data_ptr(), 1, 64, 128, 4, 128, 0, 1) == library.ERR_INVALID_VALUE
 
 
 # ---- The kernels' own source, executed by the CPU SIMT emulator (cuda/emu) ----------------------------------------
@@ -458,22 +502,6 @@ def test_host_reference_argument_errors(lib):
 # ring slot, a fragment mix-up, a missing shuffle, a split-K counter left non-zero, or a read/write past the end of
 # x, out or the workspace fails here (each was checked by planting it). Not covered: blocks running at the same time
 # (they run one after another, in shuffled order), bank conflicts, speed.
-
-EMU_LIB = Path(os.environ.get("RTNQ_CUDA_EMU_LIB", ROOT / "cuda" / "build" / "librtnq_emu.so"))
-
-
-@pytest.fixture(scope="module")
-def emu():
-    if not EMU_LIB.is_file():
-        pytest.skip("cuda/build/librtnq_emu.so not built (make -C cuda)")
-    e = ctypes.CDLL(str(EMU_LIB))
-    e.rtnq_emu_last_error.restype = ctypes.c_char_p
-    i64, i32, u32 = ctypes.c_int64, ctypes.c_int32, ctypes.c_uint32
-    e.rtnq_emu_dequantize.argtypes = [P, P, P, i64, i64, i32, i32, i32, i32, u32]
-    for name in ("rtnq_emu_gemm_small_m", "rtnq_emu_gemm_tensor_core"):
-        getattr(e, name).argtypes = [P, P, P, P, i64, i64, i64, i32, i32, i32, i32, u32]
-    return e
-
 
 def emu_gemm(emu, fn, x, qweight, scales, n, k, bits, group, splits, seed):
     out = torch.full((x.shape[0], n), float("nan"), dtype=x.dtype)
@@ -503,14 +531,14 @@ def test_emulated_dequantize_kernel_is_bit_exact(emu, bits, dtype, group):
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group,m,splits", [(128, 1, 1), (-1, 2, 3), (64, 3, 2), (128, 8, 4), (32, 9, 1), (-1, 17, 2)])
-def test_emulated_small_m_kernel(emu, lib, bits, dtype, group, m, splits):
+def test_emulated_small_m_kernel(emu, bits, dtype, group, m, splits):
     n, k = 192, 512
     x, qweight, scales, w_deq = _gemm_case(bits, dtype, group, n, k, m, seed=3 * m + bits)
     ref = x.double() @ w_deq.double().t()
     out = emu_gemm(emu, "rtnq_emu_gemm_small_m", x, qweight, scales, n, k, bits, group, splits, seed=0)
     assert rel_err(out, ref) < TOL[dtype]
     # The host reference repeats the kernel's operation order: equal bits (so GPU runs can be compared bitwise).
-    host = host_gemm(lib, "rtnq_host_gemm_small_m", x, qweight, scales, n, k, bits, group, splits)
+    host = host_gemm(emu, "rtnq_host_gemm_small_m", x, qweight, scales, n, k, bits, group, splits)
     assert same_bits(out, host)
     shuffled = emu_gemm(emu, "rtnq_emu_gemm_small_m", x, qweight, scales, n, k, bits, group, splits, seed=11)
     assert same_bits(shuffled, out), "result depends on thread/block order"

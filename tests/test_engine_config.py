@@ -67,7 +67,7 @@ def test_patterns_never_reach_a_module_of_another_precision(keep, fmt):
                  if t.startswith("re:")] + [(t[3:], None) for t in cfg["ignore"] if t.startswith("re:")]
     for s in specs:
         d = p.decisions[s.name]
-        want = d.bits if d.kind == "marlin" else None
+        want = d.bits if d.kind == "quantized" else None
         module = s.name.removesuffix(".weight")
         hits = {bits for pattern, bits in rules if re.match(pattern, module)}
         assert hits <= {want}, (module, hits, want)  # a pattern never reaches the other precision

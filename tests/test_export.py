@@ -64,8 +64,8 @@ def test_gptq_tensors_hold_the_rtn_codes(exports):
     src, outs = exports
     source, out = load_tensors(src), load_tensors(outs["gptq"])
     m = _manifest(outs["gptq"])
-    assert m["format"] == "gptq" and m["version"] == 2
-    quantized = {n: e for n, e in m["tensors"].items() if e["kind"] == "marlin"}
+    assert m["format"] == "gptq" and m["version"] == 3
+    quantized = {n: e for n, e in m["tensors"].items() if e["kind"] == "quantized"}
     assert {e["bits"] for e in quantized.values()} == {4, 8}
     for name, e in quantized.items():
         p = name.removesuffix(".weight")
@@ -83,7 +83,7 @@ def test_gptq_tensors_hold_the_rtn_codes(exports):
         assert out[f"{p}.qzeros"].shape == (k // 128, n // pf) and (out[f"{p}.qzeros"] == zero).all()
         assert out[f"{p}.g_idx"].tolist() == [i // 128 for i in range(k)]
     for name, e in m["tensors"].items():
-        if e["kind"] != "marlin":
+        if e["kind"] != "quantized":
             assert torch.equal(out[name].view(torch.uint8), source[name].view(torch.uint8)), name
     # an AutoGPTQ-era loader reads quantize_config.json
     assert json.loads((outs["gptq"] / "quantize_config.json").read_text()) == _qcfg(outs["gptq"])
@@ -116,7 +116,7 @@ def test_compressed_tensorsload_tensors(exports):
     m = _manifest(outs["compressed-tensors"])
     assert m["format"] == "compressed-tensors"
     for name, e in m["tensors"].items():
-        if e["kind"] != "marlin":
+        if e["kind"] != "quantized":
             continue
         p = name.removesuffix(".weight")
         n, k = e["shape"]
@@ -160,7 +160,7 @@ def test_compressed_tensors_library_dequantizes_to_rtnq_weights(exports, tmp_pat
     for name, t in ours.items():
         assert torch.equal(theirs[name], t), name
         e = m["tensors"][name]
-        if e["kind"] == "marlin":
+        if e["kind"] == "quantized":
             codes, scales = rtn.quantize(source[name], e["bits"], 128)
             assert torch.equal(t, rtn.dequantize(codes, scales, e["bits"], 128)), name
         else:
@@ -191,7 +191,7 @@ def test_compressed_tensors_library_matches_each_module_to_its_bits(exports):
             continue
         module = model.get_submodule(name.removesuffix(".weight"))
         scheme = getattr(module, "quantization_scheme", None)
-        if e["kind"] == "marlin":
+        if e["kind"] == "quantized":
             assert scheme is not None and scheme.weights.num_bits == e["bits"], name
         else:
             assert scheme is None, name
@@ -247,7 +247,7 @@ def test_engines_resolve_fused_and_hf_names_to_the_stored_bits(exports, fmt):
     layers = _vllm_fused_layers(m)
     assert "model.layers.1.self_attn.qkv_proj" in layers and "model.layers.0.mlp.gate_up_proj" in layers
     for layer, shards in layers.items():
-        stored = {m["tensors"][s]["bits"] if m["tensors"][s]["kind"] == "marlin" else None for s in shards}
+        stored = {m["tensors"][s]["bits"] if m["tensors"][s]["kind"] == "quantized" else None for s in shards}
         assert len(stored) == 1, f"{layer}: shards stored with different precisions {stored}"
         for name in [layer, *(s.removesuffix(".weight") for s in shards)]:  # engine name, then HF names
             got = _gptq_bits_vllm(cfg, name) if fmt == "gptq" else _ct_bits_vllm(
@@ -498,7 +498,7 @@ def test_transformers_loads_the_compressed_tensors_export(exports, tmp_path):
     m = _manifest(outs["compressed-tensors"])
     checked = {4: 0, 8: 0}
     for name, e in m["tensors"].items():
-        if e["kind"] == "marlin":
+        if e["kind"] == "quantized":
             assert torch.equal(theirs[name], dense[name]), name
             checked[e["bits"]] += 1
     assert checked == {4: 7, 8: 6}

@@ -291,7 +291,7 @@ def _item(shape, st_dtype, bits, group):
     from rtnq.checkpoint.source import TensorSpec
 
     spec = TensorSpec("model.layers.0.mlp.experts", st_dtype, tuple(shape), "x.safetensors", 0, 0)
-    d = precision.Decision(spec.name, "marlin", bits=bits, group_size=group, rule="test")
+    d = precision.Decision(spec.name, "quantized", bits=bits, group_size=group, rule="test")
     qdt = torch.bfloat16
     return convert.Item(spec, d, convert.output_entries(spec, d, qdt), "x.safetensors", qdt)
 

@@ -199,11 +199,11 @@ def t5(enc: int = 2, dec: int = 3):
 
 
 def quantized(p: precision.Plan) -> dict[str, int]:
-    return {n: d.bits for n, d in p.decisions.items() if d.kind == "marlin"}
+    return {n: d.bits for n, d in p.decisions.items() if d.kind == "quantized"}
 
 
 def int8(p: precision.Plan) -> set[str]:
-    return {n for n, d in p.decisions.items() if d.kind == "marlin" and d.bits == 8}
+    return {n for n, d in p.decisions.items() if d.kind == "quantized" and d.bits == 8}
 
 
 def leaves(names, strip: str = "") -> set[str]:
@@ -243,7 +243,7 @@ def test_llama_default_quantizes_block_linears_only():
     assert leaves(quantized(p), "model.layers.0.") >= {"self_attn.q_proj", "mlp.down_proj"}
     assert len(quantized(p)) == 2 * 7
     d = p.decisions["model.layers.1.mlp.up_proj.weight"]
-    assert (d.kind, d.bits, d.group_size, d.rule, d.reason) == ("marlin", 4, 128, "default", None)
+    assert (d.kind, d.bits, d.group_size, d.rule, d.reason) == ("quantized", 4, 128, "default", None)
     reasons = {n: d.reason for n, d in p.decisions.items() if d.kind == "passthrough"}
     assert reasons == {
         "model.embed_tokens.weight": "embedding",
@@ -287,7 +287,7 @@ def test_passthrough_reasons(specs, reason):
 
 @pytest.mark.parametrize("dtype", ["F16", "BF16", "F32"])
 def test_float_dtypes_are_quantized(dtype):
-    assert plan(llama(layers=1, dtype=dtype)).decisions["model.layers.0.mlp.up_proj.weight"].kind == "marlin"
+    assert plan(llama(layers=1, dtype=dtype)).decisions["model.layers.0.mlp.up_proj.weight"].kind == "quantized"
 
 
 def test_tied_embeddings_pass_through_whether_lm_head_is_stored_or_not():
@@ -315,11 +315,11 @@ def test_moe_routers_pass_through_and_experts_are_quantized():
     assert d["model.layers.0.mlp.gate.weight"].reason == "router gate"
     assert d["model.layers.0.mlp.shared_expert_gate.weight"].reason == "router gate"
     assert d["model.layers.0.self_attn.q_proj.bias"].reason == "bias"
-    assert d["model.layers.1.mlp.experts.3.down_proj.weight"].kind == "marlin"
-    assert d["model.layers.1.mlp.shared_expert.up_proj.weight"].kind == "marlin"
+    assert d["model.layers.1.mlp.experts.3.down_proj.weight"].kind == "quantized"
+    assert d["model.layers.1.mlp.shared_expert.up_proj.weight"].kind == "quantized"
     m = plan(mixtral()).decisions
     assert m["model.layers.0.block_sparse_moe.gate.weight"].reason == "router gate"
-    assert m["model.layers.0.block_sparse_moe.experts.2.w2.weight"].kind == "marlin"
+    assert m["model.layers.0.block_sparse_moe.experts.2.w2.weight"].kind == "quantized"
     dbrx = plan([S("transformer.blocks.0.ffn.router.layer.weight", (16, H))]).decisions
     assert dbrx["transformer.blocks.0.ffn.router.layer.weight"].reason == "router gate"
 
@@ -333,8 +333,8 @@ def test_stacked_3d_experts_are_gated_on_n_and_k():
         S("model.layers.0.mlp.experts.gate_up_proj", (8, H, 2 * I)),  # GPT-OSS: no .weight, (E, k, n)
     ]
     d = plan(specs).decisions
-    assert d["model.layers.0.mlp.experts.gate_up_proj.weight"].kind == "marlin"
-    assert d["model.layers.0.mlp.experts.down_proj.weight"].kind == "marlin"
+    assert d["model.layers.0.mlp.experts.gate_up_proj.weight"].kind == "quantized"
+    assert d["model.layers.0.mlp.experts.down_proj.weight"].kind == "quantized"
     assert d["model.layers.1.mlp.experts.down_proj.weight"].reason == (
         "shape: k=96 (in_features) is not a multiple of 128")
     # all experts of one MoE layer are one fused layer in vLLM: the partner passes through too
@@ -381,8 +381,8 @@ def test_t5_blocks_and_relative_attention_bias():
     d = p.decisions
     assert d["shared.weight"].reason == "embedding"
     assert d["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].reason == "embedding"
-    assert d["decoder.block.2.layer.1.EncDecAttention.k.weight"].kind == "marlin"
-    assert d["encoder.block.1.layer.1.DenseReluDense.wo.weight"].kind == "marlin"
+    assert d["decoder.block.2.layer.1.EncDecAttention.k.weight"].kind == "quantized"
+    assert d["encoder.block.1.layer.1.DenseReluDense.wo.weight"].kind == "quantized"
 
 
 # ---- plain selectors, ranges, negative indices, regexes ---------------------------------------------------
@@ -501,7 +501,7 @@ def test_alias_selects_the_module_family(build, prefix, alias, want):
     assert leaves(weights, prefix) == want  # (biases of those modules match too, and pass through)
     p = plan(specs, keep_int8=alias)
     assert p.rules[0]["matched"] == len(int8(p)) > 0
-    assert int8(p) >= {n for n in matching(specs, alias) if p.decisions[n].kind == "marlin"}
+    assert int8(p) >= {n for n in matching(specs, alias) if p.decisions[n].kind == "quantized"}
 
 
 def test_mlp_alias_covers_moe_and_router_stays_16bit():
@@ -639,7 +639,7 @@ def test_skip_extends_to_fused_partners():
     assert p.decisions["model.layers.1.mlp.gate_proj.weight"].reason == "skipped by --skip layers.1.mlp.gate_proj"
     assert p.decisions["model.layers.1.mlp.gate_proj.weight"].rule == "skip:layers.1.mlp.gate_proj"
     assert d.rule == "fused-with:model.layers.1.mlp.gate_proj.weight (skip:layers.1.mlp.gate_proj)"
-    assert p.decisions["model.layers.1.mlp.down_proj.weight"].kind == "marlin"
+    assert p.decisions["model.layers.1.mlp.down_proj.weight"].kind == "quantized"
     assert p.rules == [{"option": "skip", "selector": "layers.1.mlp.gate_proj", "matched": 2}]
 
 
@@ -683,7 +683,7 @@ def test_shape_gate_failure_passes_the_whole_fused_group_through():
     assert d["model.layers.0.self_attn.k_proj.weight"].reason == "shape: n=96 (out_features) is not a multiple of 64"
     assert d["model.layers.0.self_attn.q_proj.weight"].reason == (
         "shape: fused with model.layers.0.self_attn.k_proj.weight, which fails the Marlin shape gate")
-    assert d["model.layers.0.self_attn.o_proj.weight"].kind == "marlin"
+    assert d["model.layers.0.self_attn.o_proj.weight"].kind == "quantized"
     assert any(w.startswith("4 tensors fail the Marlin shape gate") for w in p.warnings)
     assert any(w.startswith("2 tensors pass through in 16-bit because a fused partner fails") for w in p.warnings)
     kept = plan(specs, keep_int8="layers.0+qkv")  # a rule cannot push a failing group into Marlin
@@ -739,7 +739,7 @@ def test_tp_replicates_kv_heads_beyond_their_count():
 def test_tp_moe_experts_follow_the_marlin_moe_rule():
     """Experts' intermediate size per rank must be a multiple of max(64, g): 128 / 2 = 64 fails at g = 128."""
     p = plan(qwen2_moe(layers=1), tp=[2])
-    experts = [n for n, d in p.decisions.items() if ".experts." in n and d.kind == "marlin"]
+    experts = [n for n, d in p.decisions.items() if ".experts." in n and d.kind == "quantized"]
     fails = dict(p.tp_failures[2])
     assert fails["model.layers.0.mlp.experts.0.down_proj.weight"] == (
         "MoE experts, split 128/2: intermediate size per rank 64 is not a multiple of 128")
@@ -755,7 +755,7 @@ def test_tp_moe_experts_follow_the_marlin_moe_rule():
 def test_tp_ignores_passthrough_and_reports_unknown_layouts():
     specs = llama(layers=1, kv=96) + [S("model.layers.0.mixer.in_proj.weight", (H, H))]
     p = plan(specs, tp=[4])
-    assert all(p.decisions[n].kind == "marlin" for n, _ in p.tp_failures[4])
+    assert all(p.decisions[n].kind == "quantized" for n, _ in p.tp_failures[4])
     unknown = [w for w in p.warnings if "1 quantized tensors have no known tensor-parallel split" in w]
     assert len(unknown) == 1 and "mixer.in_proj" in unknown[0]
 

@@ -8,14 +8,14 @@ from rtnq.commands import precision_map
 
 
 def _entry(kind, bits=None, shape=(64, 128), dtype="bfloat16"):
-    outputs = {"qweight": "x.qweight", "scales": "x.scales"} if kind == "marlin" else {"tensor": "x"}
+    outputs = {"qweight": "x.qweight", "scales": "x.scales"} if kind == "quantized" else {"tensor": "x"}
     return mf.TensorEntry(kind=kind, shape=list(shape), dtype=dtype, outputs=outputs, shard="s", bits=bits)
 
 
 def test_grid_rows_columns_and_outside_tensors():
     m = mf.Manifest(defaults={}, tensors={
-        "model.layers.10.mlp.down_proj.weight": _entry("marlin", 4),
-        "model.layers.2.self_attn.q_proj.weight": _entry("marlin", 8),
+        "model.layers.10.mlp.down_proj.weight": _entry("quantized", 4),
+        "model.layers.2.self_attn.q_proj.weight": _entry("quantized", 8),
         "model.layers.2.mlp.down_proj.weight": _entry("passthrough", dtype="float16"),
         "model.layers.2.input_layernorm.weight": _entry("passthrough", shape=(64,)),
         "lm_head.weight": _entry("passthrough"),

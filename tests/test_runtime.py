@@ -329,7 +329,7 @@ def write_checkpoint(root: Path, dtype=torch.bfloat16) -> dict[str, torch.Tensor
         shards[shard][f"{prefix}.qweight"] = qw
         shards[shard][f"{prefix}.scales"] = s
         entries[name] = manifest.TensorEntry(
-            kind="marlin", shape=list(w.shape), dtype=str(dtype).removeprefix("torch."), bits=bits, group_size=group,
+            kind="quantized", shape=list(w.shape), dtype=str(dtype).removeprefix("torch."), bits=bits, group_size=group,
             outputs={"qweight": f"{prefix}.qweight", "scales": f"{prefix}.scales"}, shard=shard, rule="default",
         )
     for name, t in passthrough.items():

@@ -1,23 +1,25 @@
 """The precision manifest (`rtnq_manifest.json`): what happened to every source tensor.
 
-Schema version 2 (a contract: docs/FORMAT.md). Written with sorted keys. Version 1 (rtnq 0.1 before
-the GPTQ and compressed-tensors exports) is read as format "rtnq-marlin"; readers refuse any other
-version with a clear error instead of guessing. Version 2 added the formats "gptq" and
-"compressed-tensors", whose quantized entries name that format's outputs; an older rtnq must refuse
-them rather than read GPTQ words as Marlin words, hence the version bump.
+Schema version 3 (a contract: docs/FORMAT.md). Written with sorted keys. Readers refuse any version
+they do not know with a clear error instead of guessing, and read older ones as follows:
+  1  rtnq 0.1 before the exports: format "rtnq-marlin";
+  2  added the formats "gptq" and "compressed-tensors", whose quantized entries name that format's
+     outputs (an older rtnq must refuse them rather than read GPTQ words as Marlin words);
+  3  a quantized tensor's kind is "quantized" (it was "marlin", whatever the format) and the totals
+     count "int4"/"int8" (were "marlin4"/"marlin8"). Versions 1-2 are read with those renames.
 
     {
-      "version": 2,
+      "version": 3,
       "format": "rtnq-marlin" | "gptq" | "compressed-tensors",
       "rtnq_version": "0.1.0",
       "defaults": {"bits": 4, "group_size": 128, "scale_rule": "rtn-absmax", "dtype": "bfloat16"},
       "rules": [{"option": "keep-int8", "selector": "layers.0", "matched": 7}, ...],
       "totals": {"parameters": ..., "quantized_parameters": ..., "bytes_in": ..., "bytes_out": ...,
-                 "bits_per_weight": ..., "tensors": {"marlin4": ..., "marlin8": ..., "passthrough": ...}},
+                 "bits_per_weight": ..., "tensors": {"int4": ..., "int8": ..., "passthrough": ...}},
       "warnings": ["..."],
       "tensors": {
         "model.layers.0.mlp.up_proj.weight": {
-          "kind": "marlin", "bits": 8,    # "marlin": quantized for Marlin kernels, in the file's format "group_size": 128, "shape": [n, k], "dtype": "bfloat16",
+          "kind": "quantized", "bits": 8, "group_size": 128, "shape": [n, k], "dtype": "bfloat16",
           "outputs": {"qweight": "model.layers.0.mlp.up_proj.qweight",
                       "scales": "model.layers.0.mlp.up_proj.scales"},
           "shard": "model-00001-of-00002.safetensors", "rule": "keep-int8:layers.0", "error": 0.0071
@@ -38,8 +40,8 @@ from typing import Any
 
 from rtnq.errors import CheckpointError
 
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 FILENAME = "rtnq_manifest.json"
 FORMAT = "rtnq-marlin"  # the default format, and the only one of version 1
 FORMATS = (FORMAT, "gptq", "compressed-tensors")
@@ -48,7 +50,7 @@ SCALE_RULE = "rtn-absmax"  # the paper's rule: scale = 2 * maxabs / (2^bits - 1)
 
 @dataclass
 class TensorEntry:
-    kind: str  # "marlin" or "passthrough"
+    kind: str  # "quantized" (in the format's layout) or "passthrough"
     shape: list[int]  # source shape: [n, k] (or [E, n, k]) for linear weights
     dtype: str  # source dtype, torch spelling ("bfloat16", "float16", "float32", ...)
     outputs: dict[str, str]  # role -> tensor name: {"qweight", "scales", ...} (the format's), {"tensor"} for passthrough
@@ -90,7 +92,7 @@ class Manifest:
         return json.dumps(self.to_json(), indent=1, sort_keys=True) + "\n"
 
     def quantized(self) -> dict[str, TensorEntry]:
-        return {name: e for name, e in self.tensors.items() if e.kind == "marlin"}
+        return {name: e for name, e in self.tensors.items() if e.kind == "quantized"}
 
 
 def from_json(data: Any, where: str = FILENAME) -> Manifest:
@@ -105,6 +107,8 @@ def from_json(data: Any, where: str = FILENAME) -> Manifest:
     fmt = data.get("format", FORMAT) if version >= 2 else FORMAT
     if fmt not in FORMATS:
         raise CheckpointError(f"{where}: unknown format {fmt!r} (this rtnq knows {', '.join(FORMATS)})")
+    if version < 3:
+        data = _upgrade_kinds(data)
     try:
         tensors = {name: TensorEntry(**entry) for name, entry in data["tensors"].items()}
         return Manifest(
@@ -119,6 +123,23 @@ def from_json(data: Any, where: str = FILENAME) -> Manifest:
         )
     except (KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{where}: malformed manifest ({e})") from None
+
+
+def _upgrade_kinds(data: dict) -> dict:
+    """Versions 1-2 called a quantized tensor's kind "marlin" in every format, and counted
+    "marlin4"/"marlin8" in the totals; version 3 says "quantized" and "int4"/"int8"."""
+    renames = {"marlin4": "int4", "marlin8": "int8"}
+    data = dict(data)
+    tensors = data.get("tensors")
+    if isinstance(tensors, dict):
+        data["tensors"] = {
+            name: {**e, "kind": "quantized"} if isinstance(e, dict) and e.get("kind") == "marlin" else e
+            for name, e in tensors.items()
+        }
+    totals = data.get("totals")
+    if isinstance(totals, dict) and isinstance(totals.get("tensors"), dict):
+        data["totals"] = {**totals, "tensors": {renames.get(k, k): v for k, v in totals["tensors"].items()}}
+    return data
 
 
 def read(out_dir: str | Path) -> Manifest:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from rtnq import dtypes
 from rtnq.errors import CheckpointError, UsageError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -30,25 +31,6 @@ SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library enforces too
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; Python names it from 3.12
 
-# safetensors dtype string -> (torch dtype, bytes per element). Only what torch can hold.
-DTYPES: dict[str, tuple[torch.dtype, int]] = {
-    "BOOL": (torch.bool, 1),
-    "U8": (torch.uint8, 1),
-    "I8": (torch.int8, 1),
-    "I16": (torch.int16, 2),
-    "U16": (torch.uint16, 2),
-    "I32": (torch.int32, 4),
-    "U32": (torch.uint32, 4),
-    "I64": (torch.int64, 8),
-    "U64": (torch.uint64, 8),
-    "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2),
-    "F32": (torch.float32, 4),
-    "F64": (torch.float64, 8),
-    "F8_E4M3": (torch.float8_e4m3fn, 1),
-    "F8_E5M2": (torch.float8_e5m2, 1),
-}
-TORCH_TO_ST = {dt: name for name, (dt, _) in DTYPES.items()}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -65,7 +47,7 @@ class TensorSpec:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype][0]
+        return dtypes.BY_ST[self.dtype].torch
 
     @property
     def numel(self) -> int:
@@ -119,13 +101,13 @@ def scan_shard(path: Path) -> list[TensorSpec]:
             ok = False
         if not ok:
             raise CheckpointError(f"{path.name}: malformed header entry for tensor {name!r}")
-        if dtype not in DTYPES:
+        if dtype not in dtypes.BY_ST:
             raise CheckpointError(
                 f"{path.name}: tensor {name} has dtype {dtype}, which rtnq cannot read "
-                f"(supported: {', '.join(DTYPES)})"
+                f"(supported: {', '.join(dtypes.BY_ST)})"
             )
         spec = TensorSpec(name, dtype, shape, path.name, start + begin, end - begin)
-        if not 0 <= begin <= end or end - begin != spec.numel * DTYPES[dtype][1]:
+        if not 0 <= begin <= end or end - begin != spec.numel * dtypes.BY_ST[dtype].itemsize:
             raise CheckpointError(
                 f"{path.name}: tensor {name} has data offsets [{begin}, {end}] that do not fit "
                 f"its shape {list(shape)} and dtype {dtype}; the header is corrupt"

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import torch
 
 from rtnq.errors import OutputError, UsageError
-from rtnq.checkpoint.source import DTYPES, TORCH_TO_ST
+from rtnq import dtypes
 
 HEADER_ALIGN = 8
 WRITEBACK_BYTES = 32 * 1024 * 1024  # eager writeback: start the disk after this many new bytes
@@ -39,7 +39,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPES[self.dtype][1]
+        n = dtypes.BY_ST[self.dtype].itemsize
         for d in self.shape:
             n *= d
         return n
@@ -109,7 +109,7 @@ class ShardWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write a planned tensor whole; its name, dtype and shape must match the plan."""
         e = self._entry(name)
-        got = (name, TORCH_TO_ST.get(tensor.dtype), tuple(tensor.shape))
+        got = (name, dtypes.st_of_torch(tensor.dtype), tuple(tensor.shape))
         if got != (e.name, e.dtype, e.shape):
             raise ValueError(f"{self.path.name}: expected {e.name} {e.dtype} {list(e.shape)}, got {got}")
         self.write_part(name, tensor.contiguous().view(torch.uint8).reshape(-1), whole=True)

@@ -107,8 +107,8 @@ def _print_plan(plan, json_out: bool) -> None:
         table.add_column(col)
     for i in plan.items:
         d = i.decision
-        becomes = f"int{d.bits} g{d.group_size}" if d.kind == "marlin" else i.spec.dtype.lower()
-        table.add_row(i.spec.name, "x".join(map(str, i.spec.shape)), becomes, d.rule if d.kind == "marlin" else (d.reason or ""))
+        becomes = f"int{d.bits} g{d.group_size}" if d.kind == "quantized" else i.spec.dtype.lower()
+        table.add_row(i.spec.name, "x".join(map(str, i.spec.shape)), becomes, d.rule if d.kind == "quantized" else (d.reason or ""))
     err.print(table)
     for d in plan.options.tp:
         fails = plan.precision.tp_failures[d]

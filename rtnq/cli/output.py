@@ -75,7 +75,7 @@ def print_totals(t: dict, seconds: float | None = None) -> None:
 
     c = t["tensors"]
     table = Table(show_header=False, title="summary")
-    table.add_row("quantized INT4 / INT8", f"{c['marlin4']} / {c['marlin8']} tensors")
+    table.add_row("quantized INT4 / INT8", f"{c['int4']} / {c['int8']} tensors")
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(t["passthrough_reasons"].items()))
     table.add_row("passed through", f"{c['passthrough']} tensors" + (f" ({reasons})" if reasons else ""))
     table.add_row("bytes in -> out", f"{gb(t['bytes_in'])} -> {gb(t['bytes_out'])}")

@@ -20,12 +20,13 @@ import torch
 
 from rtnq.checkpoint import manifest as mf
 from rtnq.formats import engine_config
-from rtnq.numerics import fused, rtn
+from rtnq.numerics import fused
 from rtnq import formats
 from rtnq.checkpoint import pipeline
 from rtnq.selection import precision
 from rtnq.errors import CheckpointError, UsageError
-from rtnq.checkpoint.source import DTYPES, INDEX_NAME, SINGLE_NAME, Reader, TensorSpec, read_json_object, resolve, scan
+from rtnq import dtypes, params
+from rtnq.checkpoint.source import INDEX_NAME, SINGLE_NAME, Reader, TensorSpec, read_json_object, resolve, scan
 from rtnq.checkpoint.writer import Entry, ShardWriter, atomic_dir, check_output_location, shard_size, write_index, write_json
 
 VERSION = "0.1.0"
@@ -114,7 +115,7 @@ def module_prefix(name: str) -> str:
 
 def quant_dtype(spec: TensorSpec, options: Options) -> torch.dtype:
     if options.dtype is not None:
-        return rtn.DTYPES[options.dtype]
+        return dtypes.BY_SHORT[options.dtype].torch
     dt = spec.torch_dtype
     return dt if dt in (torch.bfloat16, torch.float16) else torch.bfloat16
 
@@ -124,7 +125,7 @@ def output_entries(
 ) -> list[Entry]:
     """The planned outputs of one source tensor: itself, or the format's tensors for a quantized weight
     (packed codes and scales first)."""
-    if d.kind != "marlin":
+    if d.kind != "quantized":
         return [Entry(spec.name, spec.dtype, spec.shape)]
     return [Entry(*e) for e in fmt.entries(module_prefix(spec.name), spec.shape, d.bits, d.group_size, qdt)]
 
@@ -162,9 +163,7 @@ def _kv_heads(src: Path) -> int | None:
 
 def make_plan(src: str | Path, out: str | Path, options: Options) -> Plan:
     """Everything about the output, from headers only: decisions, names, dtypes, shapes, shards."""
-    rtn.check_params(options.bits, options.group_size)
-    if options.dtype is not None and options.dtype not in rtn.DTYPES:
-        raise UsageError(f"--dtype must be bf16 or fp16, got {options.dtype}")
+    params.check(options.bits, options.group_size, options.dtype)
     if options.format not in formats.BY_NAME:
         raise UsageError(f"--format must be one of {', '.join(formats.FORMATS)}, got {options.format}")
     fmt = formats.BY_NAME[options.format]
@@ -186,22 +185,22 @@ def make_plan(src: str | Path, out: str | Path, options: Options) -> Plan:
     items = []
     for spec in specs:
         d = pplan.decisions[spec.name]
-        if d.kind == "marlin" and len(spec.shape) == 3 and not fmt.stacked_experts:
+        if d.kind == "quantized" and len(spec.shape) == 3 and not fmt.stacked_experts:
             raise UsageError(
                 f"{spec.name} is a stacked (E, n, k) expert tensor; {fmt.name} stores each expert as its own "
                 "module, so it cannot hold it. Use --format marlin, or --skip experts"
             )
-        qdt = quant_dtype(spec, options) if d.kind == "marlin" else None
+        qdt = quant_dtype(spec, options) if d.kind == "quantized" else None
         items.append(Item(spec, d, output_entries(spec, d, qdt, fmt), names[spec.shard], qdt, fmt.pack_layout))
     if fmt is formats.GPTQ:
         # SGLang's GPTQ MoE layers never read `dynamic` (checked with scripts/check_vllm_matching.py
         # --engine sglang): every expert loads at the default bits.
         odd = [i for i in items if "experts" in i.spec.name.lower().split(".")
-               and ((i.decision.kind == "marlin" and i.decision.bits != options.bits)
+               and ((i.decision.kind == "quantized" and i.decision.bits != options.bits)
                     or engine_config.unquantized_linear(i.decision))]
         if odd:
             d = odd[0].decision
-            what = f"{d.bits}-bit" if d.kind == "marlin" else "16-bit"
+            what = f"{d.bits}-bit" if d.kind == "quantized" else "16-bit"
             pplan.warnings.append(
                 f"{len(odd)} MoE expert weights (e.g. {odd[0].spec.name}) are {what} while the default is "
                 f"{options.bits}-bit: vLLM reads that from the GPTQ `dynamic` overrides, but SGLang loads every "
@@ -265,12 +264,12 @@ def chunk_ranges(item: Item) -> list[tuple[int, int]]:
     tensor in CHUNK_BYTES pieces; either way about CHUNK_BYTES at a time, whatever the model size.
     """
     spec = item.spec
-    if item.decision.kind != "marlin":
+    if item.decision.kind != "quantized":
         if spec.nbytes == 0:
             return [(0, 0)]
         return [(s, min(CHUNK_BYTES, spec.nbytes - s)) for s in range(0, spec.nbytes, CHUNK_BYTES)]
     *lead, n, k = spec.shape
-    row_bytes = k * DTYPES[spec.dtype][1]
+    row_bytes = k * dtypes.BY_ST[spec.dtype].itemsize
     rows = max(fused.ROW_ALIGN, CHUNK_BYTES // row_bytes // fused.ROW_ALIGN * fused.ROW_ALIGN)
     return [((e * n + r) * row_bytes, min(rows, n - r) * row_bytes)
             for e in range(lead[0] if lead else 1) for r in range(0, n, rows)]
@@ -278,34 +277,34 @@ def chunk_ranges(item: Item) -> list[tuple[int, int]]:
 
 def _entry(item: Item, error: float | None) -> mf.TensorEntry:
     d, spec = item.decision, item.spec
-    if d.kind == "marlin":
+    if d.kind == "quantized":
         outputs = {e.name.rpartition(".")[2]: e.name for e in item.outputs}
     else:
         outputs = {"tensor": item.outputs[0].name}
     return mf.TensorEntry(
         kind=d.kind,
         shape=list(spec.shape),
-        dtype=str(spec.torch_dtype).removeprefix("torch."),
+        dtype=dtypes.BY_ST[spec.dtype].name,
         outputs=outputs,
         shard=item.out_shard,
-        bits=d.bits if d.kind == "marlin" else None,
-        group_size=d.group_size if d.kind == "marlin" else None,
-        rule=d.rule if d.kind == "marlin" else None,
-        reason=d.reason if d.kind != "marlin" else None,
+        bits=d.bits if d.kind == "quantized" else None,
+        group_size=d.group_size if d.kind == "quantized" else None,
+        rule=d.rule if d.kind == "quantized" else None,
+        reason=d.reason if d.kind != "quantized" else None,
         error=error,
     )
 
 
 def totals(plan: Plan) -> dict:
     """Counts, bytes and effective bits per weight (scales included) of the planned output."""
-    counts = {"marlin4": 0, "marlin8": 0, "passthrough": 0}
+    counts = {"int4": 0, "int8": 0, "passthrough": 0}
     reasons: dict[str, int] = {}
     params = q_params = q_bits = 0
     for item in plan.items:
         params += item.spec.numel
         d = item.decision
-        if d.kind == "marlin":
-            counts[f"marlin{d.bits}"] += 1
+        if d.kind == "quantized":
+            counts[f"int{d.bits}"] += 1
             q_params += item.spec.numel
             q_bits += 8 * sum(e.nbytes for e in item.outputs)
         else:
@@ -354,7 +353,7 @@ def quantization_config(plan: Plan) -> dict:
         if o.format == "gptq":
             return engine_config.gptq(decisions, infos, ndim, bits=o.bits, group_size=o.group_size)
         return engine_config.compressed_tensors(decisions, infos, ndim, bits=o.bits, group_size=o.group_size)
-    int8 = sorted(module_prefix(i.spec.name) for i in plan.items if i.decision.kind == "marlin" and i.decision.bits == 8)
+    int8 = sorted(module_prefix(i.spec.name) for i in plan.items if i.decision.kind == "quantized" and i.decision.bits == 8)
     return {
         "quant_method": "rtnq",
         "format": "marlin",
@@ -396,10 +395,10 @@ def run(plan: Plan, progress: Callable[[Progress], None] | None = None) -> Resul
     # writes them back while the CPU quantizes the rest instead of after it; the writer puts every
     # tensor at its planned offset, so the file is the same.
     for fname in by_shard:
-        by_shard[fname].sort(key=lambda i: i.decision.kind == "marlin")
+        by_shard[fname].sort(key=lambda i: i.decision.kind == "quantized")
     order = [item for fname, _ in plan.shards for item in by_shard[fname]]
     ranges = [chunk_ranges(item) for item in order]
-    out_bytes = max((sum(e.nbytes for e in i.outputs) for i in order if i.decision.kind == "marlin"), default=1)
+    out_bytes = max((sum(e.nbytes for e in i.outputs) for i in order if i.decision.kind == "quantized"), default=1)
     meta = shard_metadata(plan.options)
     stop = threading.Event()
     with atomic_dir(plan.out, plan.options.force) as tmp, Reader(plan.src) as reader:
@@ -425,7 +424,7 @@ def run(plan: Plan, progress: Callable[[Progress], None] | None = None) -> Resul
                 writer = ShardWriter(tmp / fname, entries, meta, writeback=behind.writeback)
                 writers.append(writer)
                 for item in by_shard[fname]:
-                    if item.decision.kind == "marlin":
+                    if item.decision.kind == "quantized":
                         q_entry, s_entry, *const_entries = item.outputs
                         buf = out_pool.get(q_entry.nbytes + s_entry.nbytes)
                         out = (buf[: q_entry.nbytes].view(torch.int32).view(q_entry.shape),

@@ -35,6 +35,7 @@ from rtnq import formats
 from rtnq.checkpoint import pipeline
 from rtnq.numerics import rtn
 from rtnq.checkpoint import manifest as mf
+from rtnq import params
 from rtnq.errors import CheckpointError
 from rtnq.checkpoint.source import INDEX_NAME, Reader, TensorSpec, read_json_object, resolve, scan
 from rtnq.checkpoint.writer import Entry, ShardWriter, atomic_dir, check_output_location, write_index, write_json
@@ -201,13 +202,13 @@ def _gptq_modules(q: dict, by_name: dict[str, TensorSpec], reader: Reader) -> li
         gi = by_name.get(f"{prefix}.g_idx")
         if gi is not None:
             k = gi.shape[0]
-            if k % qw.shape[0] or 32 // (k // qw.shape[0]) not in rtn.BITS:
+            if k % qw.shape[0] or 32 // (k // qw.shape[0]) not in params.BITS:
                 raise CheckpointError(f"{prefix}: g_idx has {k} entries for {qw.shape[0]} qweight rows")
             bits = 32 // (k // qw.shape[0])
             inputs["g_idx"] = gi
         else:
             bits = _dynamic_bits(q, prefix)
-            if bits is None or bits not in rtn.BITS:
+            if bits is None or bits not in params.BITS:
                 raise CheckpointError(f"{prefix}: cannot tell its bits (no g_idx, config gives {bits})")
             k = qw.shape[0] * (32 // bits)
         if k % sc.shape[0]:
@@ -256,7 +257,7 @@ def _ct_modules(q: dict, by_name: dict[str, TensorSpec], reader: Reader) -> list
         if len(shape) != 2 or len(wp.shape) != 2 or wp.dtype != "I32" or wp.shape[0] != shape[0]:
             raise CheckpointError(f"{prefix}: weight_packed {list(wp.shape)} does not fit weight_shape {list(shape)}")
         n, k = shape
-        if k <= 0 or (32 * wp.shape[1]) % k or (32 * wp.shape[1]) // k not in rtn.BITS:
+        if k <= 0 or (32 * wp.shape[1]) % k or (32 * wp.shape[1]) // k not in params.BITS:
             raise CheckpointError(f"{prefix}: {wp.shape[1]} packed words per row for k={k} is not 4 or 8 bits")
         bits = 32 * wp.shape[1] // k
         if len(sc.shape) != 2 or sc.shape[0] != n or k % sc.shape[1]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from rtnq import dtypes
 from rtnq.checkpoint.manifest import Manifest, TensorEntry
 
 # A numbered block container, e.g. "model.layers.12." or "transformer.h.3."
@@ -38,9 +39,10 @@ def _column_key(module: str) -> tuple[int, str]:
 
 
 def label(entry: TensorEntry) -> str:
-    if entry.kind == "marlin":
+    if entry.kind == "quantized":
         return f"int{entry.bits}"
-    return {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(entry.dtype, entry.dtype)
+    d = dtypes.BY_NAME.get(entry.dtype)
+    return d.label if d else entry.dtype
 
 
 def _module(rest: str) -> str:

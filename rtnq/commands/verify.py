@@ -69,7 +69,7 @@ def verify(out: str | Path, src: str | Path, progress: Callable[[int, int], None
 
 
 def _check_one(name, entry, spec, out_specs, src_reader: Reader, out_reader: Reader, fmt: formats.Format) -> Check:
-    if entry.kind != "marlin":
+    if entry.kind != "quantized":
         same = torch.equal(src_reader.read_bytes(spec), out_reader.read_bytes(out_specs[entry.outputs["tensor"]]))
         return Check(name, entry.kind, same, "identical" if same else "bytes differ from the source", None)
     missing = [role for role in fmt.roles if role not in entry.outputs]

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rtnq.numerics import kpack, marlin, rtn
-from rtnq.checkpoint.source import TORCH_TO_ST
+from rtnq.numerics import kpack, marlin
+from rtnq import dtypes
+from rtnq.params import effective_group
 
 FORMATS = ("marlin", "gptq", "compressed-tensors")
 
@@ -36,9 +37,9 @@ class Format:
     def entries(self, prefix: str, shape: tuple[int, ...], bits: int, group_size: int, qdt: torch.dtype):
         """(name, safetensors dtype, shape) of each output of the weight `prefix.weight` of `shape`."""
         *lead, n, k = shape
-        g = rtn.effective_group(k, group_size)
+        g = effective_group(k, group_size)
         pf = 32 // bits
-        sdt = TORCH_TO_ST[qdt]
+        sdt = dtypes.st_of_torch(qdt)
         if self.name == "marlin":
             shapes = [("I32", (*lead, k // marlin.TILE, n * marlin.TILE * bits // 32)), (sdt, (*lead, k // g, n))]
         elif self.name == "gptq":
@@ -51,7 +52,7 @@ class Format:
         """The outputs after codes and scales, which depend only on the shape: GPTQ's qzeros and g_idx,
         compressed-tensors' weight_shape."""
         n, k = shape[-2:]
-        g = rtn.effective_group(k, group_size)
+        g = effective_group(k, group_size)
         if self.name == "gptq":
             return [kpack.qzeros(bits, k // g, n), kpack.g_idx(k, g)]
         if self.name == "compressed-tensors":

@@ -91,7 +91,7 @@ def unquantized_linear(decision) -> bool:
     """A linear weight an engine would build as a quantized layer, which rtnq left in 16-bit:
     skipped by --skip, failed the shape gate, or a GPT-2 Conv1D weight. Loaders must be told."""
     why = decision.reason or ""
-    return decision.kind != "marlin" and (why.startswith(("skipped by", "shape:")) or "Conv1D" in why)
+    return decision.kind != "quantized" and (why.startswith(("skipped by", "shape:")) or "Conv1D" in why)
 
 
 def plain_linears(decisions: Sequence, infos: Sequence[NameInfo], ndim: dict[str, int]) -> list[NameInfo]:
@@ -102,7 +102,7 @@ def plain_linears(decisions: Sequence, infos: Sequence[NameInfo], ndim: dict[str
     return [
         by_name[d.name]
         for d in decisions
-        if d.kind != "marlin" and d.name.endswith(".weight") and ndim[d.name] == 2 and d.name != "lm_head.weight"
+        if d.kind != "quantized" and d.name.endswith(".weight") and ndim[d.name] == 2 and d.name != "lm_head.weight"
         and (unquantized_linear(d) or (d.reason or "") in _PLAIN_REASONS)
     ]
 
@@ -118,7 +118,7 @@ def gptq(
     for p in module_patterns(plain_linears(decisions, infos, ndim), infos):
         dynamic[f"-:{p}"] = {}
     for other in (4, 8):
-        mods = [by_name[d.name] for d in decisions if d.kind == "marlin" and d.bits == other and other != bits]
+        mods = [by_name[d.name] for d in decisions if d.kind == "quantized" and d.bits == other and other != bits]
         for p in module_patterns(mods, infos):
             dynamic[f"+:{p}"] = {"bits": other}
     cfg = {
@@ -165,7 +165,7 @@ def compressed_tensors(
     by_name = {i.name: i for i in infos}
     groups: dict[str, dict] = {}
     other = 8 if bits == 4 else 4
-    mods = [by_name[d.name] for d in decisions if d.kind == "marlin" and d.bits == other]
+    mods = [by_name[d.name] for d in decisions if d.kind == "quantized" and d.bits == other]
     if mods:
         groups[f"group_{len(groups)}"] = _scheme([f"re:{p}" for p in module_patterns(mods, infos)], other, group_size)
     groups[f"group_{len(groups)}"] = _scheme(["Linear"], bits, group_size)

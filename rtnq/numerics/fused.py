@@ -39,6 +39,7 @@ import torch
 
 from rtnq.numerics import kpack, marlin, rtn
 from rtnq.errors import InvalidWeightError, ShapeError, UsageError
+from rtnq.params import effective_group
 
 ABI = 2
 ROW_ALIGN = marlin.BLOCK_N  # chunks start and end on Marlin blocks (the C kernel's 64-row tiles)
@@ -123,7 +124,7 @@ def out_shapes(
     n: int, k: int, bits: int, group_size: int, layout: str = "marlin"
 ) -> tuple[tuple[int, int], tuple[int, int]]:
     """Shapes of the qweight (int32) and scales of an (n, k) weight in `layout`."""
-    groups = k // rtn.effective_group(k, group_size)
+    groups = k // effective_group(k, group_size)
     code = _layout_code(layout)
     if code == 0:
         return (k // marlin.TILE, n * marlin.TILE * bits // 32), (groups, n)
@@ -174,7 +175,7 @@ def quantize_rows(
     if not (qweight.is_contiguous() and scales.is_contiguous()):
         raise ShapeError(f"{name}: the C fast path writes contiguous qweight and scales only")
     w_rows = w_rows.contiguous()
-    g = rtn.effective_group(k, group_size)
+    g = effective_group(k, group_size)
     flags = _FLAG_SCALAR if backend == "c-scalar" else 0
     # Pieces of a few 64-row blocks, pulled by every thread (this one included) until none are
     # left: a thread that loses its core to another process holds up at most one small piece.

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from rtnq.errors import ShapeError
-from rtnq.numerics.rtn import BITS, bias
+from rtnq.numerics.rtn import bias
+from rtnq.params import BITS
 
 
 def per_word(bits: int) -> int:

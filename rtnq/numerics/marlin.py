@@ -23,7 +23,7 @@ import torch
 
 from rtnq.errors import ShapeError
 from rtnq.numerics.shape_rule import MIN_K, MIN_N, check_shape  # noqa: F401  (re-exported: marlin.check_shape)
-from rtnq.numerics.rtn import BITS
+from rtnq.params import BITS
 
 TILE = 16  # rows per slab and the edge of one tensor-core tile
 BLOCK_N = 64  # columns per permuted block: 4 tiles of 16 x 16

@@ -21,29 +21,16 @@ from __future__ import annotations
 
 import torch
 
-from rtnq.errors import InvalidWeightError, ShapeError, UsageError
+from rtnq.errors import InvalidWeightError, ShapeError
+from rtnq.params import check as check_params
+from rtnq.params import effective_group
 
-BITS = (4, 8)
-GROUP_SIZES = (32, 64, 128, -1)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
 def bias(bits: int) -> int:
     """The offset added to signed codes before storage: 8 for 4-bit, 128 for 8-bit."""
     return 1 << (bits - 1)
-
-
-def check_params(bits: int, group_size: int) -> None:
-    if bits not in BITS:
-        raise UsageError(f"bits must be 4 or 8, got {bits}")
-    if group_size not in GROUP_SIZES:
-        raise UsageError(f"group size must be one of 32, 64, 128 or -1 (channelwise), got {group_size}")
-
-
-def effective_group(k: int, group_size: int) -> int:
-    """The group length along k: `group_size`, or k itself for channelwise (-1)."""
-    return k if group_size == -1 else group_size
 
 
 def quantize(

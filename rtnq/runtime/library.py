@@ -22,7 +22,7 @@ from typing import Any
 
 from rtnq.errors import KernelError, KernelUnavailable, RtnqError, ShapeError
 
-ABI_VERSION = 1  # must equal RTNQ_ABI_VERSION in cuda/include/rtnq_cuda.h
+ABI_VERSION = 2  # must equal RTNQ_ABI_VERSION in cuda/include/rtnq_cuda.h
 LIB_NAME = "librtnq_cuda.so"
 ENV_VAR = "RTNQ_CUDA_LIB"
 BUILD_HINT = "build it with `make -C cuda` (needs nvcc)"
@@ -100,9 +100,6 @@ SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "rtnq_dequantize": (ctypes.c_int, _WEIGHTS + [_i64, _i64, _i32, _i32, _i32, _i32, _ptr]),
     "rtnq_gemm_small_m": (ctypes.c_int, _WEIGHTS + [_ptr, _i64, _i64, _i64, _i32, _i32, _i32, _ptr, _size, _ptr]),
     "rtnq_gemm_tensor_core": (ctypes.c_int, _WEIGHTS + [_ptr, _i64, _i64, _i64, _i32, _i32, _i32, _ptr, _size, _ptr]),
-    "rtnq_host_dequantize": (ctypes.c_int, _WEIGHTS + [_i64, _i64, _i32, _i32, _i32, _i32, _i32]),
-    "rtnq_host_gemm_small_m": (ctypes.c_int, _WEIGHTS + [_ptr, _i64, _i64, _i64, _i32, _i32, _i32, _i32]),
-    "rtnq_host_gemm_tensor_core": (ctypes.c_int, _WEIGHTS + [_ptr, _i64, _i64, _i64, _i32, _i32, _i32, _i32]),
 }
 
 _lock = threading.Lock()

@@ -1,7 +1,7 @@
 """Load a directory written by `rtnq convert` into QuantLinear layers and plain tensors.
 
 The precision manifest (rtnq_manifest.json) says what every source tensor became; this module follows
-it: each quantized linear `P.weight` (kind "marlin", 2-D) becomes `linears["P"]`, a QuantLinear built
+it: each quantized linear `P.weight` (kind "quantized", 2-D) becomes `linears["P"]`, a QuantLinear built
 from `P.qweight` + `P.scales` (with `P.bias` attached when the checkpoint has one), and every passthrough
 tensor is returned as-is in `tensors`. Shards are read with safetensors (never unpickled); each tensor
 the manifest names must exist with the shape and dtype the manifest implies, or CheckpointError says
@@ -70,7 +70,7 @@ def load_checkpoint(out_dir: str | Path, device: str | torch.device = "cuda") ->
 
     wanted: dict[str, list[str]] = {}  # shard -> output tensor names
     for name, entry in man.tensors.items():
-        if entry.kind == "marlin":
+        if entry.kind == "quantized":
             keys = fmt.roles[:2]  # packed codes and scales; the rest are constants of the shape
         elif entry.kind == "passthrough":
             keys = ("tensor",)

@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from rtnq import dtypes, params
 from rtnq.errors import ShapeError, UsageError
 from rtnq.numerics.shape_rule import MIN_K, MIN_N, check_shape
 from rtnq.selection.selectors import (
@@ -65,9 +66,6 @@ if TYPE_CHECKING:  # rtnq.checkpoint.source imports torch; the planner only read
 
 __all__ = ["ALIASES", "Decision", "Plan", "Selector", "check_shape", "parse_selectors", "plan"]
 
-BITS = (4, 8)
-GROUP_SIZES = (32, 64, 128, -1)
-FLOAT_DTYPES = ("F16", "BF16", "F32")
 _LM_HEAD = frozenset({"lm_head", "embed_out", "output_layer"})
 _EMBED = frozenset({"wte", "wpe", "shared", "relative_attention_bias"})
 _ROUTER = frozenset({"gate", "router", "shared_expert_gate"})
@@ -78,7 +76,7 @@ SUMMARY_TP = (2, 4, 8)  # tensor-parallel degrees every plan is checked for
 @dataclass(frozen=True)
 class Decision:
     name: str  # source tensor name
-    kind: str  # "marlin" or "passthrough"
+    kind: str  # "quantized" (in the format's layout) or "passthrough"
     bits: int | None = None  # 4 or 8 for marlin
     group_size: int | None = None  # as given (-1 = channelwise) for marlin
     rule: str | None = None  # what chose the precision: "default", "keep-int8:SEL", "skip:SEL", "fused-with:..."
@@ -123,7 +121,7 @@ def _default_reason(spec: TensorSpec, info: NameInfo, conv1d: bool) -> str | Non
         return f"{nd}-D tensor is not a linear weight"
     if conv1d and info.leaf in _CONV1D:
         return "GPT-2 Conv1D weight stored (in, out); not supported"
-    if spec.dtype not in FLOAT_DTYPES:
+    if spec.dtype not in dtypes.FLOATS:
         if spec.dtype.startswith("F"):
             return f"dtype {spec.dtype} is not quantized (only F16, BF16 and F32 are)"
         return f"dtype {spec.dtype} is not a float"
@@ -148,10 +146,7 @@ def plan(
     Raises UsageError for bad arguments or a selector that matches no tensor at all, and (strict=True)
     ShapeError for a tensor that would be quantized but fails the Marlin shape gate.
     """
-    if bits not in BITS:
-        raise UsageError(f"--bits must be 4 or 8, got {bits}")
-    if group_size not in GROUP_SIZES:
-        raise UsageError(f"--group-size must be one of 32, 64, 128 or -1 (channelwise), got {group_size}")
+    params.check(bits, group_size)
     if any(not isinstance(t, int) or isinstance(t, bool) or t < 1 for t in tp):
         raise UsageError(f"--tp takes positive integers such as 2,4,8, got {list(tp)}")
     options = [("keep-int8", s) for s in parse_selectors(keep_int8)] + [("skip", s) for s in parse_selectors(skip)]
@@ -202,13 +197,13 @@ def plan(
             rule = f"keep-int8:{options[j][1].text}"
             if anchor is not None:
                 rule = f"fused-with:{anchor} ({rule})"
-            decisions[name] = Decision(name, "marlin", 8, group_size, rule)
+            decisions[name] = Decision(name, "quantized", 8, group_size, rule)
             credit[j] += 1
         else:
-            decisions[name] = Decision(name, "marlin", bits, group_size, "default")
+            decisions[name] = Decision(name, "quantized", bits, group_size, "default")
 
     warnings = _warnings(options, matched, credit, skipped, int8, reason, gated, bits)
-    if decisions and not any(d.kind == "marlin" for d in decisions.values()):
+    if decisions and not any(d.kind == "quantized" for d in decisions.values()):
         warnings.append("no tensor is quantized: no float linear weight inside a block passed the rules and the gate")
     by_name = {i.name: i for i in infos}
     # The common degrees are always checked, for the one-line summary of every run; only the degrees
@@ -315,7 +310,7 @@ def _tp_check(t: int, decisions: dict[str, Decision], infos: dict[str, NameInfo]
     g = group_size
     fused: dict[tuple[str, str], list[str]] = {}
     for name, d in decisions.items():
-        if d.kind != "marlin":
+        if d.kind != "quantized":
             continue
         info = infos[name]
         n, k = nk[name]
@@ -373,7 +368,7 @@ def _tp_warnings(tp_failures: dict, decisions: dict[str, Decision], infos: dict[
             out.append(f"--tp {t}: {len(fails)} quantized tensors would fail the Marlin shape gate per rank: "
                        f"{shown}{more}")
     known = COLUMN | ROW | REPLICATED
-    unknown = [n for n, d in decisions.items() if d.kind == "marlin" and infos[n].role not in known]
+    unknown = [n for n, d in decisions.items() if d.kind == "quantized" and infos[n].role not in known]
     if tp_failures and unknown:
         out.append(f"--tp: {len(unknown)} quantized tensors have no known tensor-parallel split and were not "
                    f"checked, e.g. {unknown[0]}")

@@ -16,8 +16,10 @@ shows on a realistic shape that torch computes it bit-identically on both device
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,20 @@ def run_gemm(case: Case, x: torch.Tensor, path: str) -> torch.Tensor:
     res = ops.gemm(x, case.qweight, case.scales, path=path, out=out, **case.kw())
     assert res.data_ptr() == out.data_ptr()
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def host_reference_lib() -> ctypes.CDLL:
+    """The test-only build/librtnq_emu.so, which holds the kernels' host references (cuda/emu/host_ref.h)."""
+    default = Path(__file__).resolve().parents[2] / "cuda" / "build" / "librtnq_emu.so"
+    path = Path(os.environ.get("RTNQ_CUDA_EMU_LIB", default))
+    if not path.is_file():
+        pytest.skip(f"{path} not built (make -C cuda)")
+    lib = ctypes.CDLL(str(path))
+    P, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    lib.rtnq_host_gemm_small_m.argtypes = [P, P, P, P, i64, i64, i64, i32, i32, i32, i32]
+    lib.rtnq_host_last_error.restype = ctypes.c_char_p
+    return lib
 
 
 def check_gemm(case: Case, m_list=M_LIST, paths=PATHS, seed=0):
@@ -177,18 +193,18 @@ def test_realistic_shapes(bits, k, n):
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13, 16, 40])
 def test_small_m_is_bit_identical_to_host_emulation(bits, dtype, group, m):
     # The host emulator repeats the kernel's fp32 operation order exactly, given the kernel's split count.
+    ref = host_reference_lib()
     k, n = 2048, 512
     case = Case(bits, n, k, group, dtype)
     x = torch.randn(m, k, device=dev()).to(dtype)
     out = run_gemm(case, x, "small_m")
     splits, rows = ops.plan("small_m", m, n, k, bits=bits, group_size=group, dtype=dtype)
     assert splits >= 1 and rows in (1, 2, 4, 8)
-    lib = library.load()
     xc, qc, sc = x.cpu(), case.qweight.cpu(), case.scales.cpu()
     host = torch.full((m, n), float("nan"), dtype=dtype)
-    status = lib.rtnq_host_gemm_small_m(xc.data_ptr(), qc.data_ptr(), sc.data_ptr(), host.data_ptr(), m, n, k, bits,
+    status = ref.rtnq_host_gemm_small_m(xc.data_ptr(), qc.data_ptr(), sc.data_ptr(), host.data_ptr(), m, n, k, bits,
                                         group, library.BFLOAT16 if dtype == torch.bfloat16 else library.FLOAT16, splits)
-    assert status == 0
+    assert status == 0, ref.rtnq_host_last_error().decode()
     assert torch.equal(out.cpu().view(torch.int16), host.view(torch.int16)), f"splits={splits}"
 
 
