@@ -1,5 +1,6 @@
 // emulate.cpp: runs rtnq's CUDA kernels, from their own source, on the CPU (see simt.h for the model).
-// Built by `make -C cuda` as build/librtnq_emu.so with the host C++ compiler; used only by tests.
+// Built by `make -C cuda` as build/librtnq_emu.so with the host C++ compiler; used only by tests. The same library
+// carries the kernels' host references (host_ref.cpp, declared in host_ref.h); both model mma.sync with mma_model.h.
 //
 // Exported (C):
 //   rtnq_emu_dequantize(qweight, scales, out, n, k, bits, group_size, dtype, layout, seed)
@@ -41,6 +42,7 @@
 #include "../src/dequant_kernel.cuh"
 #include "../src/small_m_kernel.cuh"
 #include "../src/tc_kernel.cuh"
+#include "mma_model.h"
 
 namespace rtnq_emu {
 namespace {
@@ -67,9 +69,7 @@ struct Slot {  // one lane's operands / results of a warp collective
     float f;
     int imm;
     const void *addr;
-    uint32_t a[4];
-    uint32_t b0, b1;
-    float d[4];
+    MmaLane mma;
     uint32_t r[4];
     bool bf16;
 };
@@ -116,10 +116,6 @@ Slot &collective(Kind kind) {
     return g.slots[g.cur];
 }
 
-float half_bits(uint16_t h, bool bf16) {
-    return bf16 ? __bfloat162float(rtnq::bit_cast<__nv_bfloat16>(h)) : __half2float(rtnq::bit_cast<__half>(h));
-}
-
 void resolve_warp(int warp) {
     Slot *s = &g.slots[warp * 32];
     switch (g.warp_kind[warp]) {
@@ -135,29 +131,10 @@ void resolve_warp(int warp) {
                     memcpy(&s[l].r[j], static_cast<const unsigned char *>(s[8 * j + (l >> 2)].addr) + 4 * (l & 3), 4);
             break;
         case Kind::Mma: {
-            const bool bf16 = s[0].bf16;
-            float A[16][16], B[16][8];
-            for (int l = 0; l < 32; ++l) {
-                const int gi = l >> 2, q = l & 3;
-                for (int r = 0; r < 4; ++r) {
-                    const int row = gi + 8 * (r & 1), col = 2 * q + 8 * (r >> 1);
-                    A[row][col] = half_bits(static_cast<uint16_t>(s[l].a[r] & 0xFFFF), bf16);
-                    A[row][col + 1] = half_bits(static_cast<uint16_t>(s[l].a[r] >> 16), bf16);
-                }
-                B[2 * q][gi] = half_bits(static_cast<uint16_t>(s[l].b0 & 0xFFFF), bf16);
-                B[2 * q + 1][gi] = half_bits(static_cast<uint16_t>(s[l].b0 >> 16), bf16);
-                B[2 * q + 8][gi] = half_bits(static_cast<uint16_t>(s[l].b1 & 0xFFFF), bf16);
-                B[2 * q + 9][gi] = half_bits(static_cast<uint16_t>(s[l].b1 >> 16), bf16);
-            }
-            for (int l = 0; l < 32; ++l) {
-                const int gi = l >> 2, q = l & 3;
-                for (int e = 0; e < 4; ++e) {
-                    const int row = gi + 8 * (e >> 1), col = 2 * q + (e & 1);
-                    double acc = 0;
-                    for (int kx = 0; kx < 16; ++kx) acc += static_cast<double>(A[row][kx]) * B[kx][col];
-                    s[l].d[e] += static_cast<float>(acc);
-                }
-            }
+            MmaLane lanes[32];
+            for (int l = 0; l < 32; ++l) lanes[l] = s[l].mma;
+            mma_m16n8k16(lanes, s[0].bf16);
+            for (int l = 0; l < 32; ++l) s[l].mma = lanes[l];
             break;
         }
         case Kind::None:
@@ -272,13 +249,13 @@ void ldmatrix_x4(uint32_t (&r)[4], const void *smem) {
 
 void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool bf16) {
     Slot &s = collective(Kind::Mma);
-    memcpy(s.a, a, sizeof(s.a));
-    s.b0 = b0;
-    s.b1 = b1;
-    memcpy(s.d, d, sizeof(s.d));
+    memcpy(s.mma.a, a, sizeof(s.mma.a));
+    s.mma.b0 = b0;
+    s.mma.b1 = b1;
+    memcpy(s.mma.d, d, sizeof(s.mma.d));
     s.bf16 = bf16;
     yield_to_scheduler();
-    memcpy(d, g.slots[g.cur].d, sizeof(d));
+    memcpy(d, g.slots[g.cur].mma.d, sizeof(d));
 }
 
 void cp_async(void *dst, const void *src) { me().copies.push_back(Copy{dst, src, me().committed}); }

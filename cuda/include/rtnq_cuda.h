@@ -37,8 +37,10 @@ extern "C" {
 #define RTNQ_API __attribute__((visibility("default")))
 #endif
 
-/* Bumped on any change of a signature, struct, enum value or workspace contract below. */
-#define RTNQ_ABI_VERSION 1
+/* Bumped on any change of a signature, struct, enum value or workspace contract below, and on any function
+ * added to or removed from the exported set (2: the rtnq_host_* test references moved to the test-only
+ * build/librtnq_emu.so, see cuda/emu/host_ref.h). */
+#define RTNQ_ABI_VERSION 2
 
 typedef enum rtnq_status {
     RTNQ_OK = 0,
@@ -133,27 +135,6 @@ RTNQ_API int rtnq_gemm_tensor_core(const void *x, const void *qweight, const voi
  * Launches nothing; needs a GPU. */
 RTNQ_API int rtnq_gemm_plan(int32_t path, int64_t m, int64_t n, int64_t k, int32_t bits, int32_t group_size,
                             int32_t dtype, int32_t *splits, int32_t *rows_per_cta);
-
-/* ---- Host references (for tests; no GPU needed) ----------------------------------------------
- * The same decode helpers the kernels use, run on the CPU over host memory, so CI can check the
- * layout arithmetic without a GPU. All pointers are host pointers; no alignment requirement.
- *   rtnq_host_dequantize: variant 0 = the dequantize kernel's arithmetic (fp32 product, one rounding),
- *                         variant 1 = the GEMM kernels' arithmetic (magic-number decode + 16-bit multiply).
- *   rtnq_host_gemm_small_m: emulates the small-M kernel lane by lane with the same fp32 operation order
- *     (fmaf chain, shuffle butterfly, warp and split sums), so with the splits rtnq_gemm_plan reports the
- *     GPU result should be bit-identical.
- *   rtnq_host_gemm_tensor_core: emulates the tensor-core kernel warp by warp: the swizzled shared-memory
- *     tiles, ldmatrix and mma.sync fragment layouts as the PTX ISA defines them, the split-K reduction
- *     (equal to the GPU up to the tensor cores' fp32 summation order).
- *   splits: the k-split count to emulate (1 .. k/16 for small-M, 1 .. k/64 for tensor-core). */
-RTNQ_API int rtnq_host_dequantize(const void *qweight, const void *scales, void *out, int64_t n, int64_t k,
-                                  int32_t bits, int32_t group_size, int32_t dtype, int32_t layout, int32_t variant);
-RTNQ_API int rtnq_host_gemm_small_m(const void *x, const void *qweight, const void *scales, void *out, int64_t m,
-                                    int64_t n, int64_t k, int32_t bits, int32_t group_size, int32_t dtype,
-                                    int32_t splits);
-RTNQ_API int rtnq_host_gemm_tensor_core(const void *x, const void *qweight, const void *scales, void *out,
-                                        int64_t m, int64_t n, int64_t k, int32_t bits, int32_t group_size,
-                                        int32_t dtype, int32_t splits);
 
 #ifdef __cplusplus
 }

@@ -1,6 +1,6 @@
 // layout.cuh: the Marlin layout facts and the dequantization arithmetic, as __host__ __device__ helpers.
 //
-// Every kernel decodes weights through these functions and the host references (host_ref.cu) call the
+// Every kernel decodes weights through these functions and the host references (emu/host_ref.cpp) call the
 // very same ones, so CI checks this arithmetic on the CPU against rtnq.marlin.unpack + rtnq.rtn.
 //
 // Layout recap (FORMATS.md 3.3): qweight row kt holds 16 rows of B = W^T; each 16 x 64 column block nb

@@ -1,5 +1,5 @@
 // tc_config.cuh: tile configurations and shared-memory addressing of the tensor-core kernel.
-// __host__ __device__ so the host emulator (host_ref.cu) lays out and reads shared memory exactly as the
+// __host__ __device__ so the host reference (emu/host_ref.cpp) lays out and reads shared memory exactly as the
 // kernel does.
 #pragma once
 

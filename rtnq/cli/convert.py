@@ -45,13 +45,10 @@ def convert(
 
     options = conv.Options(
         bits=bits, group_size=group_size, keep_int8=split_list(keep_int8), skip=split_list(skip),
-        dtype=dtype, strict=strict, force=force, tp=parse_tp(tp), format=fmt,
+        dtype=dtype, strict=strict, force=force, tp=parse_tp(tp), format=fmt, dry_run=dry_run,
     )
     plan = conv.make_plan(src, out, options)
-    from rtnq.numerics import fused
-
-    slow = None if dry_run else fused.problem()
-    for w in plan.precision.warnings + ([slow] if slow else []):
+    for w in plan.warnings:
         err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     if dry_run:
         _print_plan(plan, json_out)

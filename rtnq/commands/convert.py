@@ -50,6 +50,7 @@ class Options:
     force: bool = False
     tp: Sequence[int] = ()
     format: str = "marlin"  # one of formats.FORMATS
+    dry_run: bool = False  # plan only: OUT may exist, since nothing will be written
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Plan:
     shards: list[tuple[str, list[Entry]]]
     precision: precision.Plan
     small_files: list[str]
+    warnings: list[str] = field(default_factory=list)  # for the user: the selection's, plus this machine's
 
     @property
     def bytes_in(self) -> int:
@@ -169,7 +171,7 @@ def make_plan(src: str | Path, out: str | Path, options: Options) -> Plan:
     fmt = formats.BY_NAME[options.format]
     src_dir = resolve(src)
     out_dir = Path(out)
-    check_output_location(src_dir, out_dir, options.force)
+    check_output_location(src_dir, out_dir, options.force or options.dry_run)
     specs = scan(src_dir)
     pplan = precision.plan(
         specs,
@@ -215,7 +217,11 @@ def make_plan(src: str | Path, out: str | Path, options: Options) -> Plan:
             if e.name in seen:
                 raise CheckpointError(f"output tensor name {e.name} would be written twice; the source already has it")
             seen.add(e.name)
-    return Plan(src_dir, out_dir, options, items, list(shards.items()), pplan, small_files(src_dir))
+    warnings = list(pplan.warnings)
+    slow = None if options.dry_run else fused.problem()
+    if slow:
+        warnings.append(slow)  # not in the manifest: it is about this machine, not the output
+    return Plan(src_dir, out_dir, options, items, list(shards.items()), pplan, small_files(src_dir), warnings)
 
 
 def plan_format(plan: Plan) -> formats.Format:

@@ -1,20 +1,44 @@
-// host_ref.cu: CPU references of the three kernels, built from the same layout helpers (layout.cuh,
+// host_ref.cpp: CPU references of the three kernels, built from the same layout helpers (layout.cuh,
 // tc_config.cuh) the kernels use. CI has no GPU, so these are how the decode arithmetic, the fragment
 // bookkeeping and the shared-memory addressing get executed and checked against rtnq.marlin/rtnq.rtn.
+// Test-only: linked into build/librtnq_emu.so (declarations in host_ref.h), never into librtnq_cuda.so.
 //
 // The tensor-core emulator models the warp-collective instructions from their PTX ISA definitions:
 //   ldmatrix .x4 .b16: lanes 8j..8j+7 supply the 8 row addresses of tile j; lane l receives, in register j,
 //     row l/4, elements 2(l%4) and 2(l%4)+1 of tile j.
-//   mma m16n8k16 (f16/bf16 -> f32): A reg r holds (row g + 8(r&1), cols 2q + 8(r>>1) + {0,1}); B reg r holds
-//     (k rows 2q + 8r + {0,1}, col g); C element e is (row g + 8(e>>1), col 2q + (e&1)); g = l/4, q = l%4.
+//   mma m16n8k16 (f16/bf16 -> f32): mma_model.h, the model the SIMT emulator uses too.
 #include <algorithm>
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
-#include "common.cuh"
-#include "tc_config.cuh"
+#include "../src/common.cuh"
+#include "../src/tc_config.cuh"
+#include "host_ref.h"
+#include "mma_model.h"
 
 using namespace rtnq;
+
+// fail() and clear_error() (common.cuh) are defined by api.cu, which only the production library links; the
+// references keep their own thread-local detail here, read back with rtnq_host_last_error().
+namespace rtnq {
+namespace {
+thread_local char g_host_error[512] = "";
+}
+
+void clear_error() { g_host_error[0] = '\0'; }
+
+int fail(int status, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(g_host_error, sizeof(g_host_error), fmt, ap);
+    va_end(ap);
+    return status;
+}
+}  // namespace rtnq
 
 namespace {
 
@@ -169,38 +193,6 @@ void host_small_m(const T *x, const int32_t *qweight, const T *scales, T *out, i
 }
 
 // ---- Tensor-core emulation ----------------------------------------------------------------------------------
-template <typename T>
-float half_bits_to_float(uint16_t h) {
-    return to_float(bit_cast<T>(h));
-}
-
-// D (16x8, fp32) += A (16x16) x B (16x8) for one warp, operands given per lane in PTX fragment order.
-template <typename T>
-void mma_emulate(float (*d)[4], const uint32_t (*a)[4], const uint32_t *b0, const uint32_t *b1) {
-    float A[16][16], B[16][8];
-    for (int l = 0; l < 32; ++l) {
-        const int g = l >> 2, q = l & 3;
-        for (int r = 0; r < 4; ++r) {
-            const int row = g + 8 * (r & 1), col = 2 * q + 8 * (r >> 1);
-            A[row][col] = half_bits_to_float<T>(static_cast<uint16_t>(a[l][r] & 0xFFFF));
-            A[row][col + 1] = half_bits_to_float<T>(static_cast<uint16_t>(a[l][r] >> 16));
-        }
-        B[2 * q][g] = half_bits_to_float<T>(static_cast<uint16_t>(b0[l] & 0xFFFF));
-        B[2 * q + 1][g] = half_bits_to_float<T>(static_cast<uint16_t>(b0[l] >> 16));
-        B[2 * q + 8][g] = half_bits_to_float<T>(static_cast<uint16_t>(b1[l] & 0xFFFF));
-        B[2 * q + 9][g] = half_bits_to_float<T>(static_cast<uint16_t>(b1[l] >> 16));
-    }
-    for (int l = 0; l < 32; ++l) {
-        const int g = l >> 2, q = l & 3;
-        for (int e = 0; e < 4; ++e) {
-            const int row = g + 8 * (e >> 1), col = 2 * q + (e & 1);
-            double s = 0;
-            for (int kx = 0; kx < 16; ++kx) s += static_cast<double>(A[row][kx]) * B[kx][col];
-            d[l][e] += static_cast<float>(s);
-        }
-    }
-}
-
 template <int BITS, typename T, class C>
 void host_tc(const T *x, const int32_t *qweight, const T *scales, T *out, int64_t m, int64_t n, int64_t k, Groups g,
              int splits) {
@@ -291,14 +283,15 @@ void host_tc(const T *x, const int32_t *qweight, const T *scales, T *out, int64_
                                     u1[lane] = bit_cast<uint32_t>(b1);
                                 }
                                 for (int mb = 0; mb < C::MB; ++mb) {
-                                    float d[32][4];
-                                    uint32_t am[32][4];
+                                    rtnq_emu::MmaLane op[32];
                                     for (int lane = 0; lane < 32; ++lane) {
-                                        memcpy(d[lane], A(warp, lane, mb, ci), sizeof(d[lane]));
-                                        memcpy(am[lane], a[lane][mb], sizeof(am[lane]));
+                                        memcpy(op[lane].a, a[lane][mb], sizeof(op[lane].a));
+                                        op[lane].b0 = u0[lane];
+                                        op[lane].b1 = u1[lane];
+                                        memcpy(op[lane].d, A(warp, lane, mb, ci), sizeof(op[lane].d));
                                     }
-                                    mma_emulate<T>(d, am, u0, u1);
-                                    for (int lane = 0; lane < 32; ++lane) memcpy(A(warp, lane, mb, ci), d[lane], sizeof(d[lane]));
+                                    rtnq_emu::mma_m16n8k16(op, std::is_same<T, __nv_bfloat16>::value);
+                                    for (int lane = 0; lane < 32; ++lane) memcpy(A(warp, lane, mb, ci), op[lane].d, sizeof(op[lane].d));
                                 }
                             }
                         }
@@ -365,6 +358,8 @@ int check_host(const void *qweight, const void *scales, const void *out, int64_t
 }  // namespace
 
 extern "C" {
+
+RTNQ_API const char *rtnq_host_last_error(void) { return g_host_error; }
 
 RTNQ_API int rtnq_host_dequantize(const void *qweight, const void *scales, void *out, int64_t n, int64_t k,
                                   int32_t bits, int32_t group_size, int32_t dtype, int32_t layout, int32_t variant) {
