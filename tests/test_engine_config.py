@@ -7,7 +7,7 @@ import re
 import pytest
 
 from rtnq.formats import engine_config
-from rtnq.selection import precision, selectors
+from rtnq.selection import names, precision
 from rtnq.checkpoint.source import TensorSpec
 
 
@@ -27,9 +27,9 @@ def vlm(layers=2):
     return out
 
 
-def patterns(specs, names):
-    infos = selectors.analyse(specs)
-    return engine_config.module_patterns([i for i in infos if i.name in names], infos)
+def patterns(specs, wanted):
+    infos = names.analyse([s.name for s in specs])
+    return engine_config.module_patterns([i for i in infos if i.name in wanted], infos)
 
 
 def test_pattern_starts_at_the_block_container_when_that_is_unambiguous():
@@ -54,8 +54,8 @@ def test_fused_groups_and_layer_indices_fold_into_one_pattern():
 @pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
 def test_patterns_never_reach_a_module_of_another_precision(keep, fmt):
     specs = vlm(layers=3)
-    p = precision.plan(specs, keep_int8=keep, skip=["vision_tower.encoder.layers.2"])
-    infos = selectors.analyse(specs)
+    p = precision.select(specs, keep_int8=keep, skip=["vision_tower.encoder.layers.2"])
+    infos = names.analyse([s.name for s in specs])
     decisions = list(p.decisions.values())
     ndim = {s.name: len(s.shape) for s in specs}
     if fmt == "gptq":

@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rtnq.selection import precision, selectors
+from rtnq.selection import names, precision
 from rtnq.errors import ShapeError, UsageError
-from rtnq.selection.precision import parse_selectors, plan
+from rtnq.selection.precision import parse_selectors, select
 from rtnq.checkpoint.source import TensorSpec
 
 H, I, KV = 256, 512, 128  # hidden, intermediate, k/v width: all pass the Marlin gate (n % 64, k % 128)
@@ -198,11 +198,11 @@ def t5(enc: int = 2, dec: int = 3):
     return out
 
 
-def quantized(p: precision.Plan) -> dict[str, int]:
+def quantized(p: precision.Selection) -> dict[str, int]:
     return {n: d.bits for n, d in p.decisions.items() if d.kind == "quantized"}
 
 
-def int8(p: precision.Plan) -> set[str]:
+def int8(p: precision.Selection) -> set[str]:
     return {n for n, d in p.decisions.items() if d.kind == "quantized" and d.bits == 8}
 
 
@@ -213,7 +213,7 @@ def leaves(names, strip: str = "") -> set[str]:
 
 def matching(specs, selector: str) -> set[str]:
     """Every tensor a selector matches, whatever happens to it (via --skip: passthrough or not)."""
-    infos = selectors.analyse(specs)
+    infos = names.analyse([s.name for s in specs])
     (sel,) = parse_selectors(selector)
     return {i.name for i in infos if sel.matches(i)}
 
@@ -237,7 +237,7 @@ def test_planner_and_packer_share_one_shape_rule():
 
 def test_llama_default_quantizes_block_linears_only():
     specs = llama(layers=2)
-    p = plan(specs)
+    p = select(specs)
     assert list(p.decisions) == [s.name for s in specs]  # every spec, input order
     assert set(quantized(p).values()) == {4}
     assert leaves(quantized(p), "model.layers.0.") >= {"self_attn.q_proj", "mlp.down_proj"}
@@ -259,7 +259,7 @@ def test_llama_default_quantizes_block_linears_only():
 
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1])
 def test_group_size_and_bits_are_recorded(group_size):
-    d = plan(llama(layers=1), bits=8, group_size=group_size).decisions["model.layers.0.self_attn.o_proj.weight"]
+    d = select(llama(layers=1), bits=8, group_size=group_size).decisions["model.layers.0.self_attn.o_proj.weight"]
     assert (d.bits, d.group_size) == (8, group_size)
 
 
@@ -281,46 +281,46 @@ def test_group_size_and_bits_are_recorded(group_size):
     ],
 )
 def test_passthrough_reasons(specs, reason):
-    (d,) = plan(specs).decisions.values()
+    (d,) = select(specs).decisions.values()
     assert (d.kind, d.reason, d.bits) == ("passthrough", reason, None)
 
 
 @pytest.mark.parametrize("dtype", ["F16", "BF16", "F32"])
 def test_float_dtypes_are_quantized(dtype):
-    assert plan(llama(layers=1, dtype=dtype)).decisions["model.layers.0.mlp.up_proj.weight"].kind == "quantized"
+    assert select(llama(layers=1, dtype=dtype)).decisions["model.layers.0.mlp.up_proj.weight"].kind == "quantized"
 
 
 def test_tied_embeddings_pass_through_whether_lm_head_is_stored_or_not():
-    untied = plan(llama(layers=1, lm_head=True)).decisions
-    tied = plan(llama(layers=1, lm_head=False)).decisions
+    untied = select(llama(layers=1, lm_head=True)).decisions
+    tied = select(llama(layers=1, lm_head=False)).decisions
     assert "lm_head.weight" not in tied
     assert untied["lm_head.weight"].reason == "lm_head"
     assert tied["model.embed_tokens.weight"].kind == untied["model.embed_tokens.weight"].kind == "passthrough"
     # rules never force the embedding or the head into Marlin, so a tied pair cannot be split
-    p = plan(llama(layers=1), keep_int8="lm_head,embed_tokens")
+    p = select(llama(layers=1), keep_int8="lm_head,embed_tokens")
     assert p.decisions["lm_head.weight"].kind == p.decisions["model.embed_tokens.weight"].kind == "passthrough"
     assert [r["matched"] for r in p.rules] == [0, 0]
     assert any("lm_head: matches only tensors that pass through anyway" in w for w in p.warnings)
 
 
 def test_skip_lm_head_is_allowed_and_changes_nothing():
-    p = plan(llama(layers=1), skip="lm_head")
+    p = select(llama(layers=1), skip="lm_head")
     assert p.decisions["lm_head.weight"].reason == "lm_head"
     assert p.rules == [{"option": "skip", "selector": "lm_head", "matched": 0}]
     assert any("--skip lm_head" in w and "changes nothing" in w for w in p.warnings)
 
 
 def test_moe_routers_pass_through_and_experts_are_quantized():
-    d = plan(qwen2_moe()).decisions
+    d = select(qwen2_moe()).decisions
     assert d["model.layers.0.mlp.gate.weight"].reason == "router gate"
     assert d["model.layers.0.mlp.shared_expert_gate.weight"].reason == "router gate"
     assert d["model.layers.0.self_attn.q_proj.bias"].reason == "bias"
     assert d["model.layers.1.mlp.experts.3.down_proj.weight"].kind == "quantized"
     assert d["model.layers.1.mlp.shared_expert.up_proj.weight"].kind == "quantized"
-    m = plan(mixtral()).decisions
+    m = select(mixtral()).decisions
     assert m["model.layers.0.block_sparse_moe.gate.weight"].reason == "router gate"
     assert m["model.layers.0.block_sparse_moe.experts.2.w2.weight"].kind == "quantized"
-    dbrx = plan([S("transformer.blocks.0.ffn.router.layer.weight", (16, H))]).decisions
+    dbrx = select([S("transformer.blocks.0.ffn.router.layer.weight", (16, H))]).decisions
     assert dbrx["transformer.blocks.0.ffn.router.layer.weight"].reason == "router gate"
 
 
@@ -332,7 +332,7 @@ def test_stacked_3d_experts_are_gated_on_n_and_k():
         S("model.layers.1.mlp.experts.down_proj.weight", (8, H, 96)),  # k=96 fails
         S("model.layers.0.mlp.experts.gate_up_proj", (8, H, 2 * I)),  # GPT-OSS: no .weight, (E, k, n)
     ]
-    d = plan(specs).decisions
+    d = select(specs).decisions
     assert d["model.layers.0.mlp.experts.gate_up_proj.weight"].kind == "quantized"
     assert d["model.layers.0.mlp.experts.down_proj.weight"].kind == "quantized"
     assert d["model.layers.1.mlp.experts.down_proj.weight"].reason == (
@@ -343,7 +343,7 @@ def test_stacked_3d_experts_are_gated_on_n_and_k():
 
 
 def test_gpt2_conv1d_weights_pass_through_but_bigcode_linears_are_quantized():
-    p = plan(gpt2())
+    p = select(gpt2())
     assert quantized(p) == {}
     d = p.decisions
     assert d["transformer.h.0.attn.c_attn.weight"].reason == "GPT-2 Conv1D weight stored (in, out); not supported"
@@ -353,7 +353,7 @@ def test_gpt2_conv1d_weights_pass_through_but_bigcode_linears_are_quantized():
     assert d["transformer.ln_f.weight"].reason == "norm"
     assert any("8 GPT-2 Conv1D weights" in w for w in p.warnings)
     assert any(w.startswith("no tensor is quantized") for w in p.warnings)
-    big = plan(gpt2(linear_layout=True))
+    big = select(gpt2(linear_layout=True))
     assert leaves(quantized(big)) == {f"transformer.h.{n}.{m}" for n in (0, 1)
                                       for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
 
@@ -371,13 +371,13 @@ def test_gpt2_conv1d_weights_pass_through_but_bigcode_linears_are_quantized():
     ],
 )
 def test_block_linears_across_architectures(build, quantized_leaves, prefix):
-    p = plan(build())
+    p = select(build())
     assert leaves((n for n in quantized(p) if n.startswith(prefix)), prefix) == quantized_leaves
     assert all(n.startswith(prefix.rsplit(".", 2)[0]) for n in quantized(p))  # nothing outside the blocks
 
 
 def test_t5_blocks_and_relative_attention_bias():
-    p = plan(t5())
+    p = select(t5())
     d = p.decisions
     assert d["shared.weight"].reason == "embedding"
     assert d["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].reason == "embedding"
@@ -389,7 +389,7 @@ def test_t5_blocks_and_relative_attention_bias():
 
 
 def test_layers_1_never_matches_layers_10():
-    p = plan(llama(layers=12), keep_int8="layers.1")
+    p = select(llama(layers=12), keep_int8="layers.1")
     assert leaves(int8(p)) == {f"model.layers.1.{m}" for m in
                                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
@@ -408,19 +408,19 @@ def test_component_selector_matches_whole_components_only():
 def test_index_ranges_and_negative_indices():
     specs = llama(layers=6)
     layer_of = lambda names: {int(n.split(".")[2]) for n in names}  # noqa: E731
-    assert layer_of(int8(plan(specs, keep_int8="layers.1-3"))) == {1, 2, 3}
-    assert layer_of(int8(plan(specs, keep_int8="layers.-1"))) == {5}
-    assert layer_of(int8(plan(specs, keep_int8="layers.-2--1"))) == {4, 5}
-    assert layer_of(int8(plan(specs, keep_int8="layers.0,layers.-1"))) == {0, 5}
-    assert layer_of(int8(plan(specs, keep_int8="layers.4-10"))) == {4, 5}  # clipped to what exists
+    assert layer_of(int8(select(specs, keep_int8="layers.1-3"))) == {1, 2, 3}
+    assert layer_of(int8(select(specs, keep_int8="layers.-1"))) == {5}
+    assert layer_of(int8(select(specs, keep_int8="layers.-2--1"))) == {4, 5}
+    assert layer_of(int8(select(specs, keep_int8="layers.0,layers.-1"))) == {0, 5}
+    assert layer_of(int8(select(specs, keep_int8="layers.4-10"))) == {4, 5}  # clipped to what exists
 
 
 def test_negative_indices_in_other_containers_and_per_stack():
-    assert {n.split(".")[2] for n in int8(plan(gpt2(3, linear_layout=True), keep_int8="h.-1"))} == {"2"}
+    assert {n.split(".")[2] for n in int8(select(gpt2(3, linear_layout=True), keep_int8="h.-1"))} == {"2"}
     # T5: encoder has 2 blocks, decoder 3; block.-1 is the last of each stack
-    p = plan(t5(), keep_int8="block.-1")
+    p = select(t5(), keep_int8="block.-1")
     assert {".".join(n.split(".")[:3]) for n in int8(p)} == {"encoder.block.1", "decoder.block.2"}
-    p = plan(t5(), keep_int8="decoder.block.-1")
+    p = select(t5(), keep_int8="decoder.block.-1")
     assert {".".join(n.split(".")[:3]) for n in int8(p)} == {"decoder.block.2"}
     # experts.-1: the last expert of each layer (here extended to all experts of the layer, see fused tests)
     assert matching(mixtral(experts=4), "experts.-1") == {
@@ -444,7 +444,7 @@ def test_regex_full_match_on_name_or_module():
     assert matching(specs, r"re:model\.layers\.0\..*\.weight") == {
         s.name for s in specs if s.name.startswith("model.layers.0.")}
     with pytest.raises(UsageError, match=r"did you mean re:\.\*down_proj\.\*\?"):
-        plan(specs, keep_int8="re:down_proj")  # a partial match is not a match
+        select(specs, keep_int8="re:down_proj")  # a partial match is not a match
 
 
 def test_regex_with_commas_stays_one_selector():
@@ -499,13 +499,13 @@ def test_alias_selects_the_module_family(build, prefix, alias, want):
     specs = build()
     weights = {n for n in matching(specs, alias) if n.startswith(prefix) and n.endswith(".weight")}
     assert leaves(weights, prefix) == want  # (biases of those modules match too, and pass through)
-    p = plan(specs, keep_int8=alias)
+    p = select(specs, keep_int8=alias)
     assert p.rules[0]["matched"] == len(int8(p)) > 0
     assert int8(p) >= {n for n in matching(specs, alias) if p.decisions[n].kind == "quantized"}
 
 
 def test_mlp_alias_covers_moe_and_router_stays_16bit():
-    p = plan(qwen2_moe(), keep_int8="mlp")
+    p = select(qwen2_moe(), keep_int8="mlp")
     assert "model.layers.0.mlp.shared_expert.down_proj.weight" in int8(p)
     assert "model.layers.0.mlp.experts.1.up_proj.weight" in int8(p)
     assert p.decisions["model.layers.0.mlp.gate.weight"].kind == "passthrough"
@@ -514,7 +514,7 @@ def test_mlp_alias_covers_moe_and_router_stays_16bit():
 
 
 def test_plus_intersects_terms():
-    p = plan(llama(layers=4), keep_int8="layers.0-1+down,layers.-1+qkv")
+    p = select(llama(layers=4), keep_int8="layers.0-1+down,layers.-1+qkv")
     assert leaves(int8(p)) == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj",
                                "model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.k_proj",
                                "model.layers.3.self_attn.v_proj"}
@@ -525,7 +525,7 @@ def test_qwen1_w1_w2_are_the_fused_gate_up_pair():
     specs = [S(f"transformer.h.0.mlp.{m}.weight", (I, H)) for m in ("w1", "w2")]
     specs.append(S("transformer.h.0.mlp.c_proj.weight", (H, I)))
     specs.append(S("transformer.h.0.attn.c_attn.weight", (3 * H, H)))
-    p = plan(specs, keep_int8="w1")
+    p = select(specs, keep_int8="w1")
     assert int8(p) == {"transformer.h.0.mlp.w1.weight", "transformer.h.0.mlp.w2.weight"}
     assert matching(specs, "down") == {"transformer.h.0.mlp.c_proj.weight"}
 
@@ -553,7 +553,7 @@ def test_qwen1_w1_w2_are_the_fused_gate_up_pair():
 )
 def test_unmatched_selector_is_a_usage_error_with_a_candidate(build, selector, hint):
     with pytest.raises(UsageError) as e:
-        plan(build(), keep_int8=selector)
+        select(build(), keep_int8=selector)
     assert str(e.value).startswith(f"--keep-int8 {selector}: matches no tensor")
     assert hint in str(e.value)
     assert e.value.exit_code == 2
@@ -561,7 +561,7 @@ def test_unmatched_selector_is_a_usage_error_with_a_candidate(build, selector, h
 
 def test_unmatched_skip_selector_is_an_error_too():
     with pytest.raises(UsageError, match=r"^--skip lm_haed: matches no tensor; did you mean lm_head\?"):
-        plan(llama(layers=1), skip="lm_haed")
+        select(llama(layers=1), skip="lm_haed")
 
 
 @pytest.mark.parametrize(
@@ -599,14 +599,14 @@ def test_parse_selectors_accepts_none_lists_and_parts():
 )
 def test_bad_arguments(kwargs, fragment):
     with pytest.raises(UsageError, match=fragment):
-        plan(llama(layers=1), **kwargs)
+        select(llama(layers=1), **kwargs)
 
 
 # ---- fused groups and precedence -----------------------------------------------------------------------
 
 
 def test_keep_int8_on_one_of_qkv_extends_to_the_group():
-    p = plan(llama(layers=2), keep_int8="layers.0.self_attn.k_proj")
+    p = select(llama(layers=2), keep_int8="layers.0.self_attn.k_proj")
     assert leaves(int8(p)) == {f"model.layers.0.self_attn.{m}_proj" for m in "qkv"}
     anchor = "model.layers.0.self_attn.k_proj.weight"
     assert p.decisions[anchor].rule == "keep-int8:layers.0.self_attn.k_proj"
@@ -618,21 +618,21 @@ def test_keep_int8_on_one_of_qkv_extends_to_the_group():
 
 
 def test_keep_int8_on_up_extends_to_gate_per_layer():
-    p = plan(llama(layers=3), keep_int8="up_proj")
+    p = select(llama(layers=3), keep_int8="up_proj")
     assert leaves(int8(p)) == {f"model.layers.{n}.mlp.{m}_proj" for n in range(3) for m in ("gate", "up")}
     assert p.decisions["model.layers.2.mlp.gate_proj.weight"].rule == (
         "fused-with:model.layers.2.mlp.up_proj.weight (keep-int8:up_proj)")
 
 
 def test_experts_of_one_moe_layer_share_a_precision():
-    p = plan(mixtral(layers=2, experts=4), keep_int8="layers.1+experts.0.w2")
+    p = select(mixtral(layers=2, experts=4), keep_int8="layers.1+experts.0.w2")
     assert int8(p) == {s.name for s in mixtral(2, 4) if ".layers.1.block_sparse_moe.experts." in s.name}
     assert p.rules[0]["matched"] == 12
     assert p.decisions["model.layers.1.self_attn.q_proj.weight"].bits == 4
 
 
 def test_skip_extends_to_fused_partners():
-    p = plan(llama(layers=2), skip="layers.1.mlp.gate_proj")
+    p = select(llama(layers=2), skip="layers.1.mlp.gate_proj")
     d = p.decisions["model.layers.1.mlp.up_proj.weight"]
     assert d.kind == "passthrough"
     assert d.reason == "skipped by --skip layers.1.mlp.gate_proj (fused with model.layers.1.mlp.gate_proj.weight)"
@@ -644,21 +644,21 @@ def test_skip_extends_to_fused_partners():
 
 
 def test_skip_wins_over_keep_int8_whatever_the_order():
-    p = plan(llama(layers=2), keep_int8="layers.0", skip="layers.0+mlp")
+    p = select(llama(layers=2), keep_int8="layers.0", skip="layers.0+mlp")
     assert leaves(int8(p)) == {f"model.layers.0.self_attn.{m}_proj" for m in "qkvo"}
     assert {p.decisions[f"model.layers.0.mlp.{m}_proj.weight"].kind for m in ("gate", "up", "down")} == {"passthrough"}
     assert p.rules == [
         {"option": "keep-int8", "selector": "layers.0", "matched": 4},
         {"option": "skip", "selector": "layers.0+mlp", "matched": 3},
     ]
-    shadowed = plan(llama(layers=2), keep_int8="mlp", skip="mlp")
+    shadowed = select(llama(layers=2), keep_int8="mlp", skip="mlp")
     assert int8(shadowed) == set()
     assert shadowed.rules[0]["matched"] == 0
     assert any("--keep-int8 mlp: every tensor it matches was already decided" in w for w in shadowed.warnings)
 
 
 def test_first_keep_selector_is_the_recorded_rule_and_counts_add_up():
-    p = plan(llama(layers=4), keep_int8="layers.0,mlp")
+    p = select(llama(layers=4), keep_int8="layers.0,mlp")
     assert p.decisions["model.layers.0.mlp.up_proj.weight"].rule == "keep-int8:layers.0"
     assert p.decisions["model.layers.2.mlp.up_proj.weight"].rule == "keep-int8:mlp"
     assert [r["matched"] for r in p.rules] == [7, 9]
@@ -666,11 +666,11 @@ def test_first_keep_selector_is_the_recorded_rule_and_counts_add_up():
 
 
 def test_bits_8_keep_int8_is_a_noop_that_must_still_match():
-    p = plan(llama(layers=1), bits=8, keep_int8="mlp")
+    p = select(llama(layers=1), bits=8, keep_int8="mlp")
     assert set(quantized(p).values()) == {8}
     assert any("--keep-int8 changes nothing with --bits 8" in w for w in p.warnings)
     with pytest.raises(UsageError, match="matches no tensor"):
-        plan(llama(layers=1), bits=8, keep_int8="mlpp")
+        select(llama(layers=1), bits=8, keep_int8="mlpp")
 
 
 # ---- shape gate, --strict, --tp ---------------------------------------------------------------------------
@@ -678,7 +678,7 @@ def test_bits_8_keep_int8_is_a_noop_that_must_still_match():
 
 def test_shape_gate_failure_passes_the_whole_fused_group_through():
     specs = llama(layers=2, kv=96)  # k_proj/v_proj: n=96 is not a multiple of 64
-    p = plan(specs)
+    p = select(specs)
     d = p.decisions
     assert d["model.layers.0.self_attn.k_proj.weight"].reason == "shape: n=96 (out_features) is not a multiple of 64"
     assert d["model.layers.0.self_attn.q_proj.weight"].reason == (
@@ -686,7 +686,7 @@ def test_shape_gate_failure_passes_the_whole_fused_group_through():
     assert d["model.layers.0.self_attn.o_proj.weight"].kind == "quantized"
     assert any(w.startswith("4 tensors fail the Marlin shape gate") for w in p.warnings)
     assert any(w.startswith("2 tensors pass through in 16-bit because a fused partner fails") for w in p.warnings)
-    kept = plan(specs, keep_int8="layers.0+qkv")  # a rule cannot push a failing group into Marlin
+    kept = select(specs, keep_int8="layers.0+qkv")  # a rule cannot push a failing group into Marlin
     assert int8(kept) == set() and kept.rules[0]["matched"] == 0
     assert any("matches only tensors that pass through anyway" in w for w in kept.warnings)
 
@@ -694,20 +694,20 @@ def test_shape_gate_failure_passes_the_whole_fused_group_through():
 def test_strict_raises_a_shape_error_naming_tensor_sizes_and_fix():
     specs = llama(layers=2, i=200)
     with pytest.raises(ShapeError) as e:
-        plan(specs, strict=True)
+        select(specs, strict=True)
     msg = str(e.value)
     assert msg.startswith("model.layers.0.mlp.gate_proj.weight: n=200 (out_features) is not a multiple of 64")
     assert "Marlin needs n % 64 == 0 and k % 128 == 0 (5 more tensors fail too)." in msg
     assert msg.endswith("Drop --strict to keep it in 16-bit, or --skip model.layers.0.mlp.gate_proj")
     assert e.value.exit_code == 6
-    plan(specs, strict=True, skip="mlp")  # skipped tensors are not gated
-    assert quantized(plan(llama(layers=2), strict=True))  # and nothing to fail: no error
-    assert plan(specs).decisions["model.layers.1.mlp.down_proj.weight"].reason == (
+    select(specs, strict=True, skip="mlp")  # skipped tensors are not gated
+    assert quantized(select(llama(layers=2), strict=True))  # and nothing to fail: no error
+    assert select(specs).decisions["model.layers.1.mlp.down_proj.weight"].reason == (
         "shape: k=200 (in_features) is not a multiple of 128")
 
 
 def test_tp_reports_per_rank_failures_for_column_and_row_splits():
-    p = plan(llama(layers=1), tp=[2, 4, 2])
+    p = select(llama(layers=1), tp=[2, 4, 2])
     assert p.tp_failures[2] == []
     fails = dict(p.tp_failures[4])
     # k and v get 32 columns each per rank, but the engine holds q/k/v as one fused tensor of 64 + 32 + 32
@@ -716,13 +716,13 @@ def test_tp_reports_per_rank_failures_for_column_and_row_splits():
     }
     assert list(p.tp_failures) == [2, 4, 8]  # 2, 4 and 8 always, for the summary line of every run
     assert len([w for w in p.warnings if w.startswith("--tp")]) == 1  # only the degrees asked for warn
-    assert not any(w.startswith("--tp") for w in plan(llama(layers=1)).warnings)
+    assert not any(w.startswith("--tp") for w in select(llama(layers=1)).warnings)
     assert "--tp 4: 1 quantized tensors would fail" in p.warnings[0]
-    assert "model.layers.0.self_attn.q_proj.weight" not in dict(plan(llama(layers=1), tp=[8]).tp_failures[8])
+    assert "model.layers.0.self_attn.q_proj.weight" not in dict(select(llama(layers=1), tp=[8]).tp_failures[8])
 
 
 def test_tp_checks_fused_qkv_as_one_tensor_per_rank():
-    fails = dict(plan(llama(layers=1, kv=64), tp=[8]).tp_failures[8])  # q/k/v per rank: 32 + 8 + 8 = 48
+    fails = dict(select(llama(layers=1, kv=64), tp=[8]).tp_failures[8])  # q/k/v per rank: 32 + 8 + 8 = 48
     for m in ("q", "k", "v"):
         assert fails[f"model.layers.0.self_attn.{m}_proj.weight"] == (
             "column-parallel, n/8: fused q/k/v per rank (32 + 8 + 8): n=48 (out_features) is not a multiple of 64")
@@ -732,29 +732,29 @@ def test_tp_checks_fused_qkv_as_one_tensor_per_rank():
 def test_tp_replicates_kv_heads_beyond_their_count():
     """One key-value head (MQA) of width 64 at TP 8: engines give every rank the whole head."""
     specs = llama(layers=1, h=512, kv=64)
-    assert "model.layers.0.self_attn.k_proj.weight" in dict(plan(specs, tp=[8]).tp_failures[8])  # 64 + 8 + 8
-    assert "model.layers.0.self_attn.k_proj.weight" not in dict(plan(specs, tp=[8], kv_heads=1).tp_failures[8])
+    assert "model.layers.0.self_attn.k_proj.weight" in dict(select(specs, tp=[8]).tp_failures[8])  # 64 + 8 + 8
+    assert "model.layers.0.self_attn.k_proj.weight" not in dict(select(specs, tp=[8], kv_heads=1).tp_failures[8])
 
 
 def test_tp_moe_experts_follow_the_marlin_moe_rule():
     """Experts' intermediate size per rank must be a multiple of max(64, g): 128 / 2 = 64 fails at g = 128."""
-    p = plan(qwen2_moe(layers=1), tp=[2])
+    p = select(qwen2_moe(layers=1), tp=[2])
     experts = [n for n, d in p.decisions.items() if ".experts." in n and d.kind == "quantized"]
     fails = dict(p.tp_failures[2])
     assert fails["model.layers.0.mlp.experts.0.down_proj.weight"] == (
         "MoE experts, split 128/2: intermediate size per rank 64 is not a multiple of 128")
     assert all(n in fails for n in experts)
     assert "model.layers.0.mlp.shared_expert.down_proj.weight" not in fails  # a plain MLP: 512 / 2 = 256
-    p64 = plan(qwen2_moe(layers=1), tp=[2], group_size=64)
+    p64 = select(qwen2_moe(layers=1), tp=[2], group_size=64)
     assert not any(n in dict(p64.tp_failures[2]) for n in experts)  # max(64, 64) = 64
-    p3 = plan(llama(layers=1), tp=[3])
+    p3 = select(llama(layers=1), tp=[3])
     assert ("model.layers.0.mlp.up_proj.weight", "column-parallel, n/3: n=512 of gate_proj is not divisible by 3") in (
         p3.tp_failures[3])
 
 
 def test_tp_ignores_passthrough_and_reports_unknown_layouts():
     specs = llama(layers=1, kv=96) + [S("model.layers.0.mixer.in_proj.weight", (H, H))]
-    p = plan(specs, tp=[4])
+    p = select(specs, tp=[4])
     assert all(p.decisions[n].kind == "quantized" for n, _ in p.tp_failures[4])
     unknown = [w for w in p.warnings if "1 quantized tensors have no known tensor-parallel split" in w]
     assert len(unknown) == 1 and "mixer.in_proj" in unknown[0]
@@ -770,7 +770,7 @@ def test_deepseek_mla_low_rank_projections_are_fused_and_replicated():
         S(f"{p}.kv_b_proj.weight", (32768, 512)),
         S(f"{p}.o_proj.weight", (7168, 16384)),
     ]
-    pl = plan(specs, keep_int8="q_a_proj", tp=[8])
+    pl = select(specs, keep_int8="q_a_proj", tp=[8])
     assert int8(pl) == {f"{p}.q_a_proj.weight", f"{p}.kv_a_proj_with_mqa.weight"}
     assert matching(specs, "qkv") == {s.name for s in specs if "proj" in s.name and "o_proj" not in s.name}
     assert pl.tp_failures[8] == [] and not any("no known tensor-parallel split" in w for w in pl.warnings)
@@ -783,7 +783,7 @@ POOL = ["layers.0", "layers.-1", "layers.1-2", "q_proj", "k_proj", "up_proj", "g
 @given(keep=st.lists(st.sampled_from(POOL), max_size=4), skip=st.lists(st.sampled_from(POOL), max_size=2))
 def test_invariants_for_any_rules(keep, skip):
     specs = llama(layers=4, kv=96 if "lm_head" in keep else KV)  # sometimes a failing k/v too
-    p = plan(specs, keep_int8=keep, skip=skip)
+    p = select(specs, keep_int8=keep, skip=skip)
     d = p.decisions
     assert list(d) == [s.name for s in specs]
     for n in range(4):  # fused groups always end with one kind and one precision

@@ -46,3 +46,15 @@ def test_plot_writes_png_or_says_what_is_missing(tmp_path):
         assert r.code == 2 and "rtnq[plot]" in r.err and not png.exists()  # brackets survive rich
     else:
         assert r.code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_blocks_are_what_selection_calls_blocks():
+    """inspect and --keep-int8 share one notion of a block (rtnq.selection.names): CLIP's resblocks.N
+    is a block for both, and an nn.Sequential index (mm_projector.0) is a block for neither."""
+    m = mf.Manifest(defaults={}, tensors={
+        "visual.transformer.resblocks.3.attn.out_proj.weight": _entry("quantized", 4),
+        "model.mm_projector.0.weight": _entry("passthrough"),
+    })
+    pm = precision_map.build(m)
+    assert pm.cells == {(3, "attn.out_proj"): "int4"}
+    assert pm.other == {"model.mm_projector.0.weight": "bf16"}

@@ -72,7 +72,7 @@ class Plan:
     options: Options
     items: list[Item]
     shards: list[tuple[str, list[Entry]]]
-    precision: precision.Plan
+    precision: precision.Selection
     small_files: list[str]
     warnings: list[str] = field(default_factory=list)  # for the user: the selection's, plus this machine's
 
@@ -173,7 +173,7 @@ def make_plan(src: str | Path, out: str | Path, options: Options) -> Plan:
     out_dir = Path(out)
     check_output_location(src_dir, out_dir, options.force or options.dry_run)
     specs = scan(src_dir)
-    pplan = precision.plan(
+    pplan = precision.select(
         specs,
         bits=options.bits,
         group_size=options.group_size,

@@ -5,14 +5,11 @@ Pure: takes a Manifest, returns plain data that the CLI renders as a table or a 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from rtnq import dtypes
 from rtnq.checkpoint.manifest import Manifest, TensorEntry
-
-# A numbered block container, e.g. "model.layers.12." or "transformer.h.3."
-_BLOCK = re.compile(r"^(?P<prefix>.*?\b(?:layers|layer|h|blocks|block))\.(?P<idx>\d+)\.(?P<rest>.+)$")
+from rtnq.selection import names
 
 
 @dataclass
@@ -45,24 +42,20 @@ def label(entry: TensorEntry) -> str:
     return d.label if d else entry.dtype
 
 
-def _module(rest: str) -> str:
-    return rest[: -len(".weight")] if rest.endswith(".weight") else rest
-
-
 def build(m: Manifest, include_1d: bool = False) -> PrecisionMap:
     """Group every matrix (or, with include_1d, every tensor) by block index and module name."""
     cells: dict[tuple[int, str], str] = {}
     other: dict[str, str] = {}
     modules: dict[str, None] = {}
-    for name, entry in m.tensors.items():
-        if not include_1d and len(entry.shape) < 2:
-            continue
-        hit = _BLOCK.match(name)
-        if hit is None:
+    kept = [(name, e) for name, e in m.tensors.items() if include_1d or len(e.shape) >= 2]
+    # The blocks as selection sees them (rtnq.selection.names), so inspect and --keep-int8 agree.
+    for (name, entry), info in zip(kept, names.analyse([name for name, _ in kept])):
+        if info.block is None:
             other[name] = label(entry)
             continue
-        module = _module(hit["rest"])
+        rest = info.comps[info.block + 1 :]
+        module = ".".join(rest[:-1] if rest[-1] == "weight" and len(rest) > 1 else rest)
         modules.setdefault(module, None)
-        cells[(int(hit["idx"]), module)] = label(entry)
+        cells[(int(info.comps[info.block]), module)] = label(entry)
     layers = sorted({layer for layer, _ in cells})
     return PrecisionMap(layers, sorted(modules, key=_column_key), cells, other)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from rtnq.selection.selectors import FUSED, NameInfo
+from rtnq.selection.names import FUSED, NameInfo
 
 # The fused layer name an engine builds from members of a FUSED kind (vLLM's packed_modules_mapping).
 ENGINE_FUSED_NAME = {"qkv": "qkv_proj", "gate_up": "gate_up_proj", "qkv_a": "fused_qkv_a_proj"}

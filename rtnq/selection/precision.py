@@ -1,11 +1,11 @@
 """Which tensors rtnq quantizes, and to how many bits: one Decision per source tensor.
 
 Pure and torch-free: it reads only the names, dtypes and shapes of the source tensors (headers), and returns a
-Plan that the converter executes and the manifest records (DESIGN.md sections 5 and 6). The selector language
+Selection that the converter executes and the manifest records (DESIGN.md sections 5 and 6). The selector language
 and the alias table live in `rtnq.selection.selectors`.
 
 Default: quantize float (F16/BF16/F32) `.weight` tensors of linear layers inside the blocks, i.e. under a
-numbered container of selectors.BLOCK_CONTAINERS (`layers.N`, `layer.N`, `h.N`, `blocks.N`, `block.N`,
+numbered container of names.BLOCK_CONTAINERS (`layers.N`, `layer.N`, `h.N`, `blocks.N`, `block.N`,
 `resblocks.N`; the first one in the name is the block, so T5's `block.0.layer.1` is block 0): 2-D `(n, k)`, or
 3-D `(E, n, k)` under `experts`. Everything else passes through unchanged with a reason: biases, tensors not
 named `.weight`, lm_head, embeddings (T5's in-block relative_attention_bias too), norms, MoE routers, other
@@ -33,9 +33,9 @@ group passes through, because a Marlin half and a 16-bit half cannot be loaded a
 
 Shape gate (Marlin): n % 64 == 0, k % 128 == 0, k % group_size == 0 (channelwise: k is the group); 3-D experts
 are checked on their (n, k). --tp checks each quantized tensor's per-rank shape too, the way engines split
-it (see _tp_check): column-parallel layers (q/k/v, gate/up) split n and are checked as the fused per-rank
+it (rtnq.selection.tp): column-parallel layers (q/k/v, gate/up) split n and are checked as the fused per-rank
 layer, row-parallel ones (o, down) split k, MoE experts by Marlin MoE's rule. Those failures are warnings,
-never errors (Plan.tp_failures lists them all). Checkpoints whose q/k/v are already one tensor (Phi-3's
+never errors (Selection.tp_failures lists them all). Checkpoints whose q/k/v are already one tensor (Phi-3's
 qkv_proj) are split as one n, an approximation: the engine splits each of q, k and v inside it.
 """
 
@@ -48,29 +48,19 @@ from typing import TYPE_CHECKING
 from rtnq import dtypes, params
 from rtnq.errors import ShapeError, UsageError
 from rtnq.numerics.shape_rule import MIN_K, MIN_N, check_shape
-from rtnq.selection.selectors import (
-    ALIASES,
-    COLUMN,
-    FUSED,
-    REPLICATED,
-    ROW,
-    NameInfo,
-    Selector,
-    analyse,
-    parse_selectors,
-    unmatched_message,
-)
+from rtnq.selection import tp as tensor_parallel
+from rtnq.selection.names import FUSED, NameInfo, analyse
+from rtnq.selection.selectors import Selector, parse_selectors, unmatched_message
 
 if TYPE_CHECKING:  # rtnq.checkpoint.source imports torch; the planner only reads .name, .dtype and .shape
     from rtnq.checkpoint.source import TensorSpec
 
-__all__ = ["ALIASES", "Decision", "Plan", "Selector", "check_shape", "parse_selectors", "plan"]
+__all__ = ["Decision", "Selection", "Selector", "check_shape", "parse_selectors", "select"]
 
 _LM_HEAD = frozenset({"lm_head", "embed_out", "output_layer"})
 _EMBED = frozenset({"wte", "wpe", "shared", "relative_attention_bias"})
 _ROUTER = frozenset({"gate", "router", "shared_expert_gate"})
 _CONV1D = frozenset({"c_attn", "c_fc", "c_proj"})
-SUMMARY_TP = (2, 4, 8)  # tensor-parallel degrees every plan is checked for
 
 
 @dataclass(frozen=True)
@@ -84,12 +74,12 @@ class Decision:
 
 
 @dataclass
-class Plan:
+class Selection:
     decisions: dict[str, Decision]  # every input spec, in input order
     rules: list[dict]  # [{"option": "keep-int8", "selector": "layers.0", "matched": 7}, ...]
     warnings: list[str]
     tp_failures: dict[int, list[tuple[str, str]]] = field(default_factory=dict)  # tp -> [(name, why)]
-    infos: list[NameInfo] = field(default_factory=list)  # what each name is, in input order (selectors.analyse)
+    infos: list[NameInfo] = field(default_factory=list)  # what each name is, in input order (names.analyse)
 
 
 def _conv1d_layout(specs: Sequence[TensorSpec], infos: list[NameInfo]) -> bool:
@@ -128,7 +118,7 @@ def _default_reason(spec: TensorSpec, info: NameInfo, conv1d: bool) -> str | Non
     return None
 
 
-def plan(
+def select(
     specs: Sequence[TensorSpec],
     *,
     bits: int = 4,
@@ -138,7 +128,7 @@ def plan(
     strict: bool = False,
     tp: Sequence[int] = (),
     kv_heads: int | None = None,
-) -> Plan:
+) -> Selection:
     """One Decision per spec (input order), the rules with what each decided, and warnings.
 
     keep_int8 / skip: selector strings (comma lists) or parsed Selectors. tp: tensor-parallel degrees to check.
@@ -150,7 +140,7 @@ def plan(
     if any(not isinstance(t, int) or isinstance(t, bool) or t < 1 for t in tp):
         raise UsageError(f"--tp takes positive integers such as 2,4,8, got {list(tp)}")
     options = [("keep-int8", s) for s in parse_selectors(keep_int8)] + [("skip", s) for s in parse_selectors(skip)]
-    infos = analyse(specs)
+    infos = analyse([s.name for s in specs])
     matched: list[list[NameInfo]] = []
     for option, sel in options:  # a typo must never silently ship an all-INT4 model
         matched.append([i for i in infos if sel.matches(i)])
@@ -208,11 +198,11 @@ def plan(
     by_name = {i.name: i for i in infos}
     # The common degrees are always checked, for the one-line summary of every run; only the degrees
     # asked for with --tp become warnings.
-    degrees = sorted(set(tp) | set(SUMMARY_TP))
-    tp_failures = {t: _tp_check(t, decisions, by_name, nk, group_size, kv_heads) for t in degrees}
-    warnings += _tp_warnings({t: tp_failures[t] for t in dict.fromkeys(tp)}, decisions, by_name)
+    degrees = sorted(set(tp) | set(tensor_parallel.SUMMARY_DEGREES))
+    tp_failures = {t: tensor_parallel.check(t, decisions, by_name, nk, group_size, kv_heads) for t in degrees}
+    warnings += tensor_parallel.warnings({t: tp_failures[t] for t in dict.fromkeys(tp)}, decisions, by_name)
     rules = [{"option": o, "selector": s.text, "matched": c} for (o, s), c in zip(options, credit)]
-    return Plan(decisions, rules, warnings, tp_failures, infos)
+    return Selection(decisions, rules, warnings, tp_failures, infos)
 
 
 def _group_key(i: NameInfo) -> tuple[str, str]:
@@ -289,87 +279,4 @@ def _warnings(options, matched, credit, skipped, int8, reason, gated, bits) -> l
     if conv:
         out.append(f"{len(conv)} GPT-2 Conv1D weights are stored (in, out) and pass through in 16-bit; "
                    "rtnq quantizes nn.Linear (out, in) weights only")
-    return out
-
-
-def _tp_check(t: int, decisions: dict[str, Decision], infos: dict[str, NameInfo], nk: dict, group_size: int,
-              kv_heads: int | None = None):
-    """[(name, why)] for each quantized tensor whose per-rank shape under tensor parallelism t breaks Marlin.
-
-    What an engine (vLLM, SGLang) holds per rank, and checks:
-    * a fused column-parallel layer (q/k/v, gate/up) is one tensor per rank whose n is the sum of its
-      members' parts; each member must split evenly, k/v heads are replicated rather than split when
-      t exceeds the model's key-value heads (kv_heads, from config.json), and the Marlin rule applies
-      to the fused n;
-    * other column-parallel layers split n, row-parallel ones (o, down) split k, which must still hold
-      whole groups and 128-wide k tiles;
-    * routed MoE experts (Marlin MoE): the intermediate size per rank (gate/up n, down k) must be a
-      multiple of max(64, group size), and the hidden size a multiple of 128.
-    """
-    fails = []
-    g = group_size
-    fused: dict[tuple[str, str], list[str]] = {}
-    for name, d in decisions.items():
-        if d.kind != "quantized":
-            continue
-        info = infos[name]
-        n, k = nk[name]
-        role = info.role
-        if info.experts is not None and role in COLUMN | ROW:
-            inter, hidden = (n, k) if role in COLUMN else (k, n)
-            unit = max(64, g)
-            if inter % t:
-                why = f"intermediate size {inter} is not divisible by {t}"
-            elif (inter // t) % unit:
-                why = f"intermediate size per rank {inter // t} is not a multiple of {unit}"
-            elif hidden % 128:
-                why = f"hidden size {hidden} is not a multiple of 128"
-            else:
-                continue
-            fails.append((name, f"MoE experts, split {inter}/{t}: {why}"))
-        elif FUSED.get(role or "") in ("qkv", "gate_up"):
-            fused.setdefault((info.module.rpartition(".")[0], FUSED[role]), []).append(name)
-        elif role in COLUMN:  # each rank holds n/t output rows
-            why = f"n={n} is not divisible by {t}" if n % t else check_shape(n // t, k, g)
-            if why:
-                fails.append((name, f"column-parallel, n/{t}: {why}"))
-        elif role in ROW:  # each rank holds k/t input columns, so its groups and k tiles must still fit
-            why = f"k={k} is not divisible by {t}" if k % t else check_shape(n, k // t, g)
-            if why:
-                fails.append((name, f"row-parallel, k/{t}: {why}"))
-    for (_, kind), members in fused.items():
-        parts = []
-        why = None
-        for name in members:
-            n = nk[name][0]
-            if infos[name].role in ("k", "v") and kv_heads and t > kv_heads and t % kv_heads == 0:
-                parts.append(n // kv_heads)  # vLLM replicates the key-value heads: one head per rank
-            elif n % t:
-                why = why or f"n={n} of {name.rsplit('.', 2)[-2]} is not divisible by {t}"
-            else:
-                parts.append(n // t)
-        label = "q/k/v" if kind == "qkv" else "gate/up"
-        if why is None:
-            total = sum(parts)
-            why = check_shape(total, nk[members[0]][1], g)
-            if why:
-                why = f"fused {label} per rank ({' + '.join(map(str, parts))}): {why}"
-        if why:
-            fails += [(name, f"column-parallel, n/{t}: {why}") for name in members]
-    return fails
-
-
-def _tp_warnings(tp_failures: dict, decisions: dict[str, Decision], infos: dict[str, NameInfo]) -> list[str]:
-    out = []
-    for t, fails in tp_failures.items():
-        if fails:
-            shown = "; ".join(f"{n} ({why})" for n, why in fails[:3])
-            more = f"; and {len(fails) - 3} more" if len(fails) > 3 else ""
-            out.append(f"--tp {t}: {len(fails)} quantized tensors would fail the Marlin shape gate per rank: "
-                       f"{shown}{more}")
-    known = COLUMN | ROW | REPLICATED
-    unknown = [n for n, d in decisions.items() if d.kind == "quantized" and infos[n].role not in known]
-    if tp_failures and unknown:
-        out.append(f"--tp: {len(unknown)} quantized tensors have no known tensor-parallel split and were not "
-                   f"checked, e.g. {unknown[0]}")
     return out
