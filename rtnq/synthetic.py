@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from rtnq import dtypes
-from rtnq.checkpoint.source import INDEX_NAME, SINGLE_NAME
+from rtnq.checkpoint.layout import INDEX_NAME, shard_name
 from rtnq.checkpoint.writer import Entry, ShardWriter
 
 DTYPES = ("bf16", "fp16", "fp32")  # what `rtnq sample --dtype` accepts
@@ -123,7 +123,7 @@ def write_checkpoint(out_dir: str | Path, spec: SampleSpec | None = None) -> Pat
         groups[-1].append(e)
         acc += e.nbytes
     n = len(groups)
-    names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    names = [shard_name(i, n) for i in range(n)]
 
     meta = {"format": "pt"}
     for fname, group in zip(names, groups):

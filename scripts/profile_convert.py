@@ -23,6 +23,8 @@ T_START = time.perf_counter()
 from rtnq.commands import convert  # noqa: E402  (the import time is what we measure)
 from rtnq.numerics import fused
 from rtnq.checkpoint import pipeline
+from rtnq.checkpoint import source as run_mod
+from rtnq.checkpoint import writer as writer_mod
 
 T_IMPORT = time.perf_counter() - T_START
 STATS: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0])  # wall, cpu, calls
@@ -67,9 +69,9 @@ def main() -> None:
         lib.rtnq_quant_pack = Timed()
     pipeline.Prefetcher._run = timed("reader thread (total)", pipeline.Prefetcher._run)
     pipeline.WriteBehind._run = timed("writer thread (total)", pipeline.WriteBehind._run)
-    convert.Reader.read_into = timed("  read_into (preadv)", convert.Reader.read_into)
-    convert.ShardWriter.write_part = timed("  write_part (file write)", convert.ShardWriter.write_part)
-    convert.ShardWriter.sync_close = timed("fsync + close (fsync thread)", convert.ShardWriter.sync_close)
+    run_mod.Reader.read_into = timed("  read_into (preadv)", run_mod.Reader.read_into)
+    writer_mod.ShardWriter.write_part = timed("  write_part (file write)", writer_mod.ShardWriter.write_part)
+    writer_mod.ShardWriter.sync_close = timed("fsync + close (fsync thread)", writer_mod.ShardWriter.sync_close)
     pipeline.start_writeback = timed("start_writeback (fsync thread)", pipeline.start_writeback)
     chunks = pipeline.Prefetcher.chunks
 
@@ -95,7 +97,7 @@ def main() -> None:
     try:
         out = tmp / "out"
         w0, c0 = time.perf_counter(), time.process_time()
-        plan = convert.make_plan(args.src, out, convert.Options(bits=args.bits, keep_int8=keep))
+        plan = convert.make_plan(args.src, out, convert.ConvertOptions(bits=args.bits, keep_int8=keep))
         t_plan = time.perf_counter() - w0
         convert.run(plan)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from rtnq.commands import convert
+from rtnq.commands.convert import execute
 from rtnq.numerics import fused, kpack, marlin, rtn
 from rtnq import synthetic
 from rtnq.errors import CheckpointError, InvalidWeightError, ShapeError, UsageError
@@ -287,12 +288,13 @@ def test_chunked_quantize_item_equals_whole_tensor_for_experts():
 
 
 def _item(shape, st_dtype, bits, group):
-    from rtnq.selection import precision
+    from rtnq import dtypes
     from rtnq.checkpoint.source import TensorSpec
+    from rtnq.selection import precision
 
     spec = TensorSpec("model.layers.0.mlp.experts", st_dtype, tuple(shape), "x.safetensors", 0, 0)
     d = precision.Decision(spec.name, "quantized", bits=bits, group_size=group, rule="test")
-    qdt = torch.bfloat16
+    qdt = dtypes.BY_SHORT["bf16"]
     return convert.Item(spec, d, convert.output_entries(spec, d, qdt), "x.safetensors", qdt)
 
 
@@ -305,7 +307,7 @@ def small_model(tmp_path_factory):
 
 def test_conversion_bytes_identical_with_and_without_the_c_library(small_model, tmp_path, monkeypatch):
     def convert_to(out):
-        plan = convert.make_plan(small_model, out, convert.Options(bits=4, keep_int8=["mlp"]))
+        plan = convert.make_plan(small_model, out, convert.ConvertOptions(bits=4, keep_int8=["mlp"]))
         return convert.run(plan).manifest
 
     fast = convert_to(tmp_path / "fast")
@@ -324,12 +326,12 @@ def test_conversion_bytes_identical_with_and_without_the_c_library(small_model, 
 
 def test_small_chunks_and_few_buffers_give_the_same_files(small_model, tmp_path, monkeypatch):
     """Chunking and back-pressure are invisible in the output (tiny chunks force many of each)."""
-    plan = convert.make_plan(small_model, tmp_path / "a", convert.Options(bits=8))
+    plan = convert.make_plan(small_model, tmp_path / "a", convert.ConvertOptions(bits=8))
     convert.run(plan)
-    monkeypatch.setattr(convert, "CHUNK_BYTES", 4096)
-    monkeypatch.setattr(convert, "IN_FLIGHT", 1)
-    monkeypatch.setattr(convert, "OUT_BUFFERS", 1)
-    plan = convert.make_plan(small_model, tmp_path / "b", convert.Options(bits=8))
+    monkeypatch.setattr(execute, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(execute, "IN_FLIGHT", 1)
+    monkeypatch.setattr(execute, "OUT_BUFFERS", 1)
+    plan = convert.make_plan(small_model, tmp_path / "b", convert.ConvertOptions(bits=8))
     convert.run(plan)
     for p in sorted((tmp_path / "a").glob("*.safetensors")):
         assert p.read_bytes() == (tmp_path / "b" / p.name).read_bytes(), p.name
@@ -340,7 +342,7 @@ def test_a_shard_truncated_after_planning_fails_cleanly(small_model, tmp_path):
 
     src = tmp_path / "src"
     shutil.copytree(small_model, src)
-    plan = convert.make_plan(src, tmp_path / "out", convert.Options())
+    plan = convert.make_plan(src, tmp_path / "out", convert.ConvertOptions())
     shard = sorted(src.glob("*.safetensors"))[-1]
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size - 4096)

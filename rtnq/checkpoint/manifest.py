@@ -38,13 +38,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rtnq import formats
+from rtnq.checkpoint.layout import MANIFEST_NAME
 from rtnq.errors import CheckpointError
 
 VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
-FILENAME = "rtnq_manifest.json"
-FORMAT = "rtnq-marlin"  # the default format, and the only one of version 1
-FORMATS = (FORMAT, "gptq", "compressed-tensors")
+FILENAME = MANIFEST_NAME
+FORMAT = formats.MARLIN.manifest_name  # the default format, and the only one of version 1
+FORMATS = tuple(f.manifest_name for f in formats.ALL)
 SCALE_RULE = "rtn-absmax"  # the paper's rule: scale = 2 * maxabs / (2^bits - 1), 16-bit arithmetic
 
 

@@ -11,9 +11,9 @@
 
 Chunks in flight and output buffers are bounded (a few chunks, two quantized tensors), so memory does
 not depend on the model size, and a fast stage waits for a slow one instead of queueing data. Errors
-in any thread are re-raised in the main thread with their own type; on any error convert.run calls
+in any thread are re-raised in the main thread with their own type; on any error the writer calls
 `WriteBehind.abort`, sets the stop flag and joins the reader, so nothing writes into the temporary
-output directory after it starts being removed.
+output directory after it starts being removed (rtnq.checkpoint.shards does that for both commands).
 """
 
 from __future__ import annotations
@@ -60,6 +60,16 @@ class Pool:
                     raise Stopped from None
                 continue
             return buf[:nbytes]
+
+    def get_tensors(self, parts: list[tuple[tuple[int, ...], torch.dtype, int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One buffer cut into tensors of the given (shape, dtype, nbytes), back to back. Give the
+        buffer back with `put` once every one of them has been written."""
+        buf = self.get(sum(nbytes for *_, nbytes in parts))
+        out, at = [], 0
+        for shape, dtype, nbytes in parts:
+            out.append(buf[at : at + nbytes].view(dtype).view(shape))
+            at += nbytes
+        return buf, out
 
     def put(self, buf: torch.Tensor) -> None:
         base = buf._base if buf._base is not None else buf
@@ -123,6 +133,21 @@ class Prefetcher:
             if got != index:
                 raise RuntimeError(f"reader out of order: got chunk of job {got}, expected {index}")
             yield payload
+
+    def rows(self, index: int, dtype: torch.dtype, k: int):
+        """The chunks of job `index` as (R, k) tensors of `dtype`, in order. Each chunk's slot is
+        released when the consumer asks for the next one, so it must not keep references to a chunk
+        (the mapping goes away with the last one)."""
+        for chunk in self.chunks(index):
+            try:
+                yield chunk.view(dtype).view(-1, k)
+            finally:
+                del chunk
+                self._slots.release()
+
+    def release(self, *_) -> None:
+        """Give back one chunk's slot (for chunks taken with `chunks`, once they are written)."""
+        self._slots.release()
 
     def join(self) -> None:
         self._thread.join()

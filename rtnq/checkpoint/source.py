@@ -15,7 +15,6 @@ import functools
 import json
 import mmap
 import os
-import re
 import struct
 import threading
 from dataclasses import dataclass
@@ -24,14 +23,12 @@ from pathlib import Path
 import torch
 
 from rtnq import dtypes
-from rtnq.errors import CheckpointError, UsageError
+from rtnq.checkpoint.layout import resolve, shard_files
+from rtnq.errors import CheckpointError
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library enforces too
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; Python names it from 3.12
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -123,63 +120,6 @@ def scan_shard(path: Path) -> list[TensorSpec]:
         if b.offset < a.offset + a.nbytes:
             raise CheckpointError(f"{path.name}: tensors {a.name} and {b.name} overlap; the header is corrupt")
     return specs
-
-
-def shard_files(model_dir: Path) -> list[str]:
-    """The shard file names of a model directory, from its index or its single file."""
-    index = model_dir / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
-        for s in shards:
-            if not isinstance(s, str) or "/" in s or s.startswith("."):
-                raise CheckpointError(f"{index}: invalid shard name {s!r}")
-            if not (model_dir / s).is_file():
-                raise CheckpointError(
-                    f"{index.name} lists shard {s}, which is missing from {model_dir}; download it again"
-                )
-        return shards
-    if (model_dir / SINGLE_NAME).is_file():
-        return [SINGLE_NAME]
-    found = sorted(p.name for p in model_dir.glob("*.safetensors"))
-    if found:
-        return found
-    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-    if pickles:
-        raise CheckpointError(
-            f"{model_dir} holds only pickle weights ({', '.join(pickles[:3])}); rtnq never unpickles model "
-            "files. Convert them to safetensors first (e.g. save_pretrained(..., safe_serialization=True))"
-        )
-    raise CheckpointError(f"{model_dir}: no .safetensors files found")
-
-
-def read_json_object(path: Path) -> dict:
-    """A checkpoint's JSON file (config.json, quantize_config.json) as a dict; CheckpointError otherwise."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return data
-
-
-def resolve(src: str | Path) -> Path:
-    """A local model directory; a hub id is recognised and refused with the download command."""
-    path = Path(src)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise UsageError(f"{src} is a file; pass the model directory that contains it")
-    if HUB_ID.match(str(src)):
-        raise UsageError(
-            f"{src} looks like a Hugging Face hub id; hub downloads are not supported yet. Run "
-            f"`huggingface-cli download {src} --local-dir DIR` and pass DIR"
-        )
-    raise UsageError(f"{src}: no such directory")
 
 
 def scan(src: str | Path) -> list[TensorSpec]:

@@ -4,7 +4,7 @@ The safetensors library has no streaming writer (it wants every tensor in memory
 writes the format itself: an 8-byte little-endian header length, a JSON header padded with spaces to
 a multiple of 8, then the tensors' bytes back to back in the planned order. Every name, dtype, shape
 and offset is fixed before the first byte is written; `write` only checks that what arrives matches
-the plan. Outputs live in a temporary sibling directory that is renamed into place only when complete.
+the plan. Where the files go (a temporary sibling renamed into place) is rtnq.checkpoint.outdir.
 """
 
 from __future__ import annotations
@@ -13,16 +13,14 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from rtnq.errors import OutputError, UsageError
+from rtnq.errors import OutputError
 from rtnq import dtypes
 
 HEADER_ALIGN = 8
@@ -65,7 +63,7 @@ def shard_size(entries: list[Entry], metadata: dict[str, str] | None = None) -> 
     return len(header_bytes(entries, metadata)) + sum(e.nbytes for e in entries)
 
 
-def _raise_os(path: Path, e: OSError) -> None:
+def raise_os(path: Path, e: OSError) -> None:
     if e.errno == errno.ENOSPC:
         raise OutputError(f"disk full while writing {path}; free space on that disk or choose another OUT") from None
     raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
@@ -104,7 +102,7 @@ class ShardWriter:
             self._f = open(self.path, "wb")
             self._f.write(head)
         except OSError as e:
-            _raise_os(self.path, e)
+            raise_os(self.path, e)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Write a planned tensor whole; its name, dtype and shape must match the plan."""
@@ -139,7 +137,7 @@ class ShardWriter:
                     if self._unkicked >= WRITEBACK_BYTES:
                         self._kick()
         except OSError as err:
-            _raise_os(self.path, err)
+            raise_os(self.path, err)
         self._written[name] = done + n
 
     def _entry(self, name: str) -> Entry:
@@ -164,7 +162,7 @@ class ShardWriter:
             try:
                 self._f.close()
             except OSError as e:
-                _raise_os(self.path, e)
+                raise_os(self.path, e)
 
     def finish(self) -> None:
         """Check that every planned tensor was written whole and flush (fsync and close are separate)."""
@@ -175,7 +173,7 @@ class ShardWriter:
         try:
             self._f.flush()
         except OSError as e:
-            _raise_os(self.path, e)
+            raise_os(self.path, e)
 
     def sync_close(self) -> None:
         """fsync and close a finished file (may run on another thread than the writes)."""
@@ -183,7 +181,7 @@ class ShardWriter:
             os.fsync(self._f.fileno())
             self._f.close()
         except OSError as e:
-            _raise_os(self.path, e)
+            raise_os(self.path, e)
 
     def abort(self) -> None:
         with contextlib.suppress(OSError):
@@ -216,47 +214,4 @@ def write_json(path: Path, obj: object) -> None:
     try:
         path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     except OSError as e:
-        _raise_os(path, e)
-
-
-def check_output_location(src: Path, out: Path, force: bool) -> None:
-    """Refuse an OUT inside SRC (or equal to it), and an existing OUT unless forced."""
-    src_r, out_r = src.resolve(), out.resolve()
-    if out_r == src_r or src_r in out_r.parents:
-        raise UsageError(f"output {out} is inside the source {src}; choose a directory outside it")
-    if out_r in src_r.parents:
-        raise UsageError(f"output {out} contains the source {src}; choose another directory")
-    if out.exists() and not force:
-        raise UsageError(f"output {out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {out} exists and is not a directory")
-
-
-@contextlib.contextmanager
-def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `out`; rename it to `out` only if the block completes.
-
-    On any exception (including KeyboardInterrupt) the temporary directory is removed, so a failed
-    or interrupted run leaves no OUT behind and an existing OUT (under --force) untouched.
-    """
-    out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.rtnq-tmp-", dir=out.parent))
-    except OSError as e:
-        _raise_os(out.parent, e)
-    try:
-        yield tmp
-        if out.exists():
-            if not force:
-                raise UsageError(f"output {out} already exists; pass --force to replace it")
-            # Move the old output aside first so OUT is never missing a complete version for long.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.rtnq-old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise_os(path, e)

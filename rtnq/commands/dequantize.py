@@ -22,7 +22,6 @@ output is built in a temporary directory and renamed into place at the end.
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -31,17 +30,18 @@ from typing import Callable
 
 import torch
 
-from rtnq import formats
-from rtnq.checkpoint import pipeline
-from rtnq.numerics import rtn
+from rtnq import formats, params
+from rtnq.checkpoint import layout, pipeline
 from rtnq.checkpoint import manifest as mf
-from rtnq import params
+from rtnq.checkpoint.outdir import check_output_location
+from rtnq.checkpoint.shards import sharded_output
+from rtnq.checkpoint.source import Reader, TensorSpec, scan
+from rtnq.checkpoint.writer import Entry, write_json
 from rtnq.errors import CheckpointError
-from rtnq.checkpoint.source import INDEX_NAME, Reader, TensorSpec, read_json_object, resolve, scan
-from rtnq.checkpoint.writer import Entry, ShardWriter, atomic_dir, check_output_location, write_index, write_json
+from rtnq.numerics import rtn
+from rtnq.selection import names
 
-FORMAT_OF_METHOD = {"gptq": formats.GPTQ, "compressed-tensors": formats.COMPRESSED_TENSORS, "rtnq": formats.MARLIN}
-METHODS = tuple(FORMAT_OF_METHOD)
+METHODS = tuple(formats.BY_QUANT_METHOD)
 CHUNK_BYTES = 8 * 1024 * 1024  # passthrough tensors are copied in pieces of this size
 IN_FLIGHT = 4  # dense tensors or pieces waiting for the writer thread
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -60,7 +60,7 @@ class Module:
 
 
 @dataclass
-class Plan:
+class DequantizePlan:
     src: Path
     out: Path
     method: str  # one of METHODS
@@ -73,24 +73,24 @@ class Plan:
 
 
 @dataclass(frozen=True)
-class Result:
-    plan: Plan
+class DequantizeResult:
+    plan: DequantizePlan
     seconds: float
     modules: int
     bits: dict[int, int]  # bits -> modules
 
 
 def _config(src: Path) -> dict:
-    path = src / "config.json"
+    path = src / layout.CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{src}: no config.json; cannot tell how the checkpoint is quantized")
-    return read_json_object(path)
+    return layout.read_json_object(path)
 
 
 def _qconfig(cfg: dict, src: Path) -> dict:
     q = cfg.get("quantization_config") or cfg.get("compression_config")
-    if q is None and (src / "quantize_config.json").is_file():  # AutoGPTQ-era GPTQ checkpoints
-        q = read_json_object(src / "quantize_config.json")
+    if q is None and (src / layout.GPTQ_CONFIG_NAME).is_file():  # AutoGPTQ-era GPTQ checkpoints
+        q = layout.read_json_object(src / layout.GPTQ_CONFIG_NAME)
         q.setdefault("quant_method", "gptq")
     if not isinstance(q, dict):
         raise CheckpointError(f"{src}: config.json has no quantization_config; the checkpoint is not quantized")
@@ -102,11 +102,9 @@ def _qconfig(cfg: dict, src: Path) -> dict:
     return q
 
 
-def make_plan(src: str | Path, out: str | Path, force: bool = False) -> Plan:
+def make_plan(src: str | Path, out: str | Path, force: bool = False) -> DequantizePlan:
     """Everything about the dense output, from headers and configs (plus GPTQ/CT's tiny shape tensors)."""
-    from rtnq.commands.convert import small_files  # the same rule for what else to copy
-
-    src_dir = resolve(src)
+    src_dir = layout.resolve(src)
     out_dir = Path(out)
     check_output_location(src_dir, out_dir, force)
     cfg = _config(src_dir)
@@ -121,7 +119,7 @@ def make_plan(src: str | Path, out: str | Path, force: bool = False) -> Plan:
             modules = _ct_modules(q, by_name, reader)
         else:
             manifest = mf.read(src_dir)
-            if manifest.format != mf.FORMAT:
+            if manifest.format != formats.MARLIN.manifest_name:
                 raise CheckpointError(f"{src_dir}: manifest format {manifest.format} but quant_method rtnq")
             modules = _marlin_modules(manifest, by_name)
     if not modules:
@@ -142,9 +140,8 @@ def make_plan(src: str | Path, out: str | Path, force: bool = False) -> Plan:
         elif s.name not in consumed:
             shard_of_output.setdefault(s.shard, []).append(Entry(s.name, s.dtype, s.shape))
     dense_cfg = {k: v for k, v in cfg.items() if k not in ("quantization_config", "compression_config")}
-    files = [f for f in small_files(src_dir) if f not in ("quantize_config.json", mf.FILENAME)]
-    return Plan(src_dir, out_dir, method, modules, passthrough, list(shard_of_output.items()), dense_cfg, files,
-                force)
+    return DequantizePlan(src_dir, out_dir, method, modules, passthrough, list(shard_of_output.items()), dense_cfg,
+                          layout.small_files(src_dir), force)
 
 
 def _need(by_name: dict[str, TensorSpec], name: str, why: str) -> TensorSpec:
@@ -273,7 +270,7 @@ def _marlin_modules(manifest: mf.Manifest, by_name: dict[str, TensorSpec]) -> li
         qw = _need(by_name, e.outputs["qweight"], f"the manifest names it for {name}")
         sc = _need(by_name, e.outputs["scales"], f"the manifest names it for {name}")
         *_, n, k = e.shape
-        prefix = name.removesuffix(".weight")
+        prefix = names.module_name(name)
         modules.append(Module(prefix, {"qweight": qw, "scales": sc}, e.bits, n, k,
                               Entry(name, sc.dtype, tuple(e.shape))))
     return modules
@@ -281,7 +278,7 @@ def _marlin_modules(manifest: mf.Manifest, by_name: dict[str, TensorSpec]) -> li
 
 def dense_weight(m: Module, method: str, reader: Reader) -> torch.Tensor:
     """(code - bias) * scale in the scales' dtype, one module."""
-    fmt = FORMAT_OF_METHOD[method]
+    fmt = formats.BY_QUANT_METHOD[method]
     packed, scales = (reader.read(m.inputs[role]) for role in fmt.roles[:2])
     codes, scales = fmt.unpack(packed, scales, m.bits, m.n, m.k)  # (..., n, k), (..., n, groups)
     group = m.k // scales.shape[-1]
@@ -295,12 +292,12 @@ def dense_weight(m: Module, method: str, reader: Reader) -> torch.Tensor:
     return rtn.dequantize(codes, scales, m.bits, group if group != m.k else -1)
 
 
-def run(plan: Plan, progress: Callable[[int, int], None] | None = None) -> Result:
+def run(plan: DequantizePlan, progress: Callable[[int, int], None] | None = None) -> DequantizeResult:
     """Write the dense checkpoint into a temporary directory, then rename it to OUT.
 
     The main thread reads and dequantizes; a writer thread writes behind it and an fsync thread
-    starts the disk early (rtnq.checkpoint.pipeline, as in convert). At most IN_FLIGHT tensors or 8 MB pieces
-    wait for the writer, so memory stays a few tensors whatever the model size.
+    starts the disk early (rtnq.checkpoint.shards, as in convert). At most IN_FLIGHT tensors or 8 MB
+    pieces wait for the writer, so memory stays a few tensors whatever the model size.
     """
     t0 = time.perf_counter()
     dense_by_name = {m.out.name: m for m in plan.modules}
@@ -308,45 +305,28 @@ def run(plan: Plan, progress: Callable[[int, int], None] | None = None) -> Resul
     total = sum(len(entries) for _, entries in plan.shards)
     done = 0
     stop = threading.Event()
-    with atomic_dir(plan.out, plan.force) as tmp, Reader(plan.src) as reader:
-        behind = pipeline.WriteBehind(stop)
+    with Reader(plan.src) as reader, sharded_output(plan.out, plan.force, plan.shards, {"format": "pt"}, stop=stop,
+                                                    src=plan.src, small_files=plan.small_files) as so:
         slots = pipeline.Slots(IN_FLIGHT, stop)
-        writers: list[ShardWriter] = []
-        try:
-            for fname, entries in plan.shards:
-                writer = ShardWriter(tmp / fname, entries, {"format": "pt"}, writeback=behind.writeback)
-                writers.append(writer)
-                for e in entries:
-                    m = dense_by_name.get(e.name)
-                    if m is not None:
+        for _, writer in so.shards():
+            for e in writer.entries:
+                m = dense_by_name.get(e.name)
+                if m is not None:
+                    slots.acquire()
+                    w = dense_weight(m, plan.method, reader).reshape(e.shape).contiguous()
+                    so.behind.submit(writer.write, e.name, w, release=slots.release)
+                else:  # in pieces: an embedding may be GBs
+                    spec = spec_by_name[e.name]
+                    for start in range(0, max(spec.nbytes, 1), CHUNK_BYTES):
                         slots.acquire()
-                        w = dense_weight(m, plan.method, reader).reshape(e.shape).contiguous()
-                        behind.submit(writer.write, e.name, w, release=slots.release)
-                    else:  # in pieces: an embedding may be GBs
-                        spec = spec_by_name[e.name]
-                        for start in range(0, max(spec.nbytes, 1), CHUNK_BYTES):
-                            slots.acquire()
-                            buf = torch.empty(min(CHUNK_BYTES, spec.nbytes - start), dtype=torch.uint8)
-                            reader.read_into(spec, buf, start)
-                            behind.submit(writer.write_part, e.name, buf, release=slots.release)
-                    done += 1
-                    if progress:
-                        progress(done, total)
-                behind.submit(writer.finish)
-                behind.sync_later(writer.sync_close)
-            behind.finish()
-        except BaseException:
-            behind.abort()
-            for writer in writers:
-                writer.abort()
-            raise
-        write_index(tmp, plan.shards, INDEX_NAME)
-        write_json(tmp / "config.json", plan.config)
-        for name in plan.small_files:
-            shutil.copy2(plan.src / name, tmp / name)
+                        buf = torch.empty(min(CHUNK_BYTES, spec.nbytes - start), dtype=torch.uint8)
+                        reader.read_into(spec, buf, start)
+                        so.behind.submit(writer.write_part, e.name, buf, release=slots.release)
+                done += 1
+                if progress:
+                    progress(done, total)
+        write_json(so.tmp / layout.CONFIG_NAME, plan.config)
     bits: dict[int, int] = {}
     for m in plan.modules:
         bits[m.bits] = bits.get(m.bits, 0) + 1
-    return Result(plan, time.perf_counter() - t0, len(plan.modules), bits)
-
-
+    return DequantizeResult(plan, time.perf_counter() - t0, len(plan.modules), bits)

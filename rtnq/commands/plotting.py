@@ -8,20 +8,29 @@ from rtnq.commands.precision_map import PrecisionMap
 COLORS = {"int4": "#2e7d32", "int8": "#f9a825"}  # anything else (16/32-bit) is grey
 
 
-def _pyplot():
+# Both spellings: an installed rtnq takes the extra by name, a source checkout installs itself with it.
+INSTALL_HINT = "pip install 'rtnq[plot]' (or, from a source checkout: pip install -e '.[plot]')"
+
+
+def pyplot():
+    """matplotlib.pyplot, or the UsageError saying how to install it.
+
+    Commands with --plot call this before printing anything, so a missing matplotlib is the one line
+    the user sees rather than an error after a screenful of tables.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")  # files only; never needs a display
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("--plot needs matplotlib: pip install 'rtnq[plot]' (or pip install matplotlib)") from None
+        raise UsageError(f"--plot needs matplotlib: {INSTALL_HINT}") from None
     return plt
 
 
 def precision_map_png(pm: PrecisionMap, path: str) -> None:
     """Draw layers (rows) x modules (columns), one colored cell per precision, into `path`."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Patch
 
     rows, cols = max(1, len(pm.layers)), max(1, len(pm.modules))

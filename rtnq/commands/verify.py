@@ -5,6 +5,9 @@ size the manifest records and the scale dtype the output file holds, laid out in
 by the readable reference packers (rtnq.formats; not the converter's fused kernel), then compared byte
 for byte with every stored output (codes, scales and the format's constants); a passthrough tensor must
 be byte-identical to the source. Every output tensor must be accounted for by the manifest.
+
+Before any byte is read, the source's tensor names and shapes (from its headers) must equal the
+manifest's: a wrong --against is then one error, not a report of every tensor differing.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import torch
 from rtnq.checkpoint import manifest as mf
 from rtnq import formats
 from rtnq.numerics import rtn
-from rtnq.errors import CheckpointError
-from rtnq.checkpoint.source import Reader, TensorSpec, resolve, scan, scan_shard, shard_files
+from rtnq.errors import VerifyMismatch
+from rtnq.checkpoint.layout import resolve, shard_files
+from rtnq.checkpoint.source import Reader, TensorSpec, scan, scan_shard
 
 
 @dataclass(frozen=True)
@@ -44,17 +48,18 @@ def verify(out: str | Path, src: str | Path, progress: Callable[[int, int], None
     m = mf.read(out_dir)
     src_specs = {s.name: s for s in scan(src)}
     out_specs = _output_specs(out_dir)
-    missing = sorted(set(src_specs) - set(m.tensors))
-    if missing:
-        raise CheckpointError(f"the manifest has no entry for source tensor {missing[0]} (and {len(missing) - 1} more)")
+    differ = _name_shape_differences(m, src_specs)
+    if differ:
+        # VerifyMismatch (exit 7), not CheckpointError (exit 4): the source reads fine; what fails is
+        # verify's claim that OUT was derived from SRC, so a script gating on `rtnq verify` gets the
+        # same code for a wrong source as for differing bytes, and 4 keeps meaning "unreadable".
+        raise VerifyMismatch(f"{src} does not match the manifest of {out}: {len(differ)} tensors differ in "
+                             f"name/shape (first: {differ[0]})")
     accounted = {o for e in m.tensors.values() for o in e.outputs.values()}
     extra = sorted(set(out_specs) - accounted)
     checks: list[Check] = []
     with Reader(resolve(src)) as src_reader, Reader(out_dir) as out_reader:
         for i, (name, entry) in enumerate(m.tensors.items()):
-            if name not in src_specs:
-                checks.append(Check(name, entry.kind, False, "not in the source checkpoint", None))
-                continue
             absent = [o for o in entry.outputs.values() if o not in out_specs]
             if absent:
                 checks.append(Check(name, entry.kind, False, f"output tensor {absent[0]} is missing", None))
@@ -66,6 +71,22 @@ def verify(out: str | Path, src: str | Path, progress: Callable[[int, int], None
     for name in extra:
         checks.append(Check(name, "unknown", False, "output tensor not described by the manifest", None))
     return checks
+
+
+def _name_shape_differences(m: mf.Manifest, src_specs: dict[str, TensorSpec]) -> list[str]:
+    """One description per tensor whose name or shape differs between the manifest and the source."""
+    def dims(shape) -> str:
+        return "x".join(map(str, shape))
+
+    differ = []
+    for name, entry in m.tensors.items():
+        spec = src_specs.get(name)
+        if spec is None:
+            differ.append(f"{name} is not in the source")
+        elif tuple(entry.shape) != tuple(spec.shape):
+            differ.append(f"{name} is {dims(spec.shape)} in the source, {dims(entry.shape)} in the manifest")
+    differ += [f"{name} is not in the manifest" for name in sorted(set(src_specs) - set(m.tensors))]
+    return differ
 
 
 def _check_one(name, entry, spec, out_specs, src_reader: Reader, out_reader: Reader, fmt: formats.Format) -> Check:

@@ -10,38 +10,51 @@
 The codes and scale values are the same RTN numbers in every format (the scales keep the dtype the
 weight was quantized in); only their arrangement differs, so all three dequantize to identical weights.
 The first two outputs of each format are the packed codes and the scales, filled by the converter's
-quantizer (rtnq.numerics.fused, layout `pack_layout`); the rest are constants of the shape (`constants`).
+quantizer (rtnq.numerics.fused, in the record's `layout`); the rest are constants of the shape (`constants`).
+
+One record per format holds every name it goes by: the --format value, the manifest's "format", the
+config's quant_method and the shards' safetensors metadata. Importing this module does not import torch
+(the CLI validates --format with it); the packers are imported when a method needs them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from rtnq.numerics import kpack, marlin
-from rtnq import dtypes
 from rtnq.params import effective_group
 
-FORMATS = ("marlin", "gptq", "compressed-tensors")
+if TYPE_CHECKING:
+    import torch
+
+MARLIN_TILE = 16  # rtnq.numerics.marlin.TILE: k rows per Marlin slab (kept here so planning needs no torch)
 
 
 @dataclass(frozen=True)
 class Format:
     name: str  # the --format value
     manifest_name: str  # the manifest's "format"
-    pack_layout: str  # rtnq.numerics.fused layout of the packed codes and scales
+    quant_method: str  # config.json's quantization_config.quant_method
+    layout: str  # rtnq.numerics.fused layout of the packed codes and scales: "marlin", "rows" or "cols"
     roles: tuple[str, ...]  # output tensor suffixes, codes and scales first
     stacked_experts: bool  # can hold a 3-D (E, n, k) expert tensor
 
-    def entries(self, prefix: str, shape: tuple[int, ...], bits: int, group_size: int, qdt: torch.dtype):
-        """(name, safetensors dtype, shape) of each output of the weight `prefix.weight` of `shape`."""
+    def shard_metadata(self, rtnq_version: str, manifest_version: int) -> dict[str, str]:
+        """Each output shard's safetensors `__metadata__`."""
+        if self.name == "marlin":  # only rtnq reads these shards, and it checks the manifest version
+            return {"format": "rtnq", "rtnq_version": rtnq_version, "manifest_version": str(manifest_version)}
+        # "format": "pt" is what transformers' safetensors loader expects of a checkpoint it reads.
+        return {"format": "pt", "rtnq_version": rtnq_version, "rtnq_format": self.name}
+
+    def entries(self, prefix: str, shape: tuple[int, ...], bits: int, group_size: int, scale_dtype: str):
+        """(name, safetensors dtype, shape) of each output of the weight `prefix.weight` of `shape`;
+        scale_dtype: the safetensors spelling of the 16-bit dtype the weight is quantized in."""
         *lead, n, k = shape
         g = effective_group(k, group_size)
         pf = 32 // bits
-        sdt = dtypes.st_of_torch(qdt)
+        sdt = scale_dtype
         if self.name == "marlin":
-            shapes = [("I32", (*lead, k // marlin.TILE, n * marlin.TILE * bits // 32)), (sdt, (*lead, k // g, n))]
+            shapes = [("I32", (*lead, k // MARLIN_TILE, n * MARLIN_TILE * bits // 32)), (sdt, (*lead, k // g, n))]
         elif self.name == "gptq":
             shapes = [("I32", (k // pf, n)), (sdt, (k // g, n)), ("I32", (k // g, n // pf)), ("I32", (k,))]
         else:
@@ -51,6 +64,10 @@ class Format:
     def constants(self, shape: tuple[int, ...], bits: int, group_size: int) -> list[torch.Tensor]:
         """The outputs after codes and scales, which depend only on the shape: GPTQ's qzeros and g_idx,
         compressed-tensors' weight_shape."""
+        import torch
+
+        from rtnq.numerics import kpack
+
         n, k = shape[-2:]
         g = effective_group(k, group_size)
         if self.name == "gptq":
@@ -61,6 +78,8 @@ class Format:
 
     def reference(self, codes: torch.Tensor, scales_ng: torch.Tensor, bits: int, group_size: int) -> list[torch.Tensor]:
         """Every output from rtn.quantize's (codes, scales), with the readable reference packers."""
+        from rtnq.numerics import kpack, marlin
+
         if self.name == "marlin":
             return list(marlin.pack(codes, scales_ng, bits))
         if self.name == "gptq":
@@ -72,6 +91,8 @@ class Format:
     def unpack(self, packed: torch.Tensor, scales: torch.Tensor, bits: int, n: int, k: int):
         """The packed codes and scales outputs -> (codes uint8 (..., n, k), scales (..., n, k/g)),
         the inputs of `reference` (and of rtn.dequantize)."""
+        from rtnq.numerics import kpack, marlin
+
         if self.name == "marlin":
             return marlin.unpack(packed, scales, bits, n, k)
         if self.name == "gptq":
@@ -79,10 +100,12 @@ class Format:
         return kpack.unpack_rows(packed, bits), scales
 
 
-MARLIN = Format("marlin", "rtnq-marlin", "marlin", ("qweight", "scales"), True)
-GPTQ = Format("gptq", "gptq", "cols", ("qweight", "scales", "qzeros", "g_idx"), False)
-COMPRESSED_TENSORS = Format(
-    "compressed-tensors", "compressed-tensors", "rows", ("weight_packed", "weight_scale", "weight_shape"), False
-)
-BY_NAME = {f.name: f for f in (MARLIN, GPTQ, COMPRESSED_TENSORS)}
-BY_MANIFEST_NAME = {f.manifest_name: f for f in BY_NAME.values()}
+MARLIN = Format("marlin", "rtnq-marlin", "rtnq", "marlin", ("qweight", "scales"), True)
+GPTQ = Format("gptq", "gptq", "gptq", "cols", ("qweight", "scales", "qzeros", "g_idx"), False)
+COMPRESSED_TENSORS = Format("compressed-tensors", "compressed-tensors", "compressed-tensors", "rows",
+                            ("weight_packed", "weight_scale", "weight_shape"), False)
+ALL = (MARLIN, GPTQ, COMPRESSED_TENSORS)
+FORMATS = tuple(f.name for f in ALL)  # the --format values, default first
+BY_NAME = {f.name: f for f in ALL}
+BY_MANIFEST_NAME = {f.manifest_name: f for f in ALL}
+BY_QUANT_METHOD = {f.quant_method: f for f in ALL}

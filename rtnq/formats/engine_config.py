@@ -1,6 +1,7 @@
 r"""The `quantization_config` that vLLM, SGLang and transformers read from a GPTQ or compressed-tensors export.
 
-Pure and torch-free: built from the converter's decisions and the names' analysis (rtnq.selection.selectors).
+Pure and torch-free: built from the converter's decisions and the names' analysis (rtnq.selection.names).
+Also the engine policy: what an engine does differently from what an export says (`warnings`).
 Facts: shared FORMATS.md 6.1 (GPTQ) and 6.3 (compressed-tensors).
 
 The hard part is naming modules so that every loader resolves the same precision:
@@ -193,3 +194,28 @@ def _scheme(targets: list[str], bits: int, group_size: int) -> dict:
         # no per-group "format": the top-level one covers both groups, and compressed-tensors before
         # its PR #415 (2025-08) rejects the key (its scheme model forbids unknown keys)
     }
+
+
+def for_format(fmt, decisions: Sequence, infos: Sequence[NameInfo], ndim: dict[str, int], *, bits: int,
+               group_size: int) -> dict:
+    """The engines' quantization_config of an export format (gptq or compressed-tensors)."""
+    build = {"gptq": gptq, "compressed-tensors": compressed_tensors}[fmt.quant_method]
+    return build(decisions, infos, ndim, bits=bits, group_size=group_size)
+
+
+def warnings(fmt, decisions: Sequence, bits: int) -> list[str]:
+    """What the engines will do differently from what the export says, for the user and the manifest.
+
+    SGLang's GPTQ MoE layers never read `dynamic` (checked with scripts/check_vllm_matching.py
+    --engine sglang): every expert loads at the default bits.
+    """
+    if fmt.quant_method != "gptq":
+        return []
+    odd = [d for d in decisions if "experts" in d.name.lower().split(".")
+           and ((d.kind == "quantized" and d.bits != bits) or unquantized_linear(d))]
+    if not odd:
+        return []
+    what = f"{odd[0].bits}-bit" if odd[0].kind == "quantized" else "16-bit"
+    return [f"{len(odd)} MoE expert weights (e.g. {odd[0].name}) are {what} while the default is {bits}-bit: vLLM "
+            "reads that from the GPTQ `dynamic` overrides, but SGLang loads every expert at the default bits; for "
+            "SGLang use --format compressed-tensors"]

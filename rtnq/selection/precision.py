@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from rtnq import dtypes, params
 from rtnq.errors import ShapeError, UsageError
@@ -52,8 +52,14 @@ from rtnq.selection import tp as tensor_parallel
 from rtnq.selection.names import FUSED, NameInfo, analyse
 from rtnq.selection.selectors import Selector, parse_selectors, unmatched_message
 
-if TYPE_CHECKING:  # rtnq.checkpoint.source imports torch; the planner only reads .name, .dtype and .shape
-    from rtnq.checkpoint.source import TensorSpec
+
+class TensorSpec(Protocol):
+    """What the planner reads of a tensor: its header entry (rtnq.checkpoint.source.TensorSpec has it)."""
+
+    name: str
+    dtype: str  # safetensors spelling
+    shape: tuple[int, ...]
+
 
 __all__ = ["Decision", "Selection", "Selector", "check_shape", "parse_selectors", "select"]
 

@@ -1,0 +1,118 @@
+"""Facts about a checkpoint directory, in one place: which files hold the weights, which are copied.
+
+    model.safetensors                 a single-file checkpoint (SINGLE_NAME)
+    model-0000i-of-0000N.safetensors  shards, listed by model.safetensors.index.json (INDEX_NAME)
+    config.json                       rewritten by convert and dequantize, never copied (CONFIG_NAME)
+    rtnq_manifest.json                rtnq's precision manifest (MANIFEST_NAME; rtnq.checkpoint.manifest)
+    quantize_config.json              GPTQ's config for AutoGPTQ-era loaders (GPTQ_CONFIG_NAME)
+    tokenizer*, generation_config...  small files, copied unchanged (small_files)
+
+Pickle weights (.bin, .pt, ...) are never copied and never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from rtnq.errors import CheckpointError, UsageError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+MANIFEST_NAME = "rtnq_manifest.json"
+GPTQ_CONFIG_NAME = "quantize_config.json"
+# Files that are weights in some format: never copied (and never unpickled).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+MAX_COPY_BYTES = 256 * 1024 * 1024  # tokenizer and config files are small; anything bigger is a weight
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def shard_name(i: int, n: int) -> str:
+    """The HF name of shard i (0-based) of n; a single shard is model.safetensors."""
+    return SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def resolve(src: str | Path) -> Path:
+    """A local model directory; a hub id is recognised and refused with the download command."""
+    path = Path(src)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise UsageError(f"{src} is a file; pass the model directory that contains it")
+    if HUB_ID.match(str(src)):
+        raise UsageError(
+            f"{src} looks like a Hugging Face hub id; hub downloads are not supported yet. Run "
+            f"`huggingface-cli download {src} --local-dir DIR` and pass DIR"
+        )
+    raise UsageError(f"{src}: no such directory")
+
+
+def shard_files(model_dir: Path) -> list[str]:
+    """The shard file names of a model directory, from its index or its single file."""
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+        for s in shards:
+            if not isinstance(s, str) or "/" in s or s.startswith("."):
+                raise CheckpointError(f"{index}: invalid shard name {s!r}")
+            if not (model_dir / s).is_file():
+                raise CheckpointError(
+                    f"{index.name} lists shard {s}, which is missing from {model_dir}; download it again"
+                )
+        return shards
+    if (model_dir / SINGLE_NAME).is_file():
+        return [SINGLE_NAME]
+    found = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if found:
+        return found
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{model_dir} holds only pickle weights ({', '.join(pickles[:3])}); rtnq never unpickles model "
+            "files. Convert them to safetensors first (e.g. save_pretrained(..., safe_serialization=True))"
+        )
+    raise CheckpointError(f"{model_dir}: no .safetensors files found")
+
+
+def read_json_object(path: Path) -> dict:
+    """A checkpoint's JSON file (config.json, quantize_config.json) as a dict; CheckpointError otherwise."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return data
+
+
+def small_files(src: Path) -> list[str]:
+    """Top-level non-weight files to copy unchanged (config.json is rewritten, not copied)."""
+    keep = []
+    for p in sorted(src.iterdir()):
+        if not p.is_file() or p.name in (CONFIG_NAME, INDEX_NAME, MANIFEST_NAME, GPTQ_CONFIG_NAME):
+            continue
+        if p.suffix in WEIGHT_SUFFIXES or p.stat().st_size > MAX_COPY_BYTES:
+            continue
+        keep.append(p.name)
+    return keep
+
+
+def kv_heads(src: Path) -> int | None:
+    """num_key_value_heads (else num_attention_heads) from config.json, for the TP check; None if unknown.
+    Best effort: a broken config.json is reported when it is rewritten, not here."""
+    try:
+        cfg = json.loads((src / CONFIG_NAME).read_text())
+        cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+        heads = cfg.get("num_key_value_heads", cfg.get("num_attention_heads"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return heads if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 else None
+
+

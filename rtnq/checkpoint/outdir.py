@@ -1,0 +1,60 @@
+"""The output directory: refused where it would clobber the source, written as a temporary sibling
+and renamed into place only when complete (DESIGN.md section 4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from rtnq.checkpoint.writer import raise_os
+from rtnq.errors import UsageError
+
+TMP_INFIX = ".rtnq-tmp-"  # .OUT.rtnq-tmp-XXXX: hidden, and named after OUT so a user can tell what it was
+
+
+def check_output_location(src: Path, out: Path, force: bool) -> None:
+    """Refuse an OUT inside SRC (or equal to it), and an existing OUT unless forced."""
+    src_r, out_r = src.resolve(), out.resolve()
+    if out_r == src_r or src_r in out_r.parents:
+        raise UsageError(f"output {out} is inside the source {src}; choose a directory outside it")
+    if out_r in src_r.parents:
+        raise UsageError(f"output {out} contains the source {src}; choose another directory")
+    if out.exists() and not force:
+        raise UsageError(f"output {out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out} exists and is not a directory")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; rename it to `out` only if the block completes.
+
+    On any exception (including KeyboardInterrupt) the temporary directory is removed, so a failed
+    or interrupted run leaves no OUT behind and an existing OUT (under --force) untouched.
+    """
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_INFIX}", dir=out.parent))
+    except OSError as e:
+        raise_os(out.parent, e)
+    try:
+        yield tmp
+        if out.exists():
+            if not force:
+                raise UsageError(f"output {out} already exists; pass --force to replace it")
+            # Move the old output aside first so OUT is never missing a complete version for long.
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.rtnq-old-", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

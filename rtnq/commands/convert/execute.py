@@ -1,0 +1,158 @@
+"""`rtnq convert`, step 2: stream every tensor of a plan into a temporary directory, then rename it to OUT.
+
+Never prints: progress goes to a callback. Reading, quantizing and writing overlap
+(rtnq.checkpoint.pipeline): the next chunk is read while this one is quantized and the previous tensor
+is written; memory is a few chunks plus two quantized tensors' outputs, whatever the number of layers.
+
+    source chunk (mapped) -> rows in the 16-bit dtype -> numerics.fused.quantize_rows -> codes + scales
+    in the format's layout -> ShardWriter at the planned offset -> fsync -> rename
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from rtnq import dtypes
+from rtnq.checkpoint import manifest as mf
+from rtnq.checkpoint import pipeline
+from rtnq.checkpoint.shards import sharded_output
+from rtnq.checkpoint.source import Reader
+from rtnq.commands.convert.outputs import build_manifest, write_config
+from rtnq.commands.convert.plan import ConvertPlan, Item
+from rtnq.numerics import fused
+
+CHUNK_BYTES = 8 * 1024 * 1024  # one read: large enough for few syscalls, small enough to stay in cache
+IN_FLIGHT = 8  # chunks mapped at once: read ahead of the quantizer, passthrough ones being written
+OUT_BUFFERS = 2  # quantized tensors in flight: one being filled, one being written
+
+
+@dataclass(frozen=True)
+class Progress:
+    name: str
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int  # source bytes consumed so far
+    bytes_total: int
+
+
+@dataclass
+class ConvertResult:
+    plan: ConvertPlan
+    manifest: mf.Manifest
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def quantize_item(
+    item: Item,
+    w: torch.Tensor | Iterable[torch.Tensor],
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    layout: str = "marlin",
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Source weight -> (packed codes, scales, relative error of the dequantized weight) in `layout`.
+
+    w: the whole weight, or its rows in order as (R, k) chunks (R a multiple of 64, within one
+    expert of a 3-D weight), in the source dtype; each chunk is cast to the item's 16-bit dtype.
+    out: preallocated (codes, scales) with the planned shapes, filled in place.
+    Same bytes as the format's reference packing of rtn.quantize(w16, ...); the error is rtn.relative_error's.
+    """
+    d, spec = item.decision, item.spec
+    qdt = item.quant_dtype.torch
+    *lead, n, k = spec.shape
+    experts = lead[0] if lead else 1
+    if isinstance(w, torch.Tensor):
+        w = list(w.reshape(experts, n, k))
+    if out is None:
+        out = (torch.empty(item.outputs[0].shape, dtype=torch.int32), torch.empty(item.outputs[1].shape, dtype=qdt))
+    qweight, scales = out
+    q3 = qweight.view(experts, *qweight.shape[-2:])
+    s3 = scales.view(experts, *scales.shape[-2:])
+    sums = [0.0, 0.0]
+    done = 0  # rows of the (experts * n, k) weight quantized so far
+    for chunk in w:
+        e, row0 = divmod(done, n)
+        fused.quantize_rows(chunk.to(qdt), row0, q3[e], s3[e], d.bits, d.group_size, sums, name=spec.name,
+                            layout=layout)
+        done += chunk.shape[0]
+    if done != experts * n:
+        raise ValueError(f"{spec.name}: got {done} rows, expected {experts * n}")
+    return qweight, scales, fused.relative_error(sums)
+
+
+def chunk_ranges(item: Item) -> list[tuple[int, int]]:
+    """The (start, nbytes) pieces in which `run` reads a source tensor.
+
+    A quantized weight comes in runs of whole 64-row Marlin blocks of one expert, a passthrough
+    tensor in CHUNK_BYTES pieces; either way about CHUNK_BYTES at a time, whatever the model size.
+    """
+    spec = item.spec
+    if not item.quantized:
+        if spec.nbytes == 0:
+            return [(0, 0)]
+        return [(s, min(CHUNK_BYTES, spec.nbytes - s)) for s in range(0, spec.nbytes, CHUNK_BYTES)]
+    *lead, n, k = spec.shape
+    row_bytes = k * dtypes.BY_ST[spec.dtype].itemsize
+    rows = max(fused.ROW_ALIGN, CHUNK_BYTES // row_bytes // fused.ROW_ALIGN * fused.ROW_ALIGN)
+    return [((e * n + r) * row_bytes, min(rows, n - r) * row_bytes)
+            for e in range(lead[0] if lead else 1) for r in range(0, n, rows)]
+
+
+def _processing_order(plan: ConvertPlan) -> dict[str, list[Item]]:
+    """Each output shard's items in the order they are processed. Within a shard, passthrough tensors
+    (embeddings, lm_head: pure I/O) go first, so the disk writes them back while the CPU quantizes the
+    rest instead of after it; the writer puts every tensor at its planned offset, so the file is the same."""
+    by_shard: dict[str, list[Item]] = {fname: [] for fname, _ in plan.shards}
+    for item in plan.items:
+        by_shard[item.out_shard].append(item)
+    return {fname: sorted(items, key=lambda i: i.quantized) for fname, items in by_shard.items()}
+
+
+def run(plan: ConvertPlan, progress: Callable[[Progress], None] | None = None) -> ConvertResult:
+    """Execute `plan`: stream every tensor into a temporary directory, then rename it to OUT."""
+    t0 = time.perf_counter()
+    errors: dict[str, float] = {}
+    by_shard = _processing_order(plan)
+    order = [item for fname, _ in plan.shards for item in by_shard[fname]]
+    out_bytes = max((sum(e.nbytes for e in i.outputs[:2]) for i in order if i.quantized), default=1)
+    fmt = plan.format
+    done_bytes = 0
+    stop = threading.Event()
+    with Reader(plan.src) as reader:
+        jobs = [(functools.partial(reader.map_range, item.spec), chunk_ranges(item)) for item in order]
+        prefetch = pipeline.Prefetcher(jobs, pipeline.Slots(IN_FLIGHT, stop), stop)
+        out_pool = pipeline.Pool(OUT_BUFFERS, out_bytes, stop)
+        with sharded_output(plan.out, plan.options.force, plan.shards, plan.shard_metadata, stop=stop,
+                            src=plan.src, small_files=plan.small_files, on_abort=prefetch.join) as so:
+            index = 0
+            for fname, writer in so.shards():
+                for item in by_shard[fname]:
+                    if item.quantized:
+                        q_entry, s_entry, *const_entries = item.outputs
+                        buf, out = out_pool.get_tensors([(q_entry.shape, torch.int32, q_entry.nbytes),
+                                                         (s_entry.shape, item.quant_dtype.torch, s_entry.nbytes)])
+                        rows = prefetch.rows(index, item.spec.torch_dtype, item.spec.shape[-1])
+                        qweight, scales, errors[item.spec.name] = quantize_item(item, rows, out, fmt.layout)
+                        so.behind.submit(writer.write, q_entry.name, qweight)
+                        so.behind.submit(writer.write, s_entry.name, scales, release=functools.partial(out_pool.put, buf))
+                        consts = fmt.constants(item.spec.shape, item.decision.bits, item.decision.group_size)
+                        for entry, value in zip(const_entries, consts, strict=True):
+                            so.behind.submit(writer.write, entry.name, value)
+                    else:
+                        for chunk in prefetch.chunks(index):
+                            so.behind.submit(writer.write_part, item.outputs[0].name, chunk, release=prefetch.release)
+                            del chunk
+                    index += 1
+                    done_bytes += item.spec.nbytes
+                    if progress:
+                        progress(Progress(item.spec.name, index, len(plan.items), done_bytes, plan.bytes_in))
+            prefetch.join()
+            write_config(plan, so.tmp)
+            m = build_manifest(plan, errors)
+            (so.tmp / mf.FILENAME).write_text(m.dumps())
+    return ConvertResult(plan, m, time.perf_counter() - t0, m.warnings)

@@ -1,0 +1,115 @@
+"""`rtnq convert`, step 3: the files beside the shards: manifest (with totals) and config.json.
+
+Pure except `write_config`: built from the plan and the per-tensor errors the run measured.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rtnq import dtypes, formats
+from rtnq.checkpoint import layout
+from rtnq.checkpoint import manifest as mf
+from rtnq.checkpoint.writer import write_json
+from rtnq.commands.convert.plan import VERSION, ConvertPlan, Item
+from rtnq.formats import engine_config
+from rtnq.selection import names
+
+
+def manifest_entry(item: Item, error: float | None) -> mf.TensorEntry:
+    d, spec = item.decision, item.spec
+    q = item.quantized
+    outputs = {e.name.rpartition(".")[2]: e.name for e in item.outputs} if q else {"tensor": item.outputs[0].name}
+    return mf.TensorEntry(
+        kind=d.kind,
+        shape=list(spec.shape),
+        dtype=dtypes.BY_ST[spec.dtype].name,
+        outputs=outputs,
+        shard=item.out_shard,
+        bits=d.bits if q else None,
+        group_size=d.group_size if q else None,
+        rule=d.rule if q else None,
+        reason=None if q else d.reason,
+        error=error,
+    )
+
+
+def totals(plan: ConvertPlan) -> dict:
+    """Counts, bytes and effective bits per weight (scales included) of the planned output."""
+    counts = {"int4": 0, "int8": 0, "passthrough": 0}
+    reasons: dict[str, int] = {}
+    n_params = q_params = q_bits = 0
+    for item in plan.items:
+        n_params += item.spec.numel
+        d = item.decision
+        if item.quantized:
+            counts[f"int{d.bits}"] += 1
+            q_params += item.spec.numel
+            q_bits += 8 * sum(e.nbytes for e in item.outputs)
+        else:
+            counts["passthrough"] += 1
+            key = (d.reason or "passthrough").split(":")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+    weight_bits = 8 * sum(e.nbytes for _, entries in plan.shards for e in entries)
+    return {
+        "tensors": counts,
+        "passthrough_reasons": reasons,
+        "parameters": n_params,
+        "quantized_parameters": q_params,
+        "bytes_in": plan.bytes_in,
+        "bytes_out": plan.bytes_out,
+        "bits_per_weight": round(q_bits / q_params, 4) if q_params else None,
+        "model_bits_per_weight": round(weight_bits / n_params, 4) if n_params else None,
+        "tp_failures": {str(t): len(f) for t, f in plan.selection.tp_failures.items()},
+    }
+
+
+def build_manifest(plan: ConvertPlan, errors: dict[str, float]) -> mf.Manifest:
+    o = plan.options
+    return mf.Manifest(
+        defaults={
+            "bits": o.bits,
+            "group_size": o.group_size,
+            "scale_rule": mf.SCALE_RULE,
+            "dtype": o.dtype or "source (fp32 -> bf16)",
+        },
+        tensors={i.spec.name: manifest_entry(i, errors.get(i.spec.name)) for i in plan.items},
+        rules=plan.selection.rules,
+        totals=totals(plan),
+        warnings=list(plan.manifest_warnings),
+        rtnq_version=VERSION,
+        format=plan.format.manifest_name,
+    )
+
+
+def quantization_config(plan: ConvertPlan) -> dict:
+    """config.json's quantization_config: rtnq's own for marlin, the engines' for gptq and compressed-tensors."""
+    o = plan.options
+    if plan.format is not formats.MARLIN:
+        decisions = [i.decision for i in plan.items]
+        ndim = {i.spec.name: len(i.spec.shape) for i in plan.items}
+        return engine_config.for_format(plan.format, decisions, plan.selection.infos, ndim,
+                                        bits=o.bits, group_size=o.group_size)
+    int8 = sorted(names.module_name(i.spec.name) for i in plan.items if i.quantized and i.decision.bits == 8)
+    return {
+        "quant_method": plan.format.quant_method,
+        "format": "marlin",
+        "bits": o.bits,
+        "group_size": o.group_size,
+        "sym": True,
+        "scale_rule": mf.SCALE_RULE,
+        "manifest": mf.FILENAME,
+        "manifest_version": mf.VERSION,
+        "int8_modules": int8,
+    }
+
+
+def write_config(plan: ConvertPlan, tmp: Path) -> None:
+    """The source's config.json with the quantization_config added (and GPTQ's quantize_config.json)."""
+    cfg_path = plan.src / layout.CONFIG_NAME
+    cfg = layout.read_json_object(cfg_path) if cfg_path.is_file() else {}
+    qcfg = quantization_config(plan)
+    cfg["quantization_config"] = qcfg
+    write_json(tmp / layout.CONFIG_NAME, cfg)
+    if plan.format is formats.GPTQ:  # what AutoGPTQ-era loaders read when config.json has no quantization_config
+        write_json(tmp / layout.GPTQ_CONFIG_NAME, qcfg)

@@ -1,0 +1,152 @@
+"""`rtnq convert`, step 1: everything about the output from the source's headers, before a weight is read.
+
+Decisions (rtnq.selection), output names, dtypes, shapes and shards, the format's engine warnings and
+the machine's fast-path warning. Output shards mirror the source shards one for one, so the index keeps
+the source's grouping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from rtnq import dtypes, formats, params
+from rtnq.checkpoint import layout
+from rtnq.checkpoint.outdir import check_output_location
+from rtnq.checkpoint.source import TensorSpec, scan
+from rtnq.checkpoint.writer import Entry, shard_size
+from rtnq.errors import CheckpointError, UsageError
+from rtnq.formats import engine_config
+from rtnq.selection import names, precision
+
+VERSION = "0.1.0"  # rtnq's version, recorded in every output
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    bits: int = 4
+    group_size: int = 128
+    keep_int8: Sequence[str] = ()
+    skip: Sequence[str] = ()
+    dtype: str | None = None  # "bf16"/"fp16": cast every quantized weight; None: keep 16-bit, fp32 -> bf16
+    strict: bool = False
+    force: bool = False
+    tp: Sequence[int] = ()
+    format: str = "marlin"  # one of formats.FORMATS
+    dry_run: bool = False  # plan only: OUT may exist, since nothing will be written
+
+
+@dataclass
+class Item:
+    """One source tensor and what it becomes."""
+
+    spec: TensorSpec
+    decision: precision.Decision
+    outputs: list[Entry]  # quantized: the format's tensors, codes and scales first; else the tensor itself
+    out_shard: str
+    quant_dtype: dtypes.DType | None = None  # the 16-bit dtype the RTN arithmetic runs in (quantized only)
+
+    @property
+    def quantized(self) -> bool:
+        return self.decision.kind == "quantized"
+
+
+@dataclass
+class ConvertPlan:
+    src: Path
+    out: Path
+    options: ConvertOptions
+    format: formats.Format
+    items: list[Item]  # source order
+    shards: list[tuple[str, list[Entry]]]  # output file -> its tensors, in file order
+    selection: precision.Selection
+    small_files: list[str]  # copied unchanged
+    warnings: list[str] = field(default_factory=list)  # for the user: the selection's, the format's, the machine's
+    manifest_warnings: list[str] = field(default_factory=list)  # the subset about the output itself
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(i.spec.nbytes for i in self.items)
+
+    @property
+    def shard_metadata(self) -> dict[str, str]:
+        from rtnq.checkpoint import manifest
+
+        return self.format.shard_metadata(VERSION, manifest.VERSION)
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(shard_size(entries, self.shard_metadata) for _, entries in self.shards)
+
+
+def quant_dtype(spec: TensorSpec, options: ConvertOptions) -> dtypes.DType:
+    """--dtype if given, else the source's 16-bit dtype; fp32 sources are quantized in bf16."""
+    if options.dtype is not None:
+        return dtypes.BY_SHORT[options.dtype]
+    d = dtypes.BY_ST[spec.dtype]
+    return d if d.short in dtypes.SIXTEEN_BIT else dtypes.BY_SHORT["bf16"]
+
+
+def output_entries(spec: TensorSpec, d: precision.Decision, qdt: dtypes.DType | None,
+                   fmt: formats.Format = formats.MARLIN) -> list[Entry]:
+    """The planned outputs of one source tensor: itself, or the format's tensors for a quantized weight
+    (packed codes and scales first)."""
+    if d.kind != "quantized":
+        return [Entry(spec.name, spec.dtype, spec.shape)]
+    prefix = names.module_name(spec.name)  # stacked (E, n, k) experts have no .weight: their own prefix
+    return [Entry(*e) for e in fmt.entries(prefix, spec.shape, d.bits, d.group_size, qdt.st)]
+
+
+def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> ConvertPlan:
+    """Everything about the output, from headers only: decisions, names, dtypes, shapes, shards."""
+    params.check(options.bits, options.group_size, options.dtype)
+    fmt = formats.BY_NAME.get(options.format)
+    if fmt is None:
+        raise UsageError(f"--format must be one of {', '.join(formats.FORMATS)}, got {options.format}")
+    src_dir = layout.resolve(src)
+    out_dir = Path(out)
+    check_output_location(src_dir, out_dir, options.force or options.dry_run)
+    specs = scan(src_dir)
+    selection = precision.select(
+        specs,
+        bits=options.bits,
+        group_size=options.group_size,
+        keep_int8=options.keep_int8,
+        skip=options.skip,
+        strict=options.strict,
+        tp=options.tp,
+        kv_heads=layout.kv_heads(src_dir),
+    )
+    src_shards = list(dict.fromkeys(s.shard for s in specs))
+    shard_names = {s: layout.shard_name(i, len(src_shards)) for i, s in enumerate(src_shards)}
+    items = []
+    for spec in specs:
+        d = selection.decisions[spec.name]
+        if d.kind == "quantized" and len(spec.shape) == 3 and not fmt.stacked_experts:
+            raise UsageError(
+                f"{spec.name} is a stacked (E, n, k) expert tensor; {fmt.name} stores each expert as its own "
+                "module, so it cannot hold it. Use --format marlin, or --skip experts"
+            )
+        qdt = quant_dtype(spec, options) if d.kind == "quantized" else None
+        items.append(Item(spec, d, output_entries(spec, d, qdt, fmt), shard_names[spec.shard], qdt))
+    shards: dict[str, list[Entry]] = {}
+    for item in items:
+        shards.setdefault(item.out_shard, []).extend(item.outputs)
+    seen: set[str] = set()
+    for entries in shards.values():
+        for e in entries:
+            if e.name in seen:
+                raise CheckpointError(f"output tensor name {e.name} would be written twice; the source already has it")
+            seen.add(e.name)
+    manifest_warnings = selection.warnings + engine_config.warnings(fmt, list(selection.decisions.values()),
+                                                                    options.bits)
+    warnings = list(manifest_warnings)
+    if not options.dry_run:
+        from rtnq.numerics import fused  # imports torch: only when the plan will run
+
+        slow = fused.problem()
+        if slow:
+            warnings.append(slow)  # not in the manifest: it is about this machine, not the output
+    return ConvertPlan(src_dir, out_dir, options, fmt, items, list(shards.items()), selection,
+                       layout.small_files(src_dir), warnings, manifest_warnings)
