@@ -115,8 +115,8 @@ def cmd_sanitize() -> int:
     column tile and partial m-tiles. Inputs are made on the CPU and copied, and results are checked on the CPU, so
     the GPU runs almost nothing but rtnq's kernels (cheap under memcheck/racecheck)."""
     torch = _torch()
-    from rtnq.numerics import marlin, rtn
-    from rtnq.runtime import ops
+    from rtnq.numerics import rtn
+    from rtnq.runtime import MarlinWeight, ops
 
     dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(0)
@@ -128,10 +128,9 @@ def cmd_sanitize() -> int:
                 codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=gen)
                 groups = 1 if group == -1 else k // group
                 scales = (1e-3 + 1e-2 * torch.rand(n, groups, generator=gen)).to(dtype)
-                qweight, scales_p = marlin.pack(codes, scales, bits)
+                packed = MarlinWeight.pack(codes, scales, bits, group).to(dev)
                 w = rtn.dequantize(codes, scales, bits, group).double()
-                qw, sp = qweight.to(dev), scales_p.to(dev)
-                deq = ops.dequantize(qw, sp, bits=bits, n=n, k=k, group_size=group).cpu()
+                deq = ops.dequantize(packed).cpu()
                 if not torch.equal(deq.double(), w):
                     print(f"FAIL dequantize w{bits} {dtype} g{group}")
                     failures += 1
@@ -139,7 +138,7 @@ def cmd_sanitize() -> int:
                     x = torch.randn(m, k, generator=gen).to(dtype)
                     ref = x.double() @ w.t()
                     for path in ("small_m", "tensor_core"):
-                        out = ops.gemm(x.to(dev), qw, sp, bits=bits, n=n, k=k, group_size=group, path=path).cpu()
+                        out = ops.gemm(x.to(dev), packed, path=path).cpu()
                         err = float((out.double() - ref).norm() / ref.norm())
                         ok = math.isfinite(err) and err < (1e-3 if dtype == torch.float16 else 8e-3)
                         if not ok:
@@ -166,9 +165,8 @@ def cmd_timing(out: str, quick: bool = False) -> int:
     torch = _torch()
     import torch.nn.functional as F
 
-    from rtnq.numerics import marlin
     from rtnq.bench import timing
-    from rtnq.runtime import dispatch, library, ops
+    from rtnq.runtime import MarlinWeight, dispatch, library, ops
 
     dev = torch.device("cuda")
     l2 = torch.cuda.get_device_properties(dev).L2_cache_size or 50_000_000
@@ -201,9 +199,9 @@ def cmd_timing(out: str, quick: bool = False) -> int:
         for bits in (4, 8):
             codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8)
             scales = (1e-3 + 1e-2 * torch.rand(n, k // 128)).to(torch.bfloat16)
-            qw, sp = marlin.pack(codes, scales, bits)
-            r = copies(qw.numel() * 4)
-            packed[bits] = [(qw.to(dev), sp.to(dev)) for _ in range(r)]
+            w = MarlinWeight.pack(codes, scales, bits, 128)
+            r = copies(w.qweight.numel() * 4)
+            packed[bits] = [w.to(dev) for _ in range(r)]
         for m in MS:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             row = {"shape": label, "k": k, "n": n, "m": m}
@@ -213,8 +211,7 @@ def cmd_timing(out: str, quick: bool = False) -> int:
                 for path in ("small_m", "tensor_core", "dequant", "auto"):
                     if path == "small_m" and m > 64:
                         continue
-                    calls = [lambda q=q, s=s, p=path: ops.gemm(x, q, s, bits=bits, n=n, k=k, group_size=128, path=p)
-                             for q, s in packed[bits]]
+                    calls = [lambda w=w, p=path: ops.gemm(x, w, path=p) for w in packed[bits]]
                     try:
                         row[f"w{bits}_{path}"] = graph_us(calls)
                     except Exception as e:  # report and keep timing the rest

@@ -18,6 +18,8 @@ from rtnq.bench.harness import Case, StackPlan, SweepSettings
 from rtnq.bench.report import Ceilings
 from rtnq.bench.shapes import QuantConfig, ShapeGroup
 from rtnq.bench.timing import VariantFailed
+from rtnq.errors import UsageError
+from rtnq.runtime import dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
 H100 = Ceilings(copy_gbps=3000.0, matmul_tflops=798.0, device="cuda")  # GPU.md's measured H100 ceilings
@@ -172,7 +174,8 @@ def test_select_thresholds_three_regions():
     ch = report.select_thresholds(costs)
     assert (ch.small_m_max, ch.tensor_core_max, ch.crossover_reached) == (16, 256, True)
     assert ch.cost == 10 + 12 + 20 + 60 + 200 + 700 == ch.best_cost
-    assert [report.pick_path(m, ch.small_m_max, ch.tensor_core_max) for m in (1, 16, 17, 256, 257, 4096)] == [
+    chosen = dispatch.Thresholds(ch.small_m_max, ch.tensor_core_max, measured=True)  # what the runtime will use
+    assert [dispatch.choose_path(m, chosen) for m in (1, 16, 17, 256, 257, 4096)] == [
         "small_m", "small_m", "tensor_core", "tensor_core", "dequant", "dequant"]
 
 
@@ -360,15 +363,29 @@ def test_checkpoint_groups_share_dense_baselines_across_bits():
     assert groups[0].configs == [QuantConfig(8, 128), QuantConfig(4, 128)]
     assert len(groups[0].members[QuantConfig(8, 128)]) == 2
     assert shapes.filter_groups(groups, "q_proj") == [groups[0]]
-    with pytest.raises(Exception, match="matches none"):
+    with pytest.raises(UsageError, match=r"--shapes 'gate' matches none of: o_proj/q_proj, down_proj"):
         shapes.filter_groups(groups, "gate")
 
 
 def test_parse_int_list():
     assert shapes.parse_int_list("64, 1,16,1", "--batch") == [1, 16, 64]
-    for bad in ("1,x", "0", ",", "3"):
-        with pytest.raises(Exception):
-            shapes.parse_int_list(bad, "--bits", allowed=(4, 8))
+    assert shapes.parse_int_list("8,4", "--bits", allowed=(4, 8)) == [4, 8]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("4,x", r"--bits: 'x' is not an integer \(expected a comma list like 1,16,64\)"),
+    ("0", r"--bits: 0 is not one of 4, 8"),
+    (",", r"--bits: empty list"),
+    ("3", r"--bits: 3 is not one of 4, 8"),
+])
+def test_parse_int_list_errors_name_the_option(bad, message):
+    with pytest.raises(UsageError, match=message):
+        shapes.parse_int_list(bad, "--bits", allowed=(4, 8))
+
+
+def test_parse_int_list_without_allowed_values():
+    with pytest.raises(UsageError, match=r"--batch: 0 is not a positive integer"):
+        shapes.parse_int_list("1,0", "--batch")
 
 
 # ------------------------------------------------------------------------- CLI, real entry point
@@ -399,8 +416,15 @@ def test_cli_cpu_synthetic_tiny(tmp_path, monkeypatch):
     assert len(ref) == 10 and all(x["time_us"] > 0 and x["check"] == "ok" for x in ref)
     dense = [x for x in recs if x["variant"] == "dense"]
     assert all(x["check"] == "ok" and x["speedup_vs_dense"] is not None for x in dense)
-    tg = [x for x in recs if x["variant"] == "tinygemm"]  # PyTorch's int4 kernel as a peer (CPU op here)
-    assert tg and all(x["check"] == "ok" or x["unavailable"] for x in tg)
+    # PyTorch's int4 kernel as a peer (its CPU op here): one record per shape and M whatever this torch has,
+    # timed and correct when the CPU op exists, else unavailable with the reason; never silently left out.
+    tg = {(x["shape"], x["m"]): x for x in recs if x["variant"] == "tinygemm"}
+    assert set(tg) == {(x["shape"], x["m"]) for x in ref}
+    if _has_cpu_int4pack():
+        assert all(x["check"] == "ok" and x["time_us"] > 0 and "unavailable" not in x for x in tg.values()), tg
+    else:
+        assert all(x["time_us"] is None and x["unavailable"].startswith("cannot build the int4 pack")
+                   for x in tg.values()), tg
     assert doc["thresholds"] == [] and not dispatch_file.exists()  # CPU runs never write thresholds
     stack = doc["stack"]
     assert {(x["m"], x["variant"]) for x in stack} == {(m, v) for m in (1, 16, 64) for v in ("rtnq W4", "dense bf16")}
@@ -499,33 +523,39 @@ def test_python_m_rtnq_bench_runs_without_typer_and_rich():
 
 
 class FakeOps:
-    """Stands in for rtnq.runtime.ops: the contract's gemm signature, computed by the reference."""
+    """Stands in for rtnq.runtime.ops.gemm on a CPU: the same signature, computed by the reference."""
 
     def __init__(self):
         self.calls = []
 
-    def gemm(self, x, qweight, scales, *, bits, n, k, group_size, path="auto", out=None):
-        from rtnq.numerics import marlin, rtn
+    def gemm(self, x, weight, *, path="auto", out=None):
+        from rtnq.runtime import MarlinWeight
 
-        self.calls.append((path, tuple(x.shape), bits, n, k, group_size, out is not None))
+        assert isinstance(weight, MarlinWeight)  # the checked value type, never loose tensors
+        self.calls.append((path, tuple(x.shape), weight.bits, weight.n, weight.k, weight.group_size, out is not None))
         if path == "small_m" and x.shape[0] > 16:
             raise RuntimeError("small-M kernel takes M <= 16")
-        codes, s = marlin.unpack(qweight, scales, bits, n, k)
-        y = torch.nn.functional.linear(x, rtn.dequantize(codes, s, bits, group_size).to(x.dtype))
+        y = torch.nn.functional.linear(x, weight.reference_dequantize().to(x.dtype))
         if out is None:
             return y
         out.copy_(y)
         return out
 
 
-def test_kernel_path_plumbing_with_a_stand_in_runtime():
+def _has_cpu_int4pack() -> bool:
+    return all(hasattr(torch.ops.aten, op) for op in ("_convert_weight_to_int4pack_for_cpu",
+                                                     "_weight_int4pack_mm_for_cpu"))
+
+
+def test_kernel_path_plumbing_with_a_stand_in_runtime(monkeypatch):
     from rtnq.bench import backends, timing
+    from rtnq.runtime import ops as runtime_ops
 
     ops = FakeOps()
-    rt = backends.Runtime(ops=ops)
+    monkeypatch.setattr(runtime_ops, "gemm", ops.gemm)
     model = shapes.SYNTHETIC["tiny"]
     groups = shapes.filter_groups(shapes.synthetic_groups(model, [4, 8], 128), "down")
-    be = backends.TorchBackend("cpu", "bf16", rt, model=model)
+    be = backends.TorchBackend("cpu", "bf16", model=model)
     be.kernel_paths = True  # what a GPU run does: one case per rtnq path, through ops.gemm
     recs = harness.sweep(groups, be, timing.WallTimer(), Ceilings(10.0, 0.1, "cpu"),
                          SweepSettings([3, 32], rounds=1, per_round=1, replay_target_us=1.0, max_reps=1))
@@ -536,9 +566,17 @@ def test_kernel_path_plumbing_with_a_stand_in_runtime():
                 assert by[(f"rtnq:{path}", bits, m)]["check"] == "ok"
         assert by[("rtnq:small_m", bits, 3)]["check"] == "ok"
         assert "M <= 16" in by[("rtnq:small_m", bits, 32)]["unavailable"]  # reported, not fatal
-    assert by[("int8pack", 8, 3)]["check"] == "ok" or by[("int8pack", 8, 3)]["unavailable"]
-    assert by[("tinygemm", 4, 3)]["check"] == "ok"
+    int8 = by[("int8pack", 8, 3)]
+    if hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        assert int8["check"] == "ok" and int8["time_us"] > 0
+    else:
+        assert int8["time_us"] is None and "_weight_int8pack_mm is not in this torch" in int8["unavailable"]
+    if _has_cpu_int4pack():
+        assert by[("tinygemm", 4, 3)]["check"] == "ok"
+    else:
+        assert by[("tinygemm", 4, 3)]["unavailable"].startswith("cannot build the int4 pack")
     assert ("tinygemm", 8, 3) not in by  # PyTorch's int4 kernel is a W4 peer only
+    assert ("int8pack", 4, 3) not in by  # and its int8 kernel a W8 peer only
     assert {c[0] for c in ops.calls} == set(harness.RTNQ_PATHS)
     assert all(c[3:6] == (256, 256, 128) and c[6] for c in ops.calls)  # n, k, group_size, out= passed
 
@@ -548,33 +586,247 @@ def test_save_thresholds_through_the_dispatch_contract(tmp_path, monkeypatch):
 
     saved = []
 
-    class FakeDispatch:
-        @staticmethod
-        def save_thresholds(gpu, bits, dtype, small_m_max, tensor_core_max, source=""):
-            saved.append((gpu, bits, dtype, small_m_max, tensor_core_max, source))
+    def fake_save(gpu, bits, dtype, small_m_max, tensor_core_max, *, source="", path=None):
+        saved.append((gpu, bits, dtype, small_m_max, tensor_core_max, source))
+        return dispatch.dispatch_file()
 
+    monkeypatch.setattr(dispatch, "save_thresholds", fake_save)
     monkeypatch.setenv("RTNQ_DISPATCH_FILE", str(tmp_path / "d.json"))
     recs, _ = _sweep(batches=[1, 16, 64, 256, 1024])
     th = harness.choose_thresholds(recs)
     used = [{"bits": 4, "small_m_max": 16, "tensor_core_max": 1024, "measured": False}]
-    save_thresholds(th, FakeDispatch, "NVIDIA H100 80GB HBM3", "bf16", used, True, source="test")
+    save_thresholds(th, "NVIDIA H100 80GB HBM3", "bf16", used, True, source="test")
     assert saved == [("NVIDIA H100 80GB HBM3", 4, "bf16", 1, 64, "test")]
     assert th[0]["saved"] == str(tmp_path / "d.json") and th[0]["used_before"] == used[0]
     th2 = harness.choose_thresholds(recs)
-    save_thresholds(th2, FakeDispatch, "gpu", "bf16", [], False, source="test")
+    save_thresholds(th2, "gpu", "bf16", [], False, source="test")
     assert th2[0]["not_saved"] == "--no-save-dispatch" and len(saved) == 1
 
 
+def test_failed_threshold_write_is_reported_with_the_results(tmp_path, monkeypatch):
+    from rtnq.bench.app import save_thresholds
+
+    monkeypatch.setenv("RTNQ_DISPATCH_FILE", str(tmp_path / "d.json"))
+    (tmp_path / "d.json").write_text("{not json")  # an unreadable file is not overwritten
+    recs, _ = _sweep(batches=[1, 16, 64, 256, 1024])
+    th = harness.choose_thresholds(recs)
+    save_thresholds(th, "gpu", "bf16", [], True, source="test")
+    assert "saved" not in th[0]
+    assert th[0]["not_saved"].startswith("RtnqError: ") and "not a readable dispatch file" in th[0]["not_saved"]
+    assert (tmp_path / "d.json").read_text() == "{not json"
+
+
 def test_thresholds_round_trip_through_the_runtime_dispatcher(tmp_path, monkeypatch):
-    dispatch = pytest.importorskip("rtnq.runtime.dispatch")
     from rtnq.bench.app import save_thresholds
 
     monkeypatch.setenv("RTNQ_DISPATCH_FILE", str(tmp_path / "dispatch.json"))
+    dispatch.clear_cache()
     recs, _ = _sweep(batches=[1, 16, 64, 256, 1024])
     th = harness.choose_thresholds(recs)
-    save_thresholds(th, dispatch, "NVIDIA H100 80GB HBM3", "bf16", [], True, source="test_bench")
+    save_thresholds(th, "NVIDIA H100 80GB HBM3", "bf16", [], True, source="test_bench")
     assert th[0]["saved"] == str(tmp_path / "dispatch.json")
     got = dispatch.load_thresholds("NVIDIA H100 80GB HBM3", 4, "bf16")
     assert (got.small_m_max, got.tensor_core_max, got.measured) == (1, 64, True)
-    assert [dispatch.choose_path(m, got) for m in (1, 16, 64, 256)] == [
-        report.pick_path(m, 1, 64) for m in (1, 16, 64, 256)]
+    assert [dispatch.choose_path(m, got) for m in (1, 16, 64, 65, 256)] == [
+        "small_m", "tensor_core", "tensor_core", "dequant", "dequant"]
+    assert dispatch.cached_thresholds("NVIDIA H100 80GB HBM3", 4, torch.bfloat16) == got  # what ops.gemm reads
+
+
+# ------------------------------------------------------------- one option table, two entry points
+
+
+def _typer_bench_command():
+    import typer.main
+
+    from rtnq.cli.app import app
+
+    group = typer.main.get_command(app)
+    return group.commands["bench"]
+
+
+def test_both_entry_points_are_built_from_the_one_option_table():
+    from rtnq.bench import options
+
+    table = options.specs()
+    want = {flag for s in table for flag in s.flags}
+    assert {"--check", "--no-check", "--stack", "--no-stack", "--peers", "--no-peers", "--save-dispatch",
+            "--no-save-dispatch", "--quick", "--json", "--batch", "--group-size"} <= want
+    cmd = _typer_bench_command()
+    typer_flags = {o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("--")} - {"--help"}
+    parser = options.parser()
+    argparse_flags = {o for a in parser._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
+    assert typer_flags == argparse_flags == want
+    # the same defaults, and the same destination field for every flag
+    assert options.parse([]) == options.Options()
+    defaults = {p.name: p.default for p in cmd.params}
+    assert defaults == {s.name: s.default for s in table}
+    assert [p.name for p in cmd.params if p.param_type_name == "argument"] == ["out_dir"]
+
+
+def test_no_check_in_both_entry_points(tmp_path):
+    args = ["--synthetic", "tiny", "--device", "cpu", "--batch", "2", "--shapes", "o", "--no-stack", "--no-check",
+            "--no-peers", "--json"]
+    r = run("bench", *args)
+    assert r.code == 0, r.err
+    p = subprocess.run([sys.executable, "-m", "rtnq.bench", *args], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr
+    for doc in (_json(r.out), _json(p.stdout)):
+        assert doc["settings"]["options"]["checks"] is False and doc["settings"]["options"]["peers"] is False
+        recs = doc["records"]
+        assert recs and all(x["check"] == "-" and x["rel_err"] is None for x in recs)
+        assert not any(x["role"] == "peer" for x in recs)
+    on = run("bench", *[a for a in args if a != "--no-check"], "--check")
+    assert on.code == 0 and all(x["check"] == "ok" for x in _json(on.out)["records"])
+
+
+def _no_typer_env(tmp_path) -> dict:
+    """A sitecustomize that makes typer and rich unimportable, as on a bare GPU image."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['typer'] = None\nsys.modules['rich'] = None\n")
+    return {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
+
+
+def test_python_m_rtnq_bench_entry_with_typer_blocked(tmp_path):
+    env = _no_typer_env(tmp_path)
+    blocked = subprocess.run([sys.executable, "-c", "import typer"], capture_output=True, text=True, env=env)
+    assert blocked.returncode != 0 and "ModuleNotFoundError" in blocked.stderr  # the block works
+    h = subprocess.run([sys.executable, "-m", "rtnq.bench", "--help"], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert h.returncode == 0, h.stderr
+    assert "--no-check" in h.stdout and "--no-peers" in h.stdout and "--stack, --no-stack" in h.stdout
+    p = subprocess.run([sys.executable, "-m", "rtnq.bench", "--synthetic", "tiny", "--device", "cpu", "--batch", "2",
+                        "--shapes", "down", "--no-stack", "--no-check", "--json"],
+                       capture_output=True, text=True, cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stderr
+    doc = _json(p.stdout)
+    assert {x["shape"] for x in doc["records"]} == {"down"} and all(x["check"] == "-" for x in doc["records"])
+    assert "down n=256 k=256" in p.stderr  # plain-text table
+    bad = subprocess.run([sys.executable, "-m", "rtnq.bench", "--synthetic", "tiny", "--device", "tpu"],
+                         capture_output=True, text=True, cwd=ROOT, env=env)
+    assert bad.returncode == 2 and bad.stderr == "error: --device must be cuda or cpu, got 'tpu'\n"
+
+
+@pytest.mark.parametrize(
+    "args, code",
+    [
+        (("--synthetic", "tiny", "--device", "tpu"), 2),
+        (("--synthetic", "tiny", "--dtype", "fp32"), 2),
+        (("--synthetic", "tiny", "--bits", "3"), 2),
+        (("--synthetic", "tiny", "--group-size", "100"), 2),
+        (("somedir", "--synthetic", "tiny"), 2),
+        (("--synthetic", "llama-9"), 2),
+        ((), 2),
+    ],
+)
+def test_both_entry_points_map_errors_alike(args, code):
+    """One mapping RtnqError -> message + exit code: `rtnq bench` and `python -m rtnq.bench` say the same."""
+    r = run("bench", *args)
+    p = subprocess.run([sys.executable, "-m", "rtnq.bench", *args], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.code == p.returncode == code, (r.err, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert " ".join(r.err.split()) == lines[0]  # rich may wrap the line; the words are the same
+
+
+def test_python_m_rtnq_bench_syntax_errors_exit_2():
+    p = subprocess.run([sys.executable, "-m", "rtnq.bench", "--group-size", "abc"], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 2 and "--group-size" in p.stderr
+    r = run("bench", "--group-size", "abc")
+    assert r.code == 2 and "--group-size" in r.err
+
+
+def test_bench_imports_stay_light():
+    """`import rtnq.bench`, its options and app, and `rtnq bench --help` import neither torch nor the runtime."""
+    code = ("import sys\n"
+            "import rtnq.bench, rtnq.bench.options, rtnq.bench.app, rtnq.bench.report, rtnq.bench.harness\n"
+            "heavy = [m for m in ('torch', 'rtnq.runtime', 'typer', 'rich') if m in sys.modules]\n"
+            "assert not heavy, heavy\n"
+            "import rtnq.cli\n"
+            "sys.argv = ['rtnq', 'bench', '--help']\n"
+            "try:\n"
+            "    rtnq.cli.main()\n"
+            "except SystemExit as e:\n"
+            "    assert e.code in (0, None), e.code\n"
+            "heavy = [m for m in ('torch', 'rtnq.runtime') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr
+    assert "--no-check" in p.stdout
+
+
+def test_report_paths_are_the_runtime_dispatchers():
+    from rtnq.runtime import ops
+
+    assert report.PATHS == dispatch.PATHS
+    assert set(harness.RTNQ_PATHS) == set(ops.GEMM_PATHS)
+
+
+# ------------------------------------------------------------------ peers: reported, never skipped
+
+
+def _config_weights(bits, group_size, dtype_name="bf16"):
+    from rtnq.bench import device, weights
+
+    dev = device.Device("cpu", dtype_name)
+    group = ShapeGroup("o", 256, 256, 1, [QuantConfig(bits, group_size)])
+    return dev, weights.build(dev, group, None)[0]
+
+
+def _peer_cases(dev, cw):
+    from rtnq.bench import peers
+
+    fam, unavailable = {}, {}
+    peers.add_families(dev, cw, fam, unavailable)
+    copies = {name: [make()] for name, (_, make) in fam.items() if name not in unavailable}
+    xs = [torch.randn(2, 256, dtype=dev.dtype)]  # on the CPU even when a test poses as a CUDA device
+    return fam, unavailable, list(peers.cases(dev, cw.config, fam, unavailable, copies, xs, xs, None, None))
+
+
+class _Without:
+    """An op namespace that lacks one op, as an older torch would."""
+
+    def __init__(self, namespace, missing):
+        self._namespace, self._missing = namespace, missing
+
+    def __getattr__(self, name):
+        if name == self._missing:
+            raise AttributeError(name)
+        return getattr(self._namespace, name)
+
+
+@pytest.mark.parametrize("bits, group_size, variant, reason", [
+    (4, -1, "tinygemm", "tinygemm supports group sizes (32, 64, 128, 256), not -1"),
+    (8, 128, "int8pack", None),
+])
+def test_peer_that_cannot_run_is_a_case_with_its_reason(bits, group_size, variant, reason, monkeypatch):
+    if reason is None:  # a torch without the int8 op (hasattr on torch.ops.aten resolves ops lazily: wrap it)
+        monkeypatch.setattr(torch.ops, "aten", _Without(torch.ops.aten, "_weight_int8pack_mm"))
+        reason = "AttributeError: torch.ops.aten._weight_int8pack_mm is not in this torch"
+    dev, cw = _config_weights(bits, group_size)
+    fam, unavailable, cases = _peer_cases(dev, cw)
+    assert unavailable == {f"{variant}:{cw.config}": reason}
+    assert [(c.variant, c.role, c.fn, c.unavailable) for c, _, _ in cases] == [(variant, "peer", None, reason)]
+
+
+def test_tinygemm_build_failure_is_reported(monkeypatch):
+    from rtnq.bench import peers
+
+    def broken(dev, cw):
+        raise RuntimeError("aten op changed\nsecond line")
+
+    monkeypatch.setattr(peers, "tinygemm_pack", broken)
+    dev, cw = _config_weights(4, 128)
+    _, unavailable, cases = _peer_cases(dev, cw)
+    (case, _, _), = cases
+    assert case.unavailable == "cannot build the int4 pack: RuntimeError: aten op changed" and case.fn is None
+
+
+def test_tinygemm_on_cuda_needs_bf16_activations():
+    dev, cw = _config_weights(4, 128, "fp16")
+    dev.type = "cuda"  # add_families decides from the device and dtype before touching any CUDA op
+    _, unavailable, cases = _peer_cases(dev, cw)
+    assert [c.unavailable for c, _, _ in cases] == ["tinygemm (_weight_int4pack_mm) runs bf16 activations only"]

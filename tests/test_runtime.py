@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from rtnq.checkpoint import manifest
 from rtnq.numerics import marlin, rtn
 from rtnq.errors import CheckpointError, KernelUnavailable, RtnqError, ShapeError, UsageError
-from rtnq.runtime import QuantLinear, dispatch, library, load_checkpoint, ops
+from rtnq.runtime import MarlinWeight, QuantLinear, dispatch, library, load_checkpoint, ops
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
@@ -232,7 +232,7 @@ def test_quantlinear_from_packed_vllm_tensors():
     # A layer built straight from tensors vLLM's packer produced (tests/data) computes (code - 8) * scale.
     t = load_file(str(DATA / "marlin_w4_k512_n768_g128.safetensors"))
     k, n = t["codes"].shape
-    layer = QuantLinear(t["marlin_vllm_qweight"], t["marlin_vllm_scales"], bits=4, n=n, k=k, group_size=128)
+    layer = QuantLinear(MarlinWeight(t["marlin_vllm_qweight"], t["marlin_vllm_scales"], bits=4, n=n, k=k, group_size=128))
     ref = ((t["codes"].to(torch.int16) - 8).to(torch.float16) * t["scales"].repeat_interleave(128, 0)).t()
     assert torch.equal(layer.dequantized_weight(), ref)
 
@@ -255,13 +255,15 @@ def test_quantlinear_shape_errors():
     with pytest.raises(ShapeError, match="input has 64 features, the layer expects 128"):
         layer(torch.randn(3, 64))
     with pytest.raises(ShapeError, match=r"qweight must be int32 \(8, 128\)"):
-        QuantLinear(layer.qweight[:, :64], layer.scales, bits=4, n=64, k=128, group_size=128)
+        MarlinWeight(layer.qweight[:, :64], layer.scales, bits=4, n=64, k=128, group_size=128)
     with pytest.raises(ShapeError, match=r"scales must be float16/bfloat16 \(1, 64\)"):
-        QuantLinear(layer.qweight, layer.scales.float(), bits=4, n=64, k=128, group_size=128)
+        MarlinWeight(layer.qweight, layer.scales.float(), bits=4, n=64, k=128, group_size=128)
     with pytest.raises(ShapeError, match=r"bias must have shape \(64,\)"):
-        QuantLinear(layer.qweight, layer.scales, bits=4, n=64, k=128, group_size=128, bias=torch.zeros(3))
+        QuantLinear(layer.packed, bias=torch.zeros(3))
     with pytest.raises(UsageError, match="bits must be 4 or 8"):
-        QuantLinear(layer.qweight, layer.scales, bits=3, n=64, k=128, group_size=128)
+        MarlinWeight(layer.qweight, layer.scales, bits=3, n=64, k=128, group_size=128)
+    with pytest.raises(UsageError, match="QuantLinear takes a rtnq.runtime.MarlinWeight, got Tensor"):
+        QuantLinear(layer.qweight)
 
 
 # ---- ops: argument checks happen before the library is needed ---------------------------------------------------------
@@ -274,32 +276,83 @@ def _packed(bits=4, group=128, n=128, k=256, dtype=torch.bfloat16):
 
 def test_ops_refuse_cpu_tensors_without_loading_the_library(monkeypatch):
     monkeypatch.setattr(library, "load", lambda: pytest.fail("library loaded"))
-    qw, s = _packed()
+    w = MarlinWeight(*_packed(), bits=4, n=128, k=256, group_size=128)
     x = torch.randn(3, 256).to(torch.bfloat16)
     with pytest.raises(UsageError, match="x is on cpu; the CUDA kernels need CUDA tensors"):
-        ops.gemm(x, qw, s, bits=4, n=128, k=256, group_size=128)
+        ops.gemm(x, w)
     with pytest.raises(UsageError, match="qweight is on cpu"):
-        ops.dequantize(qw, s, bits=4, n=128, k=256, group_size=128)
+        ops.dequantize(w)
 
 
 def test_ops_argument_errors(monkeypatch):
     monkeypatch.setattr(library, "load", lambda: pytest.fail("library loaded"))
     qw, s = _packed()
+    w = MarlinWeight(qw, s, bits=4, n=128, k=256, group_size=128)
     x = torch.randn(3, 256).to(torch.bfloat16)
     with pytest.raises(UsageError, match="path must be one of auto, small_m, tensor_core, dequant"):
-        ops.gemm(x, qw, s, bits=4, n=128, k=256, group_size=128, path="fast")
+        ops.gemm(x, w, path="fast")
     with pytest.raises(ShapeError, match=r"x must be \(m, 256\)"):
-        ops.gemm(x[:, :128], qw, s, bits=4, n=128, k=256, group_size=128)
+        ops.gemm(x[:, :128], w)
     with pytest.raises(UsageError, match="x is torch.float16 but the scales are torch.bfloat16"):
-        ops.gemm(x.half(), qw, s, bits=4, n=128, k=256, group_size=128)
+        ops.gemm(x.half(), w)
+    # The weight's own checks run when the MarlinWeight is made, before any ops call can see it.
     with pytest.raises(ShapeError, match="qweight must be int32"):
-        ops.gemm(x, qw, s, bits=8, n=128, k=256, group_size=128)
+        MarlinWeight(qw, s, bits=8, n=128, k=256, group_size=128)
     with pytest.raises(ShapeError, match=r"scales must be float16/bfloat16 \(1, 128\)"):
-        ops.gemm(x, qw, s, bits=4, n=128, k=256, group_size=-1)
+        MarlinWeight(qw, s, bits=4, n=128, k=256, group_size=-1)
     with pytest.raises(ShapeError, match="n=96"):
-        ops.gemm(x, qw, s, bits=4, n=96, k=256, group_size=128)
+        MarlinWeight(qw, s, bits=4, n=96, k=256, group_size=128)
     with pytest.raises(UsageError, match="layout must be 'nk' or 'kn'"):
-        ops.dequantize(qw, s, bits=4, n=128, k=256, group_size=128, layout="xy")
+        ops.dequantize(w, layout="xy")
+    # Loose tensors are refused by type, so no unchecked weight reaches the library.
+    for call in (lambda: ops.gemm(x, qw), lambda: ops.dequantize(qw)):
+        with pytest.raises(UsageError, match="weight must be a rtnq.runtime.MarlinWeight, got Tensor"):
+            call()
+
+
+# ---- MarlinWeight ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits, group", [(4, 128), (8, -1), (4, 32)])
+def test_marlin_weight_pack_unpack_and_reference(bits, group):
+    w_nk = (torch.randn(128, 256) * 0.02).to(torch.float16)
+    codes, scales = rtn.quantize(w_nk, bits, group)
+    w = MarlinWeight.pack(codes, scales, bits, group)
+    assert (w.bits, w.n, w.k, w.group_size) == (bits, 128, 256, group)
+    assert w.qweight.dtype == torch.int32 and tuple(w.qweight.shape) == (256 // 16, 128 * bits // 2)
+    assert tuple(w.scales.shape) == ((1 if group == -1 else 256 // group), 128) and w.scales.dtype == torch.float16
+    got_codes, got_scales = w.unpack()
+    assert torch.equal(got_codes, codes) and torch.equal(got_scales, scales)
+    assert torch.equal(w.reference_dequantize(), rtn.dequantize(codes, scales, bits, group))
+
+
+def test_marlin_weight_is_a_checked_frozen_value():
+    import dataclasses
+
+    w = MarlinWeight(*_packed(), bits=4, n=128, k=256, group_size=128)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        w.bits = 8  # type: ignore[misc]
+    c = w.clone()
+    assert c.qweight.data_ptr() != w.qweight.data_ptr() and torch.equal(c.qweight, w.qweight)
+    h = w.to(scale_dtype=torch.float16)
+    assert h.scales.dtype == torch.float16 and h.qweight is w.qweight and (h.n, h.k, h.bits) == (128, 256, 4)
+    assert w.to("cpu").device == torch.device("cpu")
+    assert repr(w) == "MarlinWeight(n=128, k=256, 4-bit, g128, torch.bfloat16, cpu)"
+    with pytest.raises(UsageError, match="--group-size: group size must be one of"):
+        MarlinWeight(w.qweight, w.scales, bits=4, n=128, k=256, group_size=100)
+    with pytest.raises(ShapeError, match=r"k=200 \(in_features\) is not a multiple of 128"):
+        MarlinWeight(w.qweight, w.scales, bits=4, n=128, k=200, group_size=-1)
+
+
+def test_quantlinear_packed_follows_its_buffers():
+    layer = QuantLinear.from_weight(torch.randn(64, 128).to(torch.bfloat16), 8, 128)
+    w = layer.packed
+    assert isinstance(w, MarlinWeight) and (w.bits, w.n, w.k, w.group_size) == (8, 64, 128, 128)
+    assert w.qweight is layer.qweight and w.scales is layer.scales
+    layer.to(torch.float16)  # buffers cast like any module's (qweight stays int32)
+    assert layer.packed.scales.dtype == torch.float16 and layer.packed.qweight.dtype == torch.int32
+    again = QuantLinear(layer.packed)
+    assert torch.equal(again.dequantized_weight(), layer.dequantized_weight())
 
 
 # ---- Loader ----------------------------------------------------------------------------------------------------------

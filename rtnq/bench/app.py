@@ -1,48 +1,34 @@
 """`rtnq bench` from options to report: validate, pick the device, measure the ceilings, sweep,
 choose and save dispatcher thresholds, time the linear stack, then print / write the results.
 
-Shared by the typer command (`rtnq bench`, rtnq/cli.py) and the typer-free `python -m rtnq.bench`
-(for GPU machines that have torch but not rtnq's CLI dependencies).
+Shared by the typer command (`rtnq bench`, rtnq/cli/bench.py) and the typer-free `python -m rtnq.bench`
+(for GPU machines that have torch but not rtnq's CLI dependencies); both build `Options` from the one
+table in options.py. torch and rtnq.runtime are imported inside `run`, so importing this module is cheap.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from rtnq.errors import CheckpointError, UsageError
+from rtnq import dtypes, params
+from rtnq.bench.options import Options
+from rtnq.errors import CheckpointError, RtnqError, UsageError
+
+if TYPE_CHECKING:
+    from rtnq.checkpoint.manifest import Manifest
 
 STACK_BATCHES = (1, 16, 64)
-DEFAULT_BATCHES = "1,16,64,256,1024"
-
-
-@dataclass
-class Options:
-    out_dir: Path | None = None
-    synthetic: str | None = None
-    batches: str = DEFAULT_BATCHES
-    dtype: str | None = None  # None: the checkpoint's dtype, bf16 for --synthetic
-    bits: str | None = None  # --synthetic only; default "4"
-    group_size: int | None = None  # --synthetic only; default 128
-    device: str = "cuda"
-    json: bool = False
-    plot: Path | None = None
-    save_dispatch: bool = True
-    stack: bool = True
-    shapes: str | None = None
-    peers: bool = True
-    checks: bool = True
-    quick: bool = False  # fewer samples (smoke runs); the JSON says so
 
 
 def _validate(o: Options) -> None:
+    """Every value check of the options (the parsers only convert types), so both entry points say the same."""
     if o.device not in ("cuda", "cpu"):
         raise UsageError(f"--device must be cuda or cpu, got {o.device!r}")
-    if o.dtype is not None and o.dtype not in ("bf16", "fp16"):
-        raise UsageError(f"--dtype must be bf16 or fp16, got {o.dtype!r}")
+    params.check(dtype=o.dtype)
     if o.out_dir is None and o.synthetic is None:
         raise UsageError("give a converted checkpoint directory OUT, or --synthetic MODEL (e.g. llama-3.1-8b)")
     if o.out_dir is not None and o.synthetic is not None:
@@ -57,7 +43,7 @@ def _validate(o: Options) -> None:
             raise UsageError(f"--plot {o.plot}: directory {Path(o.plot).parent} does not exist")
 
 
-def _checkpoint_entries(out_dir: Path) -> tuple[Any, dict, list[str], str | None]:
+def _checkpoint_entries(out_dir: Path) -> tuple[Manifest, dict[str, tuple[int, int, int, int]], list[str], str | None]:
     from rtnq.checkpoint import manifest as manifest_mod
 
     m = manifest_mod.read(out_dir)
@@ -71,25 +57,16 @@ def _checkpoint_entries(out_dir: Path) -> tuple[Any, dict, list[str], str | None
     if not entries:
         raise CheckpointError(f"{out_dir}: the manifest lists no 2-D quantized linear to benchmark")
     dt = str(m.defaults.get("dtype", "bfloat16"))
-    dtype = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16"}.get(dt)
+    row = dtypes.BY_NAME.get(dt) or dtypes.BY_SHORT.get(dt)
+    dtype = row.short if row is not None and row.short in dtypes.SIXTEEN_BIT else None  # else: --dtype's default
     return m, entries, skipped, dtype
 
 
-def dispatch_file(dispatch: Any) -> str:
-    for attr in ("dispatch_file", "dispatch_path", "path", "default_path"):
-        fn = getattr(dispatch, attr, None)
-        if callable(fn):
-            try:
-                return str(fn())
-            except Exception:  # noqa: BLE001
-                pass
-    return os.environ.get("RTNQ_DISPATCH_FILE") or str(Path.home() / ".cache" / "rtnq" / "dispatch.json")
+def save_thresholds(thresholds: list[dict], gpu: str, dtype: str, used: list[dict], save: bool, source: str) -> None:
+    """Write each chosen threshold pair with rtnq.runtime.dispatch.save_thresholds (per GPU name, bits and
+    dtype); record in each entry where it went, or why not."""
+    from rtnq.runtime import dispatch
 
-
-def save_thresholds(thresholds: list[dict], dispatch: Any, gpu: str, dtype: str, used: list[dict],
-                    save: bool, source: str) -> None:
-    """Write each chosen threshold pair with the runtime's dispatch.save_thresholds (per GPU name,
-    bits and dtype); record in each entry where it went, or why not."""
     for t in thresholds:
         t["used_before"] = next((u for u in used if u.get("bits") == t["bits"]), None)
         if not t.get("chosen"):
@@ -100,8 +77,8 @@ def save_thresholds(thresholds: list[dict], dispatch: Any, gpu: str, dtype: str,
         try:
             written = dispatch.save_thresholds(gpu, t["bits"], dtype, t["small_m_max"], t["tensor_core_max"],
                                                source=source)
-            t["saved"] = str(written) if isinstance(written, (str, Path)) else dispatch_file(dispatch)
-        except Exception as e:  # noqa: BLE001 - a failed write is reported with the results
+            t["saved"] = str(written)
+        except (RtnqError, OSError) as e:  # a failed write is reported with the results
             t["not_saved"] = f"{type(e).__name__}: {e}"
 
 
@@ -117,10 +94,9 @@ def run(o: Options, printer: Any, stdout: TextIO) -> dict:
     model = None
     if o.synthetic is not None:
         model = sh.synthetic_model(o.synthetic)
-        bits = sh.parse_int_list(o.bits or "4", "--bits", allowed=(4, 8))
+        bits = sh.parse_int_list(o.bits or "4", "--bits", allowed=params.BITS)
         group_size = 128 if o.group_size is None else o.group_size
-        if group_size not in (32, 64, 128, -1):
-            raise UsageError(f"--group-size must be 32, 64, 128 or -1 (channelwise), got {group_size}")
+        params.check(group_size=group_size)
         groups = sh.synthetic_groups(model, bits, group_size)
         dtype = o.dtype or "bf16"
         source = f"synthetic {model.name}"
@@ -136,26 +112,25 @@ def run(o: Options, printer: Any, stdout: TextIO) -> dict:
             notes.append(f"--dtype {dtype}: the checkpoint's {ck_dtype} scales were cast to {dtype} for timing")
     groups = sh.filter_groups(groups, o.shapes)
 
-    from rtnq.bench import backends, harness, timing
+    from rtnq.bench import backends, device, harness, timing, weights
     from rtnq.errors import KernelUnavailable
+    from rtnq.runtime import dispatch
 
     if o.device == "cuda":
-        problem = backends.cuda_problem()
+        problem = device.cuda_problem()
         if problem:
             raise KernelUnavailable(problem)
-    rt = backends.load_runtime(o.device)
-    if rt.missing:
-        notes.append(f"CPU reference path without rtnq.runtime: {rt.missing}")
+    rt = device.load_runtime(o.device)
     env = environment(o.device, rt)
     tstamp = stamp(env)
-    forced = os.environ.get("RTNQ_FORCE_PATH")
+    forced = os.environ.get(dispatch.ENV_FORCE)
     if forced:
-        env["RTNQ_FORCE_PATH"] = forced
+        env[dispatch.ENV_FORCE] = forced
         notes.append(f"RTNQ_FORCE_PATH={forced} is set: 'auto' (and the rtnq linear stack) ran the {forced} path only")
     printer.line(f"rtnq bench: {source}, {len(groups)} shapes, M = {','.join(map(str, batches))}, {dtype}, "
                  f"device {o.device}" + (" (CPU reference path: plumbing check, not GPU speed)" if o.device == "cpu" else ""))
 
-    torch_dtype = backends.DTYPES[dtype]  # backends imports torch
+    torch_dtype = dtypes.BY_SHORT[dtype].torch
     printer.line("measuring copy bandwidth and matmul rate ...", "dim")
     ceilings = timing.measure_ceilings(o.device, torch_dtype, quick=o.quick)
     if o.device == "cuda":
@@ -168,17 +143,18 @@ def run(o: Options, printer: Any, stdout: TextIO) -> dict:
     used = []
     # dispatch keys use the library's name for the GPU (cudaDeviceProp.name, as torch reports it too)
     gpu_key = str(rt.device_info.get("name") or env.get("gpu"))
-    if o.device == "cuda" and rt.dispatch is not None:
+    if o.device == "cuda":
         for b in bits:
             try:
-                th = rt.dispatch.load_thresholds(gpu_key, b, dtype)
+                th = dispatch.load_thresholds(gpu_key, b, dtype)
                 used.append({"bits": b, "small_m_max": th.small_m_max, "tensor_core_max": th.tensor_core_max,
                              "measured": th.measured})
-            except Exception as e:  # noqa: BLE001 - reported; the sweep does not depend on it
+            except RtnqError as e:  # an unreadable dispatch file is reported; the sweep does not depend on it
                 used.append({"bits": b, "error": f"{type(e).__name__}: {e}"})
 
-    backend = backends.TorchBackend(o.device, dtype, rt, model=model, out_dir=o.out_dir, manifest=manifest,
-                                    checks=o.checks, peers=o.peers, log=lambda s: printer.line(s, "dim"))
+    checkpoint = None if manifest is None else weights.Checkpoint(Path(o.out_dir), manifest)
+    backend = backends.TorchBackend(o.device, dtype, model=model, checkpoint=checkpoint, checks=o.checks,
+                                    peers=o.peers, log=lambda s: printer.line(s, "dim"))
     t0 = time.time()
     records = harness.sweep(groups, backend, timer, ceilings, settings, progress=lambda s: printer.line(s, "dim"))
     for r in records:
@@ -188,7 +164,7 @@ def run(o: Options, printer: Any, stdout: TextIO) -> dict:
     thresholds: list[dict] = []
     if o.device == "cuda":
         thresholds = harness.choose_thresholds(records)
-        save_thresholds(thresholds, rt.dispatch, gpu_key, dtype, used, o.save_dispatch,
+        save_thresholds(thresholds, gpu_key, dtype, used, o.save_dispatch,
                         source=f"rtnq bench {source} M={','.join(map(str, batches))} git {env['git']} "
                                f"{time.strftime('%Y-%m-%d')}")
         for t in thresholds:

@@ -10,9 +10,12 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from rtnq.errors import UsageError
+
+if TYPE_CHECKING:  # device.py imports torch; this module must not at import time
+    from rtnq.bench.device import RuntimeInfo
 
 SCHEMA = "rtnq-bench/1"
 STAMP_KEYS = ("device", "gpu", "driver", "cuda", "torch", "abi_version", "git")
@@ -60,7 +63,7 @@ def rtnq_version() -> str:
         return "unknown"
 
 
-def environment(device: str, runtime: Any) -> dict:
+def environment(device: str, runtime: RuntimeInfo) -> dict:
     import torch
 
     env: dict[str, Any] = {
@@ -70,13 +73,13 @@ def environment(device: str, runtime: Any) -> dict:
         "python": platform.python_version(),
         "rtnq": rtnq_version(),
         "git": git_revision(),
-        "abi_version": getattr(runtime, "abi_version", None),
-        "runtime": "rtnq.runtime" if getattr(runtime, "missing", None) is None else runtime.missing,
+        "abi_version": runtime.abi_version,
+        "runtime": "rtnq.runtime",
     }
     if device == "cuda":
         idx = torch.cuda.current_device()
         props = torch.cuda.get_device_properties(idx)
-        info = dict(getattr(runtime, "device_info", {}) or {})
+        info = dict(runtime.device_info)
         smi = nvidia_smi()
         env.update(
             gpu=torch.cuda.get_device_name(idx),
@@ -84,9 +87,9 @@ def environment(device: str, runtime: Any) -> dict:
             sm_count=props.multi_processor_count,
             l2_bytes=getattr(props, "L2_cache_size", None),
             memory_bytes=props.total_memory,
-            # the NVIDIA driver release (nvidia-smi, e.g. 580.159.04); the runtime's device_info() may also
-            # carry the CUDA driver API version (e.g. 13000), kept under device_info
-            driver=(smi or {}).get("driver_version") or info.get("driver") or info.get("driver_version"),
+            # the NVIDIA driver release (nvidia-smi, e.g. 580.159.04); without nvidia-smi, the CUDA driver API
+            # version the library reports (e.g. 13000), which device_info also keeps
+            driver=(smi or {}).get("driver_version") or info.get("driver_version"),
             device_info=info,
             nvidia_smi_before=smi,
         )

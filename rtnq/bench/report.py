@@ -24,7 +24,8 @@ ACT_BYTES = 2  # fp16 / bf16 activations and outputs
 # zero per group); "int8_channel": int8 values + one 16-bit scale per output channel.
 FORMATS = ("marlin", "dense16", "tinygemm", "int8_channel")
 
-# The three paths rtnq's dispatcher chooses between, in the order the thresholds cut the M axis.
+# The three paths rtnq's dispatcher chooses between, in the order the thresholds cut the M axis: the
+# runtime's dispatch.PATHS (not imported: rtnq.runtime imports torch; tests/test_bench.py pins the two equal).
 PATHS = ("small_m", "tensor_core", "dequant")
 
 
@@ -283,15 +284,6 @@ def select_thresholds(costs: Mapping[int, Mapping[str, float | None]]) -> Thresh
     tc_max = max(tc_max, small_max)
     lower = sum(min(c(m, p) for p in PATHS) for m in ms)
     return ThresholdChoice(small_max, tc_max, reached, total, lower)
-
-
-def pick_path(m: int, small_m_max: int, tensor_core_max: int) -> str:
-    """The path thresholds send M to (mirrors the runtime's choose_path, for the report)."""
-    if m <= small_m_max:
-        return "small_m"
-    if m <= tensor_core_max:
-        return "tensor_core"
-    return "dequant"
 
 
 # ---------------------------------------------------------------------------------- stack floor

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Protocol
 
+from rtnq import dtypes
 from rtnq.bench.report import Ceilings
 
 Call = Callable[[int], Any]
@@ -255,4 +256,5 @@ def _wall_ms(fn: Callable[[], Any], warmup: int, n: int) -> list[float]:
 
 
 def _dtype_name(dtype: Any) -> str:
-    return {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(dtype), str(dtype))
+    row = dtypes.BY_NAME.get(str(dtype).removeprefix("torch."))
+    return row.label if row is not None else str(dtype)

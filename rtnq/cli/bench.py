@@ -1,14 +1,20 @@
-"""`rtnq bench`: time the quantized linears on the CUDA runtime (rtnq.bench does the work)."""
+"""`rtnq bench`: time the quantized linears on the CUDA runtime (rtnq.bench does the work).
+
+The command's parameters are not written out here: they are generated from the one option table,
+rtnq.bench.options.Options, which also builds `python -m rtnq.bench`'s argparse parser, so the two
+entry points cannot drift apart. Errors go through rtnq.cli.main's boundary like every command's.
+"""
 
 from __future__ import annotations
 
+import inspect
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 
-from rtnq.cli.app import JsonOpt, app, err
-from rtnq.cli.output import parse_dtype
+from rtnq.bench.options import SUMMARY, Options, Spec, specs
+from rtnq.cli.app import app, err
 
 BENCH_EXAMPLES = """
 Examples:
@@ -21,35 +27,27 @@ Examples:
 """
 
 
-@app.command(epilog=BENCH_EXAMPLES)
-def bench(
-    out_dir: Annotated[Optional[str], typer.Argument(help="Converted checkpoint directory (omit with --synthetic).", show_default=False)] = None,
-    batch: Annotated[str, typer.Option("--batch", help="Batch sizes M to time (comma list).")] = "1,16,64,256,1024",
-    dtype: Annotated[Optional[str], typer.Option(callback=parse_dtype, help="Activations: bf16 or fp16 (default: the checkpoint's; bf16 with --synthetic).")] = None,
-    json_out: JsonOpt = False,
-    plot: Annotated[Optional[str], typer.Option("--plot", help="Write speedup vs batch size per shape to this PNG (needs matplotlib).")] = None,
-    synthetic: Annotated[Optional[str], typer.Option("--synthetic", help="Random weights of a real model's shapes: llama-3.1-8b, llama-3.1-70b, llama-3.2-1b, llama-3.2-3b, tiny.")] = None,
-    bits: Annotated[Optional[str], typer.Option("--bits", help="With --synthetic: 4, 8 or 4,8 (default 4).")] = None,
-    group_size: Annotated[Optional[int], typer.Option("--group-size", help="With --synthetic: 32, 64, 128 (default) or -1.")] = None,
-    device: Annotated[str, typer.Option("--device", help="cuda, or cpu: the CPU reference path, to check the plumbing (every figure labelled CPU).")] = "cuda",
-    save_dispatch: Annotated[bool, typer.Option("--save-dispatch/--no-save-dispatch", help="Write the measured dispatcher thresholds for this GPU (GPU runs only).")] = True,
-    stack: Annotated[bool, typer.Option("--stack/--no-stack", help="Also time one forward of all linears at M = 1, 16, 64.")] = True,
-    shapes: Annotated[Optional[str], typer.Option("--shapes", help="Only these shapes (comma list of names, e.g. o,gate_up).")] = None,
-    peers: Annotated[bool, typer.Option("--peers/--no-peers", help="Also time PyTorch's int4 (tinygemm) and int8 kernels.")] = True,
-    quick: Annotated[bool, typer.Option("--quick", help="Fewer samples per point (smoke runs).")] = False,
-) -> None:
-    """Time the quantized linears against cuBLAS and the GPU's measured copy bandwidth and matmul rate."""
-    from pathlib import Path
+def _parameter(spec: Spec) -> inspect.Parameter:
+    """One typer parameter from a row of the option table."""
+    if spec.flag is None:
+        info: Any = typer.Argument(help=spec.help, metavar=spec.metavar, show_default=False)
+    elif spec.negatable:
+        info = typer.Option("/".join(spec.flags), help=spec.help)
+    else:
+        info = typer.Option(spec.flag, help=spec.help)
+    return inspect.Parameter(spec.name, inspect.Parameter.KEYWORD_ONLY, default=spec.default,
+                             annotation=Annotated[spec.annotation, info])
 
-    from rtnq.bench.app import Options, run
+
+def bench(**values: Any) -> None:
+    from rtnq.bench.app import run
     from rtnq.bench.output import RichPrinter
 
-    run(
-        Options(out_dir=Path(out_dir) if out_dir else None, synthetic=synthetic, batches=batch, dtype=dtype,
-                bits=bits, group_size=group_size, device=device, json=json_out, plot=Path(plot) if plot else None,
-                save_dispatch=save_dispatch, stack=stack, shapes=shapes, peers=peers, quick=quick),
-        RichPrinter(err),
-        sys.stdout,
-    )
+    run(Options(**values), RichPrinter(err), sys.stdout)
 
 
+# typer reads a command's parameters from its signature; this one is the table's.
+bench.__signature__ = inspect.Signature([_parameter(s) for s in specs()])  # type: ignore[attr-defined]
+bench.__annotations__ = {p.name: p.annotation for p in bench.__signature__.parameters.values()}  # type: ignore[attr-defined]
+bench.__doc__ = SUMMARY
+app.command(epilog=BENCH_EXAMPLES)(bench)

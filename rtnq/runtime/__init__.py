@@ -8,6 +8,9 @@ the reference path (unpack + dequantize + matmul). See docs/RUNTIME.md.
     from rtnq.runtime import QuantLinear, load_checkpoint
     ckpt = load_checkpoint("out/llama-rtnq", device="cuda")
     y = ckpt.linears["model.layers.0.mlp.down_proj"](x)
+
+A layer's packed weight travels as one checked value, MarlinWeight (weight.py): ops.gemm(x, weight),
+ops.dequantize(weight), QuantLinear(weight), layer.packed.
 """
 
 from __future__ import annotations
@@ -15,5 +18,6 @@ from __future__ import annotations
 from rtnq.runtime import dispatch, library, loader, ops
 from rtnq.runtime.loader import LoadedCheckpoint, load_checkpoint
 from rtnq.runtime.quant_linear import QuantLinear
+from rtnq.runtime.weight import MarlinWeight
 
-__all__ = ["QuantLinear", "LoadedCheckpoint", "load_checkpoint", "dispatch", "library", "loader", "ops"]
+__all__ = ["MarlinWeight", "QuantLinear", "LoadedCheckpoint", "load_checkpoint", "dispatch", "library", "loader", "ops"]

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rtnq import dtypes, params
 from rtnq.errors import RtnqError, UsageError
 
 VERSION = 1
@@ -40,15 +41,8 @@ DEFAULT_SMALL_M_MAX = 4
 DEFAULT_TENSOR_CORE_MAX = 1024
 PATHS = ("small_m", "tensor_core", "dequant")
 
-_DTYPE_NAMES = {
-    "bf16": "bfloat16",
-    "bfloat16": "bfloat16",
-    "torch.bfloat16": "bfloat16",
-    "fp16": "float16",
-    "float16": "float16",
-    "half": "float16",
-    "torch.float16": "float16",
-}
+# torch's alias for float16 ("half"); every other spelling comes from the dtype table (rtnq.dtypes).
+_TORCH_ALIASES = {"half": "float16"}
 
 
 @dataclass(frozen=True)
@@ -69,10 +63,11 @@ DEFAULT = Thresholds(DEFAULT_SMALL_M_MAX, DEFAULT_TENSOR_CORE_MAX, measured=Fals
 
 def dtype_name(dtype: Any) -> str:
     """'bfloat16' or 'float16' for a torch dtype or a spelling of one (bf16, fp16, torch.float16, ...)."""
-    name = _DTYPE_NAMES.get(str(dtype))
-    if name is None:
+    text = str(dtype).removeprefix("torch.")
+    row = dtypes.BY_SHORT.get(text) or dtypes.BY_NAME.get(_TORCH_ALIASES.get(text, text))
+    if row is None or row.short not in dtypes.SIXTEEN_BIT:
         raise UsageError(f"dtype must be bfloat16 or float16, got {dtype}")
-    return name
+    return row.name
 
 
 def dispatch_file() -> Path:
@@ -138,8 +133,7 @@ def save_thresholds(
     small_m_max, tensor_core_max: inclusive upper bounds of m. tensor_core_max <= small_m_max means the
     tensor-core path is never chosen. The file is replaced atomically.
     """
-    if bits not in (4, 8):
-        raise UsageError(f"bits must be 4 or 8, got {bits}")
+    params.check(bits=bits)
     if not gpu_name:
         raise UsageError("gpu_name must not be empty")
     _check_values(small_m_max, tensor_core_max, "save_thresholds")

@@ -24,6 +24,7 @@ from rtnq.numerics import marlin
 from rtnq.checkpoint import manifest as manifest_mod
 from rtnq.errors import CheckpointError, KernelUnavailable, RtnqError
 from rtnq.runtime.quant_linear import QuantLinear
+from rtnq.runtime.weight import MarlinWeight
 
 
 @dataclass
@@ -119,9 +120,7 @@ def load_checkpoint(out_dir: str | Path, device: str | torch.device = "cuda") ->
             continue
         n, k = entry.shape
         try:
-            linears[_module_name(name)] = QuantLinear(
-                qweight, scales, bits=entry.bits, n=n, k=k, group_size=entry.group_size
-            )
+            linears[_module_name(name)] = QuantLinear(MarlinWeight(qweight, scales, entry.bits, n, k, entry.group_size))
         except RtnqError as e:
             raise CheckpointError(f"{root}: {name} does not match its manifest entry: {e}") from None
 

@@ -11,42 +11,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rtnq.numerics import marlin, rtn
+from rtnq import params
 from rtnq.errors import ShapeError, UsageError
+from rtnq.numerics import marlin, rtn
 from rtnq.runtime import dispatch, ops
+from rtnq.runtime.weight import MarlinWeight
 
 
 class QuantLinear(nn.Module):
     """y = x @ W^T + bias with W stored as RTN codes and scales in the Marlin layout.
 
-    qweight: int32 (k/16, 2n) for 4-bit or (k/16, 4n) for 8-bit.  scales: float16/bfloat16 (k/group_size, n),
-    or (1, n) for channelwise (group_size -1), Marlin-permuted; the activation dtype on CUDA.
-    bias: optional (n,).  n = out_features (multiple of 64), k = in_features (multiple of 128).
-    Both tensors are registered as buffers, so .to(device) moves them and state_dict() saves them.
+    weight: a MarlinWeight (its docstring gives the tensors' dtypes, shapes and layout); on CUDA its scales
+    must have the activation dtype.  bias: optional (n,).  The weight's two tensors are registered as buffers
+    `qweight` and `scales`, so .to(device) moves them and state_dict() saves them; `packed` gives them back
+    as a MarlinWeight.
     """
 
-    def __init__(
-        self,
-        qweight: torch.Tensor,
-        scales: torch.Tensor,
-        *,
-        bits: int,
-        n: int,
-        k: int,
-        group_size: int,
-        bias: torch.Tensor | None = None,
-    ) -> None:
+    def __init__(self, weight: MarlinWeight, *, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        ops.check_weights(qweight, scales, bits, n, k, group_size)
-        if bias is not None and tuple(bias.shape) != (n,):
-            raise ShapeError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-        self.bits = bits
-        self.in_features = k
-        self.out_features = n
-        self.group_size = group_size
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", scales)
+        if not isinstance(weight, MarlinWeight):
+            raise UsageError(f"QuantLinear takes a rtnq.runtime.MarlinWeight, got {type(weight).__name__}")
+        if bias is not None and tuple(bias.shape) != (weight.n,):
+            raise ShapeError(f"bias must have shape ({weight.n},), got {tuple(bias.shape)}")
+        self.bits = weight.bits
+        self.in_features = weight.k
+        self.out_features = weight.n
+        self.group_size = weight.group_size
+        self.register_buffer("qweight", weight.qweight)
+        self.register_buffer("scales", weight.scales)
         self.register_buffer("bias", bias)
+
+    @property
+    def packed(self) -> MarlinWeight:
+        """The layer's weight over its current buffers (wherever .to() moved them).
+
+        Named `packed`, not `weight`: code that walks modules expects `.weight` to be a float tensor.
+        """
+        return MarlinWeight(self.qweight, self.scales, self.bits, self.out_features, self.in_features, self.group_size)
 
     @classmethod
     def from_weight(
@@ -66,24 +67,24 @@ class QuantLinear(nn.Module):
         if w_nk.dim() != 2:
             raise ShapeError(f"expected a 2-D (n, k) weight, got shape {tuple(w_nk.shape)}")
         n, k = w_nk.shape
-        rtn.check_params(bits, group_size)
+        params.check(bits, group_size)
+        # Before the quantize pass: a shape Marlin cannot hold fails here with the shape rule's reason,
+        # not later inside marlin.pack.
         reason = marlin.check_shape(n, k, group_size)
         if reason:
             raise ShapeError(f"cannot pack this weight for the Marlin kernels: {reason}")
         codes, scales = rtn.quantize(w_nk.detach().cpu(), bits, group_size, dtype=dtype)
-        qweight, scales_p = marlin.pack(codes, scales, bits)
-        return cls(qweight, scales_p, bits=bits, n=n, k=k, group_size=group_size, bias=bias)
+        return cls(MarlinWeight.pack(codes, scales, bits, group_size), bias=bias)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the layer computes with: (n, k) in the scales' dtype, on the layer's device.
 
         CUDA: the library's dequantize kernel. CPU: marlin.unpack + rtn.dequantize. Bit-identical.
         """
-        n, k = self.out_features, self.in_features
+        w = self.packed
         if self.qweight.is_cuda:
-            return ops.dequantize(self.qweight, self.scales, bits=self.bits, n=n, k=k, group_size=self.group_size)
-        codes, scales_ng = marlin.unpack(self.qweight, self.scales, self.bits, n, k)
-        return rtn.dequantize(codes, scales_ng, self.bits, self.group_size)
+            return ops.dequantize(w)
+        return w.reference_dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., k) -> (..., n). CUDA: x must have the scales' dtype. CPU: any float dtype, result in x.dtype."""
@@ -94,10 +95,7 @@ class QuantLinear(nn.Module):
         if x2.is_cuda:
             if x2.dtype != self.scales.dtype:
                 raise UsageError(f"input is {x2.dtype} but the layer's scales are {self.scales.dtype}; cast the input")
-            y = ops.gemm(
-                x2, self.qweight, self.scales, bits=self.bits, n=self.out_features, k=self.in_features,
-                group_size=self.group_size, path=dispatch.forced_path() or "auto",
-            )
+            y = ops.gemm(x2, self.packed, path=dispatch.forced_path() or "auto")
             if self.bias is not None:
                 y = y.add_(self.bias.to(y.dtype))
         else:

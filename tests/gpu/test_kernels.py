@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from rtnq.numerics import marlin, rtn
-from rtnq.runtime import QuantLinear, library, load_checkpoint, ops
+from rtnq.runtime import MarlinWeight, QuantLinear, library, load_checkpoint, ops
 
 M_LIST = [1, 2, 3, 7, 16, 17, 33, 64, 65, 255, 1024, 1500]
 PATHS = ["small_m", "tensor_core", "dequant"]
@@ -60,21 +60,18 @@ def random_scales(bits: int, n: int, k: int, group: int, dtype, seed: int = 0):
 
 
 class Case:
-    """One weight: codes, scales and the packed tensors on the GPU plus the reference W (n, k)."""
+    """One weight: the packed MarlinWeight on the GPU plus the reference W (n, k)."""
 
     def __init__(self, bits, n, k, group, dtype, ref_on_gpu=False, seed=0):
         self.bits, self.n, self.k, self.group, self.dtype = bits, n, k, group, dtype
         codes, qweight = packed_codes(bits, n, k, seed)
         scales = random_scales(bits, n, k, group, dtype, seed)
-        self.qweight = qweight.to(dev())
-        self.scales = marlin.permute_scales(scales.t().contiguous()).to(dev())
+        self.weight = MarlinWeight(qweight.to(dev()), marlin.permute_scales(scales.t().contiguous()).to(dev()),
+                                   bits=bits, n=n, k=k, group_size=group)
         if ref_on_gpu:
             self.w_ref = rtn.dequantize(codes.to(dev()), scales.to(dev()), bits, group)
         else:
             self.w_ref = rtn.dequantize(codes, scales, bits, group).to(dev())
-
-    def kw(self):
-        return dict(bits=self.bits, n=self.n, k=self.k, group_size=self.group)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -90,7 +87,7 @@ def assert_workspace_clean():
 
 def run_gemm(case: Case, x: torch.Tensor, path: str) -> torch.Tensor:
     out = torch.full((x.shape[0], case.n), float("nan"), dtype=x.dtype, device=x.device)
-    res = ops.gemm(x, case.qweight, case.scales, path=path, out=out, **case.kw())
+    res = ops.gemm(x, case.weight, path=path, out=out)
     assert res.data_ptr() == out.data_ptr()
     return out
 
@@ -143,7 +140,7 @@ def test_dequantize_bit_exact_small(bits, dtype, group, k, n):
     case = Case(bits, n, k, group, dtype)
     for layout in ("nk", "kn"):
         out = torch.full((n, k) if layout == "nk" else (k, n), float("nan"), dtype=dtype, device=dev())
-        ops.dequantize(case.qweight, case.scales, layout=layout, out=out, **case.kw())
+        ops.dequantize(case.weight, layout=layout, out=out)
         got = out if layout == "nk" else out.t()
         assert torch.equal(got.view(torch.int16), case.w_ref.view(torch.int16)), layout
 
@@ -178,7 +175,7 @@ def test_realistic_shapes(bits, k, n):
         for group in (128, -1):
             case = Case(bits, n, k, group, dtype, ref_on_gpu=n * k > CPU_REF_MAX)
             for layout in ("nk", "kn"):
-                got = ops.dequantize(case.qweight, case.scales, layout=layout, **case.kw())
+                got = ops.dequantize(case.weight, layout=layout)
                 got = got if layout == "nk" else got.t()
                 assert torch.equal(got.view(torch.int16), case.w_ref.view(torch.int16)), (dtype, group, layout)
                 del got
@@ -200,7 +197,7 @@ def test_small_m_is_bit_identical_to_host_emulation(bits, dtype, group, m):
     out = run_gemm(case, x, "small_m")
     splits, rows = ops.plan("small_m", m, n, k, bits=bits, group_size=group, dtype=dtype)
     assert splits >= 1 and rows in (1, 2, 4, 8)
-    xc, qc, sc = x.cpu(), case.qweight.cpu(), case.scales.cpu()
+    xc, qc, sc = x.cpu(), case.weight.qweight.cpu(), case.weight.scales.cpu()
     host = torch.full((m, n), float("nan"), dtype=dtype)
     status = ref.rtnq_host_gemm_small_m(xc.data_ptr(), qc.data_ptr(), sc.data_ptr(), host.data_ptr(), m, n, k, bits,
                                         group, library.BFLOAT16 if dtype == torch.bfloat16 else library.FLOAT16, splits)
@@ -243,12 +240,12 @@ def test_non_contiguous_and_offset_inputs():
     x = big[:, ::2]  # non-contiguous
     ref = x.double() @ case.w_ref.double().t()
     for path in PATHS:
-        assert rel_err(ops.gemm(x, case.qweight, case.scales, path=path, **case.kw()), ref) < 1e-3
+        assert rel_err(ops.gemm(x, case.weight, path=path), ref) < 1e-3
     flat = torch.randn(1 + 5 * 512, device=dev()).to(torch.float16)
     x = flat[1:].view(5, 512)  # 2-byte offset: not 16-byte aligned, ops copies it
     ref = x.double() @ case.w_ref.double().t()
     for path in PATHS:
-        assert rel_err(ops.gemm(x, case.qweight, case.scales, path=path, **case.kw()), ref) < 1e-3
+        assert rel_err(ops.gemm(x, case.weight, path=path), ref) < 1e-3
 
 
 def test_side_stream_and_cuda_graph():
@@ -265,12 +262,12 @@ def test_side_stream_and_cuda_graph():
     for p in expected:
         capture.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(capture):  # warm-up outside capture: the stream's workspace, smem attributes
-            ops.gemm(x, case.qweight, case.scales, path=p, **case.kw())
+            ops.gemm(x, case.weight, path=p)
         capture.synchronize()
         out = torch.empty(24, 1024, dtype=torch.bfloat16, device=dev())
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, stream=capture):
-            ops.gemm(x, case.qweight, case.scales, path=p, out=out, **case.kw())
+            ops.gemm(x, case.weight, path=p, out=out)
         for _ in range(3):
             out.fill_(float("nan"))
             graph.replay()
@@ -338,3 +335,36 @@ def test_huge_m_stays_correct_on_small_m_path():
     ref = x.double() @ case.w_ref.double().t()
     assert rel_err(run_gemm(case, x, "small_m"), ref) < 1e-3
     assert rel_err(run_gemm(case, x, "tensor_core"), ref) < 1e-3
+
+
+# ---- rtnq bench on the GPU ---------------------------------------------------------------------------------------------
+
+
+def test_bench_times_every_path_and_checks_it(tmp_path):
+    # `python -m rtnq.bench` end to end on the GPU (tiny shapes, few samples): every rtnq path runs through
+    # ops.gemm on MarlinWeight copies, computes the right result, and the chosen thresholds are written.
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "RTNQ_DISPATCH_FILE": str(tmp_path / "dispatch.json")}
+    env.pop("RTNQ_FORCE_PATH", None)
+    p = subprocess.run([sys.executable, "-m", "rtnq.bench", "--synthetic", "tiny", "--bits", "4,8", "--batch", "1,16",
+                        "--quick", "--json"], capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads(p.stdout)
+    assert doc["env"]["device"] == "cuda" and doc["env"]["abi_version"] == library.ABI_VERSION
+    recs = doc["records"]
+    shapes_m = {(r["shape"], r["m"]) for r in recs}
+    ours = [r for r in recs if r["role"] == "rtnq"]
+    assert {(r["variant"], r["bits"], r["shape"], r["m"]) for r in ours} == {
+        (f"rtnq:{p}", b, s, m) for p in ("small_m", "tensor_core", "dequant", "auto") for b in (4, 8) for s, m in shapes_m}
+    assert all(r["check"] == "ok" and r["time_us"] > 0 for r in ours), [r for r in ours if r["check"] != "ok"][:3]
+    for peer, bits in (("tinygemm", 4), ("int8pack", 8)):  # listed at every point: timed and right, or why not
+        got = [r for r in recs if r["variant"] == peer]
+        assert {(r["shape"], r["m"]) for r in got} == shapes_m and all(r["bits"] == bits for r in got)
+        assert all((r["time_us"] and r["check"] == "ok") or r.get("unavailable") for r in got)
+    assert [t["bits"] for t in doc["thresholds"]] == [4, 8]
+    assert all(t["saved"] == str(tmp_path / "dispatch.json") for t in doc["thresholds"])
+    assert all(s["time_ms"] and s["time_ms"] > 0 for s in doc["stack"]), doc["stack"]
