@@ -1,4 +1,4 @@
-"""The one dtype table: safetensors, torch, numpy and CLI spellings of every dtype rtnq reads or writes.
+"""The one dtype table: safetensors, torch and CLI spellings of every dtype rtnq reads or writes.
 
 Torch-free at import (selection and planning never need torch); `DType.torch` imports it on first use.
 

@@ -101,7 +101,7 @@ def test_manifest_agrees_with_the_files(converted):
 def test_verify_passes_then_fails_on_a_flipped_byte(llama, converted, tmp_path):
     ok = run("verify", converted, "--against", llama)
     assert ok.code == 0, ok.err
-    assert f"all {len(mf.read(converted).tensors)} tensors match" in ok.err
+    assert f"all {len(mf.read(converted).tensors)} tensors match" in ok.out
     import shutil
 
     broken = tmp_path / "broken"
@@ -120,7 +120,7 @@ def test_verify_passes_then_fails_on_a_flipped_byte(llama, converted, tmp_path):
 def test_inspect_table_and_json(converted):
     r = run("inspect", converted)
     assert r.code == 0
-    assert "int8" in r.err and "int4" in r.err and "bits per weight" in r.err
+    assert "int8" in r.out and "int4" in r.out and "bits per weight" in r.out
     j = run("inspect", converted, "--json")
     assert json.loads(j.out)["version"] == 3 and j.err == ""
 
@@ -185,7 +185,7 @@ def test_dry_run_writes_nothing_and_predicts_the_size(llama, converted, tmp_path
     plan = json.loads(r.out)
     assert plan["totals"]["bytes_out"] == sum(p.stat().st_size for p in converted.glob("*.safetensors"))
     human = run("convert", llama, out, "--dry-run")
-    assert "dry run" in human.err and not out.exists()
+    assert "dry run" in human.out and not out.exists()
 
 
 def test_convert_json_summary(llama, tmp_path):

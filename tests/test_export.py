@@ -109,14 +109,20 @@ def test_gptq_config(exports):
 
 # ------------------------------------------------------------------------------------- compressed-tensors bytes
 
-def test_compressed_tensorsload_tensors(exports):
+def test_compressed_tensors_tensors_are_the_gptq_tensors_transposed(exports):
+    """Every tensor of the compressed-tensors export: each quantized weight is weight_packed / weight_scale (the
+    GPTQ qweight / scales transposed) and weight_shape; everything else is the source tensor unchanged."""
     src, outs = exports
     source, out = load_tensors(src), load_tensors(outs["compressed-tensors"])
     gptq = load_tensors(outs["gptq"])
     m = _manifest(outs["compressed-tensors"])
     assert m["format"] == "compressed-tensors"
+    expected = set()
+    checked = {4: 0, 8: 0}
     for name, e in m["tensors"].items():
         if e["kind"] != "quantized":
+            assert torch.equal(out[name], source[name]), name
+            expected.add(name)
             continue
         p = name.removesuffix(".weight")
         n, k = e["shape"]
@@ -124,6 +130,10 @@ def test_compressed_tensorsload_tensors(exports):
         assert torch.equal(out[f"{p}.weight_packed"], gptq[f"{p}.qweight"].t())  # FORMATS.md 6.3
         assert torch.equal(out[f"{p}.weight_scale"], gptq[f"{p}.scales"].t())
         assert set(e["outputs"]) == {"weight_packed", "weight_scale", "weight_shape"}
+        expected |= {f"{p}.weight_packed", f"{p}.weight_scale", f"{p}.weight_shape"}
+        checked[e["bits"]] += 1
+    assert checked == {4: 7, 8: 6}
+    assert set(out) == expected
     assert "lm_head.weight" in out and torch.equal(out["lm_head.weight"], source["lm_head.weight"])
 
 
@@ -322,8 +332,8 @@ def test_verify_and_inspect_every_format(exports, fmt):
     r = run("inspect", outs[fmt], "--json")
     assert r.code == 0 and json.loads(r.out)["format"] == ("rtnq-marlin" if fmt == "marlin" else fmt)
     r = run("inspect", outs[fmt])
-    assert r.code == 0 and "format:" in r.err
-    assert "tensor parallel (Marlin shape rules per rank): TP2 ok" in r.err
+    assert r.code == 0 and "format:" in r.out
+    assert "tensor parallel (Marlin shape rules per rank): TP2 ok" in r.out
 
 
 @pytest.mark.parametrize("fmt,role", [("gptq", "qzeros"), ("gptq", "g_idx"), ("compressed-tensors", "weight_shape")])
@@ -427,7 +437,7 @@ def test_every_run_prints_the_tp_summary(exports, tmp_path):
     src, _ = exports
     r = run("convert", src, tmp_path / "o", "--format", "compressed-tensors")
     assert r.code == 0
-    line = [x for x in r.err.splitlines() if x.startswith("tensor parallel")]
+    line = [x for x in r.out.splitlines() if x.startswith("tensor parallel")]
     assert line and "TP2 ok" in line[0] and "TP4" in line[0] and "TP8:" in line[0] and "--dry-run --tp 8" in line[0]
     totals = _manifest(tmp_path / "o")["totals"]
     assert totals["tp_failures"]["2"] == 0 and totals["tp_failures"]["8"] > 0

@@ -1,4 +1,4 @@
-"""Streaming safetensors writer and atomic output directories.
+"""Streaming safetensors writer: every byte at an offset planned before the first one is written.
 
 The safetensors library has no streaming writer (it wants every tensor in memory at once), so rtnq
 writes the format itself: an 8-byte little-endian header length, a JSON header padded with spaces to

@@ -8,7 +8,8 @@ import typer
 from rich.markup import escape
 
 from rtnq.cli.app import JsonOpt, app, err
-from rtnq.cli.output import emit_json, parse_bits, parse_dtype, parse_format, parse_group, parse_tp, print_summary, print_totals, split_list, tp_summary
+from rtnq.cli.app import out as results  # `out` is the OUT argument here
+from rtnq.cli.output import emit_json, parse_bits, parse_dtype, parse_format, parse_group, parse_tp, print_line, print_summary, print_totals, split_list, tp_summary, warn
 from rtnq.errors import Interrupted
 
 CONVERT_EXAMPLES = """
@@ -41,18 +42,23 @@ def convert(
     json_out: JsonOpt = False,
 ) -> None:
     """Quantize SRC with round-to-nearest into Marlin-packed INT4/INT8 and write OUT with a manifest."""
+    degrees = parse_tp(tp)  # a usage error before torch is imported
     from rtnq.commands import convert as conv
 
-    options = conv.Options(
+    options = conv.ConvertOptions(
         bits=bits, group_size=group_size, keep_int8=split_list(keep_int8), skip=split_list(skip),
-        dtype=dtype, strict=strict, force=force, tp=parse_tp(tp), format=fmt, dry_run=dry_run,
+        dtype=dtype, strict=strict, force=force, tp=degrees, format=fmt, dry_run=dry_run,
     )
     plan = conv.make_plan(src, out, options)
     for w in plan.warnings:
-        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+        warn(w)
+    # The TP line belongs to the summary (stdout), except under --json, where stdout is JSON only.
+    summary_console = err if json_out else results
     if dry_run:
         _print_plan(plan, json_out)
-        err.print(tp_summary(plan.precision.tp_failures), highlight=False, soft_wrap=True)
+        # The plan just listed the failing tensors for the --tp degrees: no hint to run it again.
+        listed = () if json_out else plan.options.tp
+        print_line(tp_summary(plan.selection.tp_failures, listed), summary_console)
         return
     try:
         result = _run_with_progress(conv, plan)
@@ -64,7 +70,7 @@ def convert(
                     **result.manifest.to_json()["totals"]})
     else:
         print_summary(result)
-    err.print(tp_summary(plan.precision.tp_failures), highlight=False, soft_wrap=True)
+    print_line(tp_summary(plan.selection.tp_failures), summary_console)
 
 
 def _run_with_progress(conv, plan):
@@ -92,31 +98,35 @@ def _print_plan(plan, json_out: bool) -> None:
              "reason": i.decision.reason, "outputs": [e.name for e in i.outputs], "shard": i.out_shard}
             for i in plan.items
         ]
-        tp = {str(d): [{"name": n, "why": why} for n, why in plan.precision.tp_failures[d]]
+        tp = {str(d): [{"name": n, "why": why} for n, why in plan.selection.tp_failures[d]]
               for d in plan.options.tp}
-        emit_json({"dry_run": True, "format": plan.options.format, "totals": t, "rules": plan.precision.rules,
-                    "warnings": plan.precision.warnings, "tensors": tensors, "tp": tp})
+        emit_json({"dry_run": True, "format": plan.options.format, "totals": t, "rules": plan.selection.rules,
+                    "warnings": plan.manifest_warnings, "tensors": tensors, "tp": tp})
         return
     from rich.table import Table
 
-    table = Table(title=f"plan: {plan.src} -> {plan.out}, format {plan.options.format} (dry run, nothing written)")
-    for col in ("tensor", "shape", "becomes", "why"):
+    # Names and rules are user data (brackets would read as markup); "fold" keeps a long name whole
+    # on a narrow terminal instead of cutting it with an ellipsis.
+    table = Table(title=escape(f"plan: {plan.src} -> {plan.out}, format {plan.options.format} (dry run, nothing written)"))
+    table.add_column("tensor", overflow="fold")
+    for col in ("shape", "becomes", "why"):
         table.add_column(col)
     for i in plan.items:
         d = i.decision
         becomes = f"int{d.bits} g{d.group_size}" if d.kind == "quantized" else i.spec.dtype.lower()
-        table.add_row(i.spec.name, "x".join(map(str, i.spec.shape)), becomes, d.rule if d.kind == "quantized" else (d.reason or ""))
-    err.print(table)
+        why = d.rule if d.kind == "quantized" else (d.reason or "")
+        table.add_row(escape(i.spec.name), "x".join(map(str, i.spec.shape)), becomes, escape(why))
+    results.print(table)
     for d in plan.options.tp:
-        fails = plan.precision.tp_failures[d]
+        fails = plan.selection.tp_failures[d]
         if not fails:
             continue
         tp_table = Table(title=f"tensor parallel {d}: quantized tensors that fail the Marlin shape rules per rank")
-        tp_table.add_column("tensor")
+        tp_table.add_column("tensor", overflow="fold")
         tp_table.add_column("why")
         for name, why in fails:
-            tp_table.add_row(name, why)
-        err.print(tp_table)
+            tp_table.add_row(escape(name), escape(why))
+        results.print(tp_table)
     print_totals(t)
 
 

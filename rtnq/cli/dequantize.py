@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from rtnq.cli.app import JsonOpt, app, err
-from rtnq.cli.output import emit_json
+from rtnq.cli.output import emit_json, print_line
 from rtnq.errors import Interrupted
 
 @app.command()
@@ -39,8 +39,8 @@ def dequantize(
         emit_json(summary)
         return
     by_bits = ", ".join(f"{c} INT{b}" for b, c in sorted(result.bits.items()))
-    err.print(f"dequantized {result.modules} {plan.method} modules ({by_bits}), copied {len(plan.passthrough)} "
-              f"tensors, in {result.seconds:.2f} s", highlight=False)
-    err.print(f"wrote {plan.out}", highlight=False)
+    print_line(f"dequantized {result.modules} {plan.method} modules ({by_bits}), copied {len(plan.passthrough)} "
+               f"tensors, in {result.seconds:.2f} s")
+    print_line(f"wrote {plan.out}")
 
 

@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from rtnq.cli.app import JsonOpt, app, err
-from rtnq.cli.output import emit_json, print_totals, tp_summary
+from rtnq.cli.app import JsonOpt, app, err, out
+from rtnq.cli.output import emit_json, print_line, print_totals, tp_summary, warn
+
 
 @app.command()
 def inspect(
@@ -20,23 +21,25 @@ def inspect(
     from rtnq.checkpoint import manifest as mf
     from rtnq.commands import precision_map
 
+    if plot:
+        from rtnq.commands import plotting
+
+        plotting.pyplot()  # a missing matplotlib fails here, before any table is printed
     m = mf.read(out_dir)
     if json_out:
         emit_json(m.to_json())
     else:
-        err.print(f"format: {m.format} (manifest version {m.version})", highlight=False)
+        print_line(f"format: {m.format} (manifest version {m.version})")
         _print_precision_map(precision_map.build(m))
         for w in m.warnings:
-            err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
+            warn(w)
         print_totals(m.totals)
         tp = m.totals.get("tp_failures")  # absent in manifests written before rtnq recorded it
         if tp:
-            err.print(tp_summary({int(t): [None] * c for t, c in tp.items()}), highlight=False, soft_wrap=True)
+            print_line(tp_summary({int(t): [None] * c for t, c in tp.items()}))
     if plot:
-        from rtnq.commands import plotting
-
         plotting.precision_map_png(precision_map.build(m), plot)
-        err.print(f"wrote {plot}", highlight=False)
+        print_line(f"wrote {plot}", err if json_out else out)  # stdout holds only the JSON under --json
 
 
 _STYLE = {"int4": "green", "int8": "yellow"}
@@ -45,25 +48,23 @@ _STYLE = {"int4": "green", "int8": "yellow"}
 def _print_precision_map(pm) -> None:
     from rich.table import Table
 
-    table = Table(title="precision by layer and module")
-    table.add_column("layer", justify="right")
     from rtnq.commands.precision_map import short_names
 
+    table = Table(title="precision by layer and module")
+    table.add_column("layer", justify="right")
     for header in short_names(pm.modules):
-        table.add_column(header)
+        table.add_column(escape(header), overflow="fold")
     for layer in pm.layers:
         row = [str(layer)]
         for module in pm.modules:
             v = pm.cells.get((layer, module), "")
-            row.append(f"[{_STYLE[v]}]{v}[/]" if v in _STYLE else v)
+            row.append(f"[{_STYLE[v]}]{v}[/]" if v in _STYLE else escape(v))
         table.add_row(*row)
-    err.print(table)
+    out.print(table)
     if pm.other:
         other = Table(title="outside the blocks")
-        other.add_column("tensor")
+        other.add_column("tensor", overflow="fold")
         other.add_column("precision")
         for name, v in pm.other.items():
-            other.add_row(name, v)
-        err.print(other)
-
-
+            other.add_row(escape(name), escape(v))
+        out.print(other)

@@ -1,12 +1,18 @@
-"""Option parsing callbacks and output helpers shared by the commands."""
+"""Option parsing callbacks and output helpers shared by the commands.
+
+Everything printed here is a result and goes to `out` (stdout); warnings go to `err` via `warn`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
-from rtnq.cli.app import err
+from rtnq.cli.app import err, out
+
 
 def split_list(values: Optional[list[str]]) -> list[str]:
     """Options may repeat and hold comma lists: --keep-int8 layers.0,mlp --keep-int8 o."""
@@ -38,12 +44,13 @@ def parse_format(value: str) -> str:
 
 
 def parse_tp(value: Optional[str]) -> list[int]:
+    # Called in the command body, not as a click callback, so click cannot name the option itself.
     try:
         degrees = [int(x) for x in (value or "").split(",") if x.strip()]
     except ValueError:
-        raise typer.BadParameter("must be a comma list of integers, e.g. 2,4,8") from None
+        raise typer.BadParameter("must be a comma list of integers, e.g. 2,4,8", param_hint="--tp") from None
     if any(d < 1 for d in degrees):
-        raise typer.BadParameter("degrees must be >= 1")
+        raise typer.BadParameter("degrees must be >= 1", param_hint="--tp")
     return degrees
 
 
@@ -58,16 +65,30 @@ def gb(n: int) -> str:
     return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
-def tp_summary(failures: dict[int, list]) -> str:
-    """One line on every run: which tensor-parallel degrees keep every quantized tensor Marlin-loadable."""
+def tp_summary(failures: dict[int, list], listed: Sequence[int] = ()) -> str:
+    """One line on every run: which tensor-parallel degrees keep every quantized tensor Marlin-loadable.
+
+    `listed`: degrees whose failing tensors this run already printed (convert --dry-run --tp); the
+    hint to run that command is only given for the others.
+    """
     parts = []
     for t, fails in sorted(failures.items()):
         parts.append(f"TP{t} ok" if not fails else f"TP{t}: {len(fails)} quantized tensors fail")
     line = "tensor parallel (Marlin shape rules per rank): " + ", ".join(parts)
-    bad = [t for t, f in sorted(failures.items()) if f]
-    if bad:
-        line += f" (rtnq convert --dry-run --tp {','.join(map(str, bad))} lists them)"
+    unlisted = [t for t, f in sorted(failures.items()) if f and t not in listed]
+    if unlisted:
+        line += f" (rtnq convert --dry-run --tp {','.join(map(str, unlisted))} lists them)"
     return line
+
+
+def warn(message: str) -> None:
+    # Warnings quote tensor names and selectors, which may hold brackets: never markup.
+    err.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def print_line(text: str, console=None) -> None:
+    """One plain line of result on stdout (or `console`), never wrapped and never read as markup."""
+    (console or out).print(text, highlight=False, soft_wrap=True, markup=False)
 
 
 def print_totals(t: dict, seconds: float | None = None) -> None:
@@ -85,11 +106,11 @@ def print_totals(t: dict, seconds: float | None = None) -> None:
         table.add_row("bits per weight (whole model)", f"{t['model_bits_per_weight']:.4f}")
     if seconds is not None:
         table.add_row("wall time", f"{seconds:.2f} s ({t['bytes_in'] / max(seconds, 1e-9) / 1e9:.2f} GB/s of input)")
-    err.print(table)
+    out.print(table)
 
 
 def print_summary(result) -> None:
     print_totals(result.manifest.totals, result.seconds)
-    err.print(f"wrote {result.plan.out}", highlight=False)
+    print_line(f"wrote {result.plan.out}")
 
 

@@ -6,7 +6,8 @@ from typing import Annotated
 
 import typer
 
-from rtnq.cli.app import app, err
+from rtnq.cli.app import app
+from rtnq.cli.output import print_line
 
 @app.command()
 def sample(
@@ -34,6 +35,6 @@ def sample(
     spec = synthetic.SampleSpec(hidden=hidden, intermediate=intermediate, layers=layers, vocab=vocab,
                               shards=shards, dtype=dtype, tied=tied, odd_linear=odd_linear)
     synthetic.write_checkpoint(out_dir, spec)
-    err.print(f"wrote {out_dir}", highlight=False)
+    print_line(f"wrote {out_dir}")  # the result, like convert's "wrote OUT": stdout
 
 
