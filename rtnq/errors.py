@@ -6,6 +6,8 @@ code. The table below is the documented contract (README "Exit codes"); tests pi
 
 from __future__ import annotations
 
+import os
+
 
 class RtnqError(Exception):
     """Base class: a failure with a message a user can act on."""
@@ -83,3 +85,14 @@ EXIT_CODES: dict[str, int] = {
         Interrupted,
     )
 }
+
+
+def report(exc: BaseException) -> tuple[str, int] | None:
+    """The error boundary's policy, shared by `rtnq` (rtnq.cli.main) and `python -m rtnq.bench`: the one
+    line to print after "error: " and the exit code, or None when the caller must re-raise (RTNQ_DEBUG=1
+    wants the traceback; an exception rtnq did not raise on purpose is a bug and keeps its traceback)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", Interrupted.exit_code
+    if isinstance(exc, RtnqError) and not os.environ.get("RTNQ_DEBUG"):
+        return str(exc), exc.exit_code
+    return None

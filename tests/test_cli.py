@@ -339,3 +339,16 @@ def test_tp_hint_is_left_off_after_the_command_it_suggests(sample, tmp_path):
     partly = run_process("convert", src, tmp_path / "x", "--dry-run", "--tp", "4")
     (tp_line,) = [line for line in partly.stdout.splitlines() if line.startswith("tensor parallel (")]
     assert tp_line.endswith("(rtnq convert --dry-run --tp 8 lists them)")
+
+
+def test_error_boundary_policy(monkeypatch):
+    """One policy for both entry points (rtnq, python -m rtnq.bench): RtnqError -> its line and code,
+    Ctrl-C -> 130, RTNQ_DEBUG=1 or a non-rtnq exception -> re-raise (None)."""
+    from rtnq import errors
+
+    monkeypatch.delenv("RTNQ_DEBUG", raising=False)
+    assert errors.report(errors.VerifyMismatch("2 tensors differ")) == ("2 tensors differ", 7)
+    assert errors.report(KeyboardInterrupt()) == ("interrupted", 130)
+    assert errors.report(ValueError("bug")) is None
+    monkeypatch.setenv("RTNQ_DEBUG", "1")
+    assert errors.report(errors.UsageError("x")) is None

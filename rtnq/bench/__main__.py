@@ -8,11 +8,10 @@ its exit_code from rtnq.errors (3 = no GPU / no CUDA library), Ctrl-C -> 130, RT
 
 from __future__ import annotations
 
-import os
 import sys
 
+from rtnq import errors
 from rtnq.bench import options
-from rtnq.errors import RtnqError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,14 +21,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(opts, default_printer(), sys.stdout)
-    except RtnqError as e:
-        if os.environ.get("RTNQ_DEBUG"):
+    except (errors.RtnqError, KeyboardInterrupt) as e:
+        reported = errors.report(e)
+        if reported is None:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        print(f"error: {reported[0]}", file=sys.stderr)
+        return reported[1]
     return 0
 
 

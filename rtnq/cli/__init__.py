@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import importlib
-import os
 import sys
 
 import typer
@@ -20,7 +19,7 @@ from rich.markup import escape
 # Importing a command module registers it on `app`; the order here is the order of `rtnq --help`.
 from rtnq.cli import convert, inspect, verify, dequantize, sample, bench  # noqa: F401,E402
 from rtnq.cli.app import app, err, out  # noqa: F401  (rtnq.cli.err/out: the two consoles, for tests)
-from rtnq.errors import RtnqError
+from rtnq.errors import RtnqError, report
 
 # click's exception classes, from wherever this typer takes click: recent typer vendors a copy
 # (typer._click), older typer uses the click package. typer.BadParameter is public in both.
@@ -39,10 +38,11 @@ def main() -> None:
         # closing the pipe, `rtnq inspect OUT | head`, typer still handles: silent exit 1.)
         # prog_name: `python -m rtnq.cli` is the same program; its messages say `rtnq`.
         code = app(standalone_mode=False, prog_name="rtnq")
-    except RtnqError as e:
-        if os.environ.get("RTNQ_DEBUG"):
+    except (RtnqError, KeyboardInterrupt) as e:
+        reported = report(e)
+        if reported is None:
             raise
-        _error(str(e), e.exit_code)
+        _error(*reported)
     except NoArgsIsHelp:
         # Bare `rtnq`: click printed the help while building this error; exit 2 as before.
         sys.exit(2)
@@ -50,7 +50,7 @@ def main() -> None:
         _error(_usage_message(e), e.exit_code)
     except click_exc.ClickException as e:
         _error(e.format_message(), e.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
+    except typer.Abort:
         _error("interrupted", 130)
     # Outside a command, click reports a Ctrl-C as exit code 130 (typer turns KeyboardInterrupt into
     # Exit(130)); every other code here is --help's 0 or a command's None.
