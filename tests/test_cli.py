@@ -136,21 +136,19 @@ def test_dequantize_and_sample_results_on_stdout(long_model, tmp_path):
     assert p.returncode == 0 and p.stderr == "" and p.stdout.strip() == f"wrote {tmp_path / 's'}"
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
-def test_progress_on_a_terminal_stderr_leaves_stdout_whole(long_model, tmp_path):
-    """`rtnq convert SRC OUT > log` in a 50-column terminal: the progress bar is drawn on the terminal
-    (stderr), while the log gets the summary at full width and no escape codes."""
+def _with_terminal_stderr(*args) -> tuple[int, str, str]:
+    """Run `rtnq ARGS` with stderr on a 50-column pseudo-terminal and stdout on a pipe:
+    (exit code, stdout, what the terminal showed)."""
     import fcntl
     import pty
     import struct
     import termios
 
-    src, _, _, _ = long_model
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 50, 0, 0))
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "FORCE_COLOR", "NO_COLOR")}
     env["TERM"] = "xterm-256color"
-    proc = subprocess.Popen([sys.executable, "-m", "rtnq.cli", "convert", src, tmp_path / "o", "--dry-run"],
+    proc = subprocess.Popen([sys.executable, "-m", "rtnq.cli", *map(str, args)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env)
     os.close(slave)
     chunks: list[bytes] = []
@@ -171,26 +169,23 @@ def test_progress_on_a_terminal_stderr_leaves_stdout_whole(long_model, tmp_path)
     proc.wait()
     reader.join()
     os.close(master)
-    terminal = b"".join(chunks).decode()
-    assert proc.returncode == 0, terminal
+    return proc.returncode, stdout, b"".join(chunks).decode()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_progress_on_a_terminal_stderr_leaves_stdout_whole(long_model, tmp_path):
+    """`rtnq convert SRC OUT > log` in a 50-column terminal: the progress bar is drawn on the terminal
+    (stderr), while the log gets the summary at full width and no escape codes."""
+    src, _, _, _ = long_model
+    code, stdout, terminal = _with_terminal_stderr("convert", src, tmp_path / "o", "--dry-run")
+    assert code == 0, terminal
     _plain(stdout)
     assert EMBED in stdout and "summary" in stdout
     assert "warning" in terminal and "summary" not in terminal
 
     # A real conversion draws its progress bar there too.
-    master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "rtnq.cli", "convert", src, tmp_path / "o"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env)
-    os.close(slave)
-    chunks.clear()
-    reader = threading.Thread(target=drain)
-    reader.start()
-    stdout = proc.stdout.read().decode()
-    proc.wait()
-    reader.join()
-    os.close(master)
-    terminal = b"".join(chunks).decode()
-    assert proc.returncode == 0, terminal
+    code, stdout, terminal = _with_terminal_stderr("convert", src, tmp_path / "o")
+    assert code == 0, terminal
     assert "tensors" in terminal and "\x1b[" in terminal  # "0/12 tensors" and the bar's colors
     _plain(stdout)
     assert f"wrote {tmp_path / 'o'}" in stdout
