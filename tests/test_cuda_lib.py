@@ -30,6 +30,12 @@ DATA = Path(__file__).parent / "data"
 P = ctypes.c_void_p
 FAKE = 0x10000  # a 16-byte aligned address that is never dereferenced (no device present)
 
+# Every test here needs a library that nvcc builds (librtnq_cuda.so or librtnq_emu.so), or reads the header it is
+# built from. With RTNQ_REQUIRE_CUDA_BUILD=1 (scripts/test.sh after make) a skip here fails the run (conftest.py).
+pytestmark = pytest.mark.nvcc
+# The no-GPU tests skip on a machine with a GPU even when the library is built; that skip alone is allowed.
+NO_GPU = pytest.mark.nvcc(allow_skip="a GPU is present")
+
 
 @pytest.fixture(scope="module")
 def lib():
@@ -197,6 +203,7 @@ def test_choose_path_agrees_with_python_dispatcher(lib):
 # ---- No GPU: every entry reports RTNQ_ERR_NO_DEVICE with a reason ----------------------------------------------
 
 
+@NO_GPU
 def test_device_queries_without_gpu(no_gpu):
     lib = no_gpu
     n = ctypes.c_int32(7)
@@ -217,6 +224,7 @@ def _gemm_args(m=4, n=128, k=256, bits=4, group=128, dtype=library.BFLOAT16, ws_
     return [P(FAKE), P(FAKE), P(FAKE), P(FAKE), m, n, k, bits, group, dtype, P(FAKE), ws, None]
 
 
+@NO_GPU
 @pytest.mark.parametrize("entry", ["rtnq_gemm_small_m", "rtnq_gemm_tensor_core"])
 @pytest.mark.parametrize("bits,group,dtype", [(4, 128, 1), (8, -1, 0), (4, 32, 0), (8, 64, 1)])
 def test_gemm_without_gpu_reports_no_device(no_gpu, entry, bits, group, dtype):
@@ -229,6 +237,7 @@ def test_gemm_without_gpu_reports_no_device(no_gpu, entry, bits, group, dtype):
         library.check(status, entry)
 
 
+@NO_GPU
 @pytest.mark.parametrize("layout", [library.LAYOUT_KN, library.LAYOUT_NK])
 def test_dequantize_without_gpu_reports_no_device(no_gpu, layout):
     lib = no_gpu
@@ -237,6 +246,7 @@ def test_dequantize_without_gpu_reports_no_device(no_gpu, layout):
     assert last_error(lib)
 
 
+@NO_GPU
 def test_plan_without_gpu_reports_no_device(no_gpu):
     lib = no_gpu
     s, r = ctypes.c_int32(), ctypes.c_int32()

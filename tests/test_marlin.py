@@ -107,8 +107,11 @@ def test_shape_errors_name_sizes_and_rule():
     with pytest.raises(ShapeError, match="int32"):
         marlin.unpack(torch.zeros(8, 64, dtype=torch.int32), torch.zeros(1, 64), 4, 64, 128)
     assert marlin.check_shape(64, 128, 128) is None
-    assert "k=384 is not a multiple of the group size" not in (marlin.check_shape(64, 384, 128) or "")
-    assert "multiple of the group size 256" in (marlin.check_shape(64, 384, 256) or "")
+    assert marlin.check_shape(64, 384, 128) is None  # 384 = 3 groups of 128
+    assert marlin.check_shape(64, 384, -1) is None  # channelwise: any k that is a multiple of 128
+    assert marlin.check_shape(64, 384, 256) == "k=384 is not a multiple of the group size 256"
+    assert marlin.check_shape(96, 128, 128) == "n=96 (out_features) is not a multiple of 64"
+    assert marlin.check_shape(64, 192, -1) == "k=192 (in_features) is not a multiple of 128"
 
 
 @pytest.mark.parametrize("n", [32, 64, 96, 128])
