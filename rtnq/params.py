@@ -1,7 +1,7 @@
 """The quantization parameters a user can choose, checked in one place (torch-free).
 
-The CLI, the planner, the quantizer and the runtime all call `check`, so the accepted values and the
-wording of the error are the same wherever a bad value comes in.
+The CLI's option callbacks, the planner, the quantizer and the runtime all ask `problem` (or `check`),
+so the accepted values and the wording of the error are the same wherever a bad value comes in.
 """
 
 from __future__ import annotations
@@ -12,15 +12,27 @@ from rtnq.errors import UsageError
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128, -1)  # -1: one group per row ("channelwise")
 
+_ALLOWED = {  # option -> (accepted values, how the error says them)
+    "--bits": (BITS, "4 or 8"),
+    "--group-size": (GROUP_SIZES, "32, 64, 128 or -1 (channelwise)"),
+    "--dtype": (dtypes.SIXTEEN_BIT, "bf16 or fp16"),
+}
+
+
+def problem(option: str, value) -> str | None:
+    """'must be ..., got X' when `value` is not accepted for `option` (--bits, --group-size, --dtype)."""
+    accepted, text = _ALLOWED[option]
+    if value in accepted and not isinstance(value, bool):
+        return None
+    return f"must be {text}, got {value}"
+
 
 def check(bits: int | None = None, group_size: int | None = None, dtype: str | None = None) -> None:
     """UsageError for a value outside the supported set; None arguments are not checked."""
-    if bits is not None and (bits not in BITS or isinstance(bits, bool)):
-        raise UsageError(f"--bits: bits must be 4 or 8, got {bits}")
-    if group_size is not None and (group_size not in GROUP_SIZES or isinstance(group_size, bool)):
-        raise UsageError(f"--group-size: group size must be one of 32, 64, 128 or -1 (channelwise), got {group_size}")
-    if dtype is not None and dtype not in dtypes.SIXTEEN_BIT:
-        raise UsageError(f"--dtype: dtype must be bf16 or fp16, got {dtype}")
+    for option, value in (("--bits", bits), ("--group-size", group_size), ("--dtype", dtype)):
+        why = None if value is None else problem(option, value)
+        if why:
+            raise UsageError(f"{option}: {why}")
 
 
 def effective_group(k: int, group_size: int) -> int:

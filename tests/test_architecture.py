@@ -24,8 +24,9 @@ ALLOWED = {
     "rtnq.checkpoint": BASE | {"rtnq.numerics", "rtnq.formats"},
     "rtnq.synthetic": BASE | {"rtnq.checkpoint"},
     "rtnq.commands": BASE | {"rtnq.numerics", "rtnq.selection", "rtnq.formats", "rtnq.checkpoint"},
-    "rtnq.runtime": BASE | {"rtnq.numerics", "rtnq.formats", "rtnq.checkpoint"},
-    "rtnq.bench": BASE | {"rtnq.numerics", "rtnq.formats", "rtnq.checkpoint", "rtnq.runtime", "rtnq.synthetic"},
+    "rtnq.runtime": BASE | {"rtnq.numerics", "rtnq.selection", "rtnq.formats", "rtnq.checkpoint"},
+    "rtnq.bench": BASE | {"rtnq.numerics", "rtnq.selection", "rtnq.formats", "rtnq.checkpoint", "rtnq.runtime",
+                          "rtnq.synthetic"},
     "rtnq.cli": BASE | {"rtnq.numerics", "rtnq.selection", "rtnq.formats", "rtnq.checkpoint", "rtnq.commands",
                         "rtnq.runtime", "rtnq.bench", "rtnq.synthetic"},
 }

@@ -117,9 +117,9 @@ def test_nan_or_inf_is_an_error_naming_the_tensor(bad):
 
 def test_bad_parameters_and_shapes():
     w = _weights(torch.bfloat16)
-    with pytest.raises(UsageError, match="bits"):
+    with pytest.raises(UsageError, match="--bits: must be 4 or 8, got 3"):
         rtn.quantize(w, 3, 128)
-    with pytest.raises(UsageError, match="group size"):
+    with pytest.raises(UsageError, match=r"--group-size: must be 32, 64, 128 or -1 \(channelwise\), got 100"):
         rtn.quantize(w, 4, 100)
     with pytest.raises(ShapeError, match="k=200"):
         rtn.quantize(_weights(torch.bfloat16, (64, 200)), 4, 128)

@@ -141,7 +141,7 @@ def test_save_rejects_bad_values(dispatch_file, bad):
 
 
 def test_save_rejects_bad_keys(dispatch_file):
-    with pytest.raises(UsageError, match="bits must be 4 or 8"):
+    with pytest.raises(UsageError, match="--bits: must be 4 or 8, got 3"):
         dispatch.save_thresholds("G", 3, "bf16", 1, 2)
     with pytest.raises(UsageError, match="dtype must be bfloat16 or float16"):
         dispatch.save_thresholds("G", 4, torch.float32, 1, 2)
@@ -260,7 +260,7 @@ def test_quantlinear_shape_errors():
         MarlinWeight(layer.qweight, layer.scales.float(), bits=4, n=64, k=128, group_size=128)
     with pytest.raises(ShapeError, match=r"bias must have shape \(64,\)"):
         QuantLinear(layer.packed, bias=torch.zeros(3))
-    with pytest.raises(UsageError, match="bits must be 4 or 8"):
+    with pytest.raises(UsageError, match="--bits: must be 4 or 8, got 3"):
         MarlinWeight(layer.qweight, layer.scales, bits=3, n=64, k=128, group_size=128)
     with pytest.raises(UsageError, match="QuantLinear takes a rtnq.runtime.MarlinWeight, got Tensor"):
         QuantLinear(layer.qweight)
@@ -338,7 +338,7 @@ def test_marlin_weight_is_a_checked_frozen_value():
     assert h.scales.dtype == torch.float16 and h.qweight is w.qweight and (h.n, h.k, h.bits) == (128, 256, 4)
     assert w.to("cpu").device == torch.device("cpu")
     assert repr(w) == "MarlinWeight(n=128, k=256, 4-bit, g128, torch.bfloat16, cpu)"
-    with pytest.raises(UsageError, match="--group-size: group size must be one of"):
+    with pytest.raises(UsageError, match="--group-size: must be 32, 64, 128 or -1"):
         MarlinWeight(w.qweight, w.scales, bits=4, n=128, k=256, group_size=100)
     with pytest.raises(ShapeError, match=r"k=200 \(in_features\) is not a multiple of 128"):
         MarlinWeight(w.qweight, w.scales, bits=4, n=128, k=200, group_size=-1)

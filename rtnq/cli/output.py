@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
+from rtnq import formats, params
 from rtnq.cli.app import err, out
 
 
@@ -19,27 +20,28 @@ def split_list(values: Optional[list[str]]) -> list[str]:
     return [part.strip() for v in values or [] for part in v.split(",") if part.strip()]
 
 
-def parse_bits(value: int) -> int:
-    if value not in (4, 8):
-        raise typer.BadParameter("must be 4 or 8")
+def _accepted(option: str, value):
+    why = params.problem(option, value)
+    if why:
+        raise typer.BadParameter(why)
     return value
+
+
+def parse_bits(value: int) -> int:
+    return _accepted("--bits", value)
 
 
 def parse_group(value: int) -> int:
-    if value not in (32, 64, 128, -1):
-        raise typer.BadParameter("must be 32, 64, 128 or -1 (channelwise)")
-    return value
+    return _accepted("--group-size", value)
 
 
 def parse_dtype(value: Optional[str]) -> Optional[str]:
-    if value is not None and value not in ("bf16", "fp16"):
-        raise typer.BadParameter("must be bf16 or fp16")
-    return value
+    return value if value is None else _accepted("--dtype", value)
 
 
 def parse_format(value: str) -> str:
-    if value not in ("marlin", "gptq", "compressed-tensors"):
-        raise typer.BadParameter("must be marlin, gptq or compressed-tensors")
+    if value not in formats.BY_NAME:
+        raise typer.BadParameter(f"must be {', '.join(formats.FORMATS[:-1])} or {formats.FORMATS[-1]}")
     return value
 
 

@@ -23,6 +23,7 @@ from rtnq import formats
 from rtnq.numerics import marlin
 from rtnq.checkpoint import manifest as manifest_mod
 from rtnq.errors import CheckpointError, KernelUnavailable, RtnqError
+from rtnq.selection import names
 from rtnq.runtime.quant_linear import QuantLinear
 from rtnq.runtime.weight import MarlinWeight
 
@@ -56,10 +57,6 @@ def _device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _module_name(source_name: str) -> str:
-    return source_name[: -len(".weight")] if source_name.endswith(".weight") else source_name
-
-
 def load_checkpoint(out_dir: str | Path, device: str | torch.device = "cuda") -> LoadedCheckpoint:
     """Read a converted checkpoint (an HF-style directory with rtnq_manifest.json) onto `device`."""
     from safetensors import safe_open  # imported here: `import rtnq.runtime` must stay light
@@ -83,14 +80,14 @@ def load_checkpoint(out_dir: str | Path, device: str | torch.device = "cuda") ->
             wanted.setdefault(entry.shard, []).append(entry.outputs[key])
 
     loaded: dict[str, torch.Tensor] = {}
-    for shard, names in wanted.items():
+    for shard, tensor_names in wanted.items():
         path = root / shard
         if not path.is_file():
             raise CheckpointError(f"{root}: shard {shard} named in the manifest is missing")
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 present = set(f.keys())
-                for tname in names:
+                for tname in tensor_names:
                     if tname not in present:
                         raise CheckpointError(f"{path}: tensor {tname} named in the manifest is missing")
                     # exports are repacked on the CPU first, then moved
@@ -120,7 +117,7 @@ def load_checkpoint(out_dir: str | Path, device: str | torch.device = "cuda") ->
             continue
         n, k = entry.shape
         try:
-            linears[_module_name(name)] = QuantLinear(MarlinWeight(qweight, scales, entry.bits, n, k, entry.group_size))
+            linears[names.module_name(name)] = QuantLinear(MarlinWeight(qweight, scales, entry.bits, n, k, entry.group_size))
         except RtnqError as e:
             raise CheckpointError(f"{root}: {name} does not match its manifest entry: {e}") from None
 
