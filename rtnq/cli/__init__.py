@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 
 # Importing a command module registers it on `app`; the order here is the order of `rtnq --help`.
-from rtnq.cli import convert, inspect, verify, dequantize, sample, bench  # noqa: F401,E402
+from rtnq.cli import convert, inspect, verify, dequantize, eval, sample, bench  # noqa: F401,E402
 from rtnq.cli.app import app, err, out  # noqa: F401  (rtnq.cli.err/out: the two consoles, for tests)
 from rtnq.errors import RtnqError, report
 

@@ -107,23 +107,7 @@ def make_plan(src: str | Path, out: str | Path, force: bool = False) -> Dequanti
     src_dir = layout.resolve(src)
     out_dir = Path(out)
     check_output_location(src_dir, out_dir, force)
-    cfg = _config(src_dir)
-    q = _qconfig(cfg, src_dir)
-    method = q["quant_method"]
-    specs = scan(src_dir)
-    by_name = {s.name: s for s in specs}
-    with Reader(src_dir) as reader:
-        if method == "gptq":
-            modules = _gptq_modules(q, by_name, reader)
-        elif method == "compressed-tensors":
-            modules = _ct_modules(q, by_name, reader)
-        else:
-            manifest = mf.read(src_dir)
-            if manifest.format != formats.MARLIN.manifest_name:
-                raise CheckpointError(f"{src_dir}: manifest format {manifest.format} but quant_method rtnq")
-            modules = _marlin_modules(manifest, by_name)
-    if not modules:
-        raise CheckpointError(f"{src_dir}: {method} config but no quantized module found in the tensors")
+    cfg, method, specs, modules = read_modules(src_dir)
     consumed = {s.name for m in modules for s in m.inputs.values()}
     passthrough = [s for s in specs if s.name not in consumed]
     taken = {s.name for s in passthrough}
@@ -142,6 +126,29 @@ def make_plan(src: str | Path, out: str | Path, force: bool = False) -> Dequanti
     dense_cfg = {k: v for k, v in cfg.items() if k not in ("quantization_config", "compression_config")}
     return DequantizePlan(src_dir, out_dir, method, modules, passthrough, list(shard_of_output.items()), dense_cfg,
                           layout.small_files(src_dir), force)
+
+
+def read_modules(src_dir: Path) -> tuple[dict, str, list[TensorSpec], list[Module]]:
+    """config.json, quant_method, every tensor and the quantized modules of a checkpoint; no output
+    involved (make_plan, and rtnq eval, which dequantizes a candidate in memory)."""
+    cfg = _config(src_dir)
+    q = _qconfig(cfg, src_dir)
+    method = q["quant_method"]
+    specs = scan(src_dir)
+    by_name = {s.name: s for s in specs}
+    with Reader(src_dir) as reader:
+        if method == "gptq":
+            modules = _gptq_modules(q, by_name, reader)
+        elif method == "compressed-tensors":
+            modules = _ct_modules(q, by_name, reader)
+        else:
+            manifest = mf.read(src_dir)
+            if manifest.format != formats.MARLIN.manifest_name:
+                raise CheckpointError(f"{src_dir}: manifest format {manifest.format} but quant_method rtnq")
+            modules = _marlin_modules(manifest, by_name)
+    if not modules:
+        raise CheckpointError(f"{src_dir}: {method} config but no quantized module found in the tensors")
+    return cfg, method, specs, modules
 
 
 def _need(by_name: dict[str, TensorSpec], name: str, why: str) -> TensorSpec:
