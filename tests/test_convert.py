@@ -240,3 +240,20 @@ def test_console_script_module_runs_as_a_process(llama, tmp_path):
     assert "layer.0" in p.stderr and "layers.0" in p.stderr  # the close candidate
     assert len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_linear_bits_per_weight_counts_the_linears_left_in_16_bit(tmp_path):
+    """The summary's headline: a linear the shape rule keeps in 16-bit costs 16 bits per weight there, which
+    bits_per_weight (quantized linears only) would hide; norms and embeddings are not linears."""
+    from rtnq.commands import convert
+
+    src = synthetic.write_checkpoint(tmp_path / "src", synthetic.SampleSpec(odd_linear=True))
+    t = convert.totals(convert.make_plan(src, tmp_path / "out", convert.ConvertOptions(dry_run=True)))
+    odd = 96 * 200  # model.layers.0.mlp.odd_proj: n=96 fails n % 64, stays bf16
+    quantized_bits = t["bits_per_weight"] * t["quantized_parameters"]
+    assert t["linear_parameters"] == t["quantized_parameters"] + odd
+    assert t["linear_bits_per_weight"] == pytest.approx((quantized_bits + 16 * odd) / (t["quantized_parameters"] + odd),
+                                                        abs=1e-3)
+    assert t["bits_per_weight"] < t["linear_bits_per_weight"] < 16
+    r = run("convert", src, tmp_path / "out", "--dry-run")
+    assert "all linears in the blocks, 16-bit ones included" in r.out

@@ -98,6 +98,10 @@ def print_totals(t: dict, seconds: float | None = None) -> None:
 
     c = t["tensors"]
     table = Table(show_header=False, title="summary")
+    if t.get("linear_bits_per_weight") is not None:  # absent in manifests written before rtnq recorded it
+        share = t["quantized_parameters"] / t["linear_parameters"]
+        table.add_row("bits per weight (all linears in the blocks, 16-bit ones included)",
+                      f"{t['linear_bits_per_weight']:.4f} ({share:.1%} of their parameters quantized)")
     table.add_row("quantized INT4 / INT8", f"{c['int4']} / {c['int8']} tensors")
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(t["passthrough_reasons"].items()))
     table.add_row("passed through", f"{c['passthrough']} tensors" + (f" ({reasons})" if reasons else ""))

@@ -39,9 +39,13 @@ def totals(plan: ConvertPlan) -> dict:
     counts = {"int4": 0, "int8": 0, "passthrough": 0}
     reasons: dict[str, int] = {}
     n_params = q_params = q_bits = 0
+    lin_params = lin_bits = 0  # every linear inside the blocks, quantized or left in 16-bit
     for item in plan.items:
         n_params += item.spec.numel
         d = item.decision
+        if item.quantized or engine_config.unquantized_linear(d):
+            lin_params += item.spec.numel
+            lin_bits += 8 * sum(e.nbytes for e in item.outputs)
         if item.quantized:
             counts[f"int{d.bits}"] += 1
             q_params += item.spec.numel
@@ -59,6 +63,10 @@ def totals(plan: ConvertPlan) -> dict:
         "bytes_in": plan.bytes_in,
         "bytes_out": plan.bytes_out,
         "bits_per_weight": round(q_bits / q_params, 4) if q_params else None,
+        # The headline: what the linears cost, including those rtnq had to leave in 16-bit (a shape
+        # Marlin cannot hold, --skip), which bits_per_weight alone would hide.
+        "linear_bits_per_weight": round(lin_bits / lin_params, 4) if lin_params else None,
+        "linear_parameters": lin_params,
         "model_bits_per_weight": round(weight_bits / n_params, 4) if n_params else None,
         "tp_failures": {str(t): len(f) for t, f in plan.selection.tp_failures.items()},
     }
