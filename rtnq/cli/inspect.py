@@ -15,7 +15,7 @@ from rtnq.cli.output import emit_json, print_line, print_totals, tp_summary, war
 def inspect(
     out_dir: Annotated[str, typer.Argument(help="A directory written by `rtnq convert`.")],
     json_out: JsonOpt = False,
-    plot: Annotated[Optional[str], typer.Option("--plot", help="Draw the precision map into this PNG file (needs matplotlib).")] = None,
+    plot: Annotated[Optional[str], typer.Option("--plot", help="Draw the precision map and the RTN error per tensor into this PNG file (needs matplotlib).")] = None,
 ) -> None:
     """Show the precision manifest: precision per layer and module, totals and bits per weight."""
     from rtnq.checkpoint import manifest as mf
