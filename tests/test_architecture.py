@@ -32,7 +32,8 @@ ALLOWED = {
 }
 # Modules that must import without torch (planning, selection, the CLI's option checks).
 TORCH_FREE = ["rtnq.errors", "rtnq.dtypes", "rtnq.params", "rtnq.selection.precision", "rtnq.selection.tp",
-              "rtnq.formats", "rtnq.formats.engine_config", "rtnq.checkpoint.layout"]
+              "rtnq.formats", "rtnq.formats.engine_config", "rtnq.checkpoint.layout",
+              "rtnq.cli"]  # `rtnq --help` and the option checks: torch loads inside a command, when needed
 
 
 def _area(module: str) -> str:
