@@ -7,8 +7,8 @@
 
 Shards are finished and fsynced on the write-behind threads (rtnq.checkpoint.pipeline). On success the
 index and the small files are added and the temporary directory is renamed to OUT; on any error
-(Ctrl-C included) the writers stop, `on_abort` runs (e.g. joining a reader thread, so nothing writes
-into the directory while it is removed) and the directory is deleted (rtnq.checkpoint.outdir).
+(Ctrl-C included) the writers stop, the callbacks given to `on_abort` run (e.g. joining a reader thread,
+so nothing touches the directory while it is removed) and the directory is deleted (rtnq.checkpoint.outdir).
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ class ShardedOutput:
         self._shards = shards
         self._metadata = metadata
         self._writers: list[ShardWriter] = []
+        self._cleanups: list[Callable[[], None]] = []
+
+    def on_abort(self, fn: Callable[[], None]) -> None:
+        """Run `fn` if the output fails, after the writers stopped and before the directory is removed
+        (e.g. joining a reader thread, so nothing still touches the files)."""
+        self._cleanups.append(fn)
 
     def shards(self) -> Iterator[tuple[str, ShardWriter]]:
         """(file name, its writer) for each planned shard; once the caller moves on, the shard is
@@ -54,8 +60,7 @@ class ShardedOutput:
 
 @contextlib.contextmanager
 def sharded_output(out: Path, force: bool, shards: list[tuple[str, list[Entry]]], metadata: dict[str, str], *,
-                   stop: threading.Event, src: Path, small_files: Sequence[str] = (),
-                   on_abort: Callable[[], None] | None = None) -> Iterator[ShardedOutput]:
+                   stop: threading.Event, src: Path, small_files: Sequence[str] = ()) -> Iterator[ShardedOutput]:
     with atomic_dir(out, force) as tmp:
         so = ShardedOutput(tmp, shards, metadata, stop)
         try:
@@ -63,8 +68,8 @@ def sharded_output(out: Path, force: bool, shards: list[tuple[str, list[Entry]]]
             so.behind.finish()
         except BaseException:
             so.behind.abort()  # sets `stop`: every thread of the pipeline winds down
-            if on_abort is not None:
-                on_abort()
+            for fn in so._cleanups:
+                fn()
             so.close_files()
             raise
         write_index(tmp, shards, INDEX_NAME)

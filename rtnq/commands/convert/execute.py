@@ -123,36 +123,37 @@ def run(plan: ConvertPlan, progress: Callable[[Progress], None] | None = None) -
     fmt = plan.format
     done_bytes = 0
     stop = threading.Event()
-    with Reader(plan.src) as reader:
+    with Reader(plan.src) as reader, sharded_output(plan.out, plan.options.force, plan.shards, plan.shard_metadata,
+                                                    stop=stop, src=plan.src, small_files=plan.small_files) as so:
+        # The reader thread starts once the output directory exists, and is joined on any failure.
         jobs = [(functools.partial(reader.map_range, item.spec), chunk_ranges(item)) for item in order]
         prefetch = pipeline.Prefetcher(jobs, pipeline.Slots(IN_FLIGHT, stop), stop)
+        so.on_abort(prefetch.join)
         out_pool = pipeline.Pool(OUT_BUFFERS, out_bytes, stop)
-        with sharded_output(plan.out, plan.options.force, plan.shards, plan.shard_metadata, stop=stop,
-                            src=plan.src, small_files=plan.small_files, on_abort=prefetch.join) as so:
-            index = 0
-            for fname, writer in so.shards():
-                for item in by_shard[fname]:
-                    if item.quantized:
-                        q_entry, s_entry, *const_entries = item.outputs
-                        buf, out = out_pool.get_tensors([(q_entry.shape, torch.int32, q_entry.nbytes),
-                                                         (s_entry.shape, item.quant_dtype.torch, s_entry.nbytes)])
-                        rows = prefetch.rows(index, item.spec.torch_dtype, item.spec.shape[-1])
-                        qweight, scales, errors[item.spec.name] = quantize_item(item, rows, out, fmt.layout)
-                        so.behind.submit(writer.write, q_entry.name, qweight)
-                        so.behind.submit(writer.write, s_entry.name, scales, release=functools.partial(out_pool.put, buf))
-                        consts = fmt.constants(item.spec.shape, item.decision.bits, item.decision.group_size)
-                        for entry, value in zip(const_entries, consts, strict=True):
-                            so.behind.submit(writer.write, entry.name, value)
-                    else:
-                        for chunk in prefetch.chunks(index):
-                            so.behind.submit(writer.write_part, item.outputs[0].name, chunk, release=prefetch.release)
-                            del chunk
-                    index += 1
-                    done_bytes += item.spec.nbytes
-                    if progress:
-                        progress(Progress(item.spec.name, index, len(plan.items), done_bytes, plan.bytes_in))
-            prefetch.join()
-            write_config(plan, so.tmp)
-            m = build_manifest(plan, errors)
-            (so.tmp / mf.FILENAME).write_text(m.dumps())
+        index = 0
+        for fname, writer in so.shards():
+            for item in by_shard[fname]:
+                if item.quantized:
+                    q_entry, s_entry, *const_entries = item.outputs
+                    buf, out = out_pool.get_tensors([(q_entry.shape, torch.int32, q_entry.nbytes),
+                                                     (s_entry.shape, item.quant_dtype.torch, s_entry.nbytes)])
+                    rows = prefetch.rows(index, item.spec.torch_dtype, item.spec.shape[-1])
+                    qweight, scales, errors[item.spec.name] = quantize_item(item, rows, out, fmt.layout)
+                    so.behind.submit(writer.write, q_entry.name, qweight)
+                    so.behind.submit(writer.write, s_entry.name, scales, release=functools.partial(out_pool.put, buf))
+                    consts = fmt.constants(item.spec.shape, item.decision.bits, item.decision.group_size)
+                    for entry, value in zip(const_entries, consts, strict=True):
+                        so.behind.submit(writer.write, entry.name, value)
+                else:
+                    for chunk in prefetch.chunks(index):
+                        so.behind.submit(writer.write_part, item.outputs[0].name, chunk, release=prefetch.release)
+                        del chunk
+                index += 1
+                done_bytes += item.spec.nbytes
+                if progress:
+                    progress(Progress(item.spec.name, index, len(plan.items), done_bytes, plan.bytes_in))
+        prefetch.join()
+        write_config(plan, so.tmp)
+        m = build_manifest(plan, errors)
+        (so.tmp / mf.FILENAME).write_text(m.dumps())
     return ConvertResult(plan, m, time.perf_counter() - t0, m.warnings)
