@@ -250,18 +250,22 @@ def _eval_json(*args) -> dict:
 
 @pytest.mark.slow
 def test_peak_rss_does_not_grow_with_depth(tmp_path):
+    """2 vs 16 layers: peak RSS within +10% plus the hidden-state buffers' difference. Each depth runs
+    twice and keeps its lower peak: a peak is only ever pushed up by noise (allocator, threads), by
+    tens of MB at this scale, while holding the extra layers would add 14 x 12.6 MB."""
     sizes = {"hidden": 512, "intermediate": 1536, "vocab": 512, "heads": 4, "kv_heads": 2}
     text = tmp_path / "t.txt"
     text.write_text(_text())
     runs = {}
-    for layers in (2, 8):
+    for layers in (2, 16):
         src = synthetic.write_checkpoint(tmp_path / f"l{layers}", synthetic.SampleSpec(layers=layers, **sizes))
         _add_tokenizer(src, bos=True)
-        runs[layers] = _eval_json(src, "--bits", "4", "--text", text, "--tokens", "128", "--window", "128")
-    small, big = runs[2], runs[8]
+        args = (src, "--bits", "4", "--text", text, "--tokens", "128", "--window", "128")
+        runs[layers] = min((_eval_json(*args) for _ in range(2)), key=lambda r: r["peak_rss_bytes"])
+    small, big = runs[2], runs[16]
     per_layer_fp32 = 4 * (2 * 512 * 512 + 2 * 256 * 512 + 3 * 512 * 1536)
     allowance = 0.10 * small["peak_rss_bytes"] + big["hidden_state_bytes"] - small["hidden_state_bytes"]
-    # Holding the 6 extra layers (even once, in float32) would exceed the allowance: the check can fail.
-    assert 6 * per_layer_fp32 > allowance
+    # Holding the 14 extra layers (even once, in float32) would exceed the allowance: the check can fail.
+    assert 14 * per_layer_fp32 > allowance
     assert big["peak_rss_bytes"] - small["peak_rss_bytes"] < allowance, (small["peak_rss_bytes"],
                                                                         big["peak_rss_bytes"])
