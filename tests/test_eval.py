@@ -10,12 +10,10 @@ import json
 import math
 import random
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from cliutil import run
+from cliutil import run, run_process
 
 from rtnq import synthetic
 
@@ -231,19 +229,9 @@ def test_metric_arithmetic():
     assert capped.exp()[0, 0] == pytest.approx(math.e / (math.e + 1), rel=1e-5)
 
 
-PEAK_RSS = """
-import runpy, sys
-sys.argv = ["rtnq"] + sys.argv[1:]
-try:
-    runpy.run_module("rtnq.cli", run_name="__main__")
-except SystemExit as e:
-    assert not e.code, e.code
-"""
-
-
 def _eval_json(*args) -> dict:
-    p = subprocess.run([sys.executable, "-c", PEAK_RSS, "eval", *map(str, args), "--json"], capture_output=True,
-                       text=True, check=False)
+    """`rtnq eval ARGS --json` in its own process, so the peak RSS it reports is eval's alone."""
+    p = run_process("eval", *args, "--json")
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout)
 
