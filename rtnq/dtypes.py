@@ -57,11 +57,6 @@ FLOATS = ("F16", "BF16", "F32")  # the source dtypes rtnq quantizes
 SIXTEEN_BIT = ("bf16", "fp16")  # the dtypes RTN arithmetic runs in (--dtype)
 
 
-def of_torch(dt) -> DType:
-    """The table row of a torch.dtype (KeyError for one rtnq does not handle)."""
-    return BY_NAME[str(dt).removeprefix("torch.")]
-
-
 def st_of_torch(dt) -> str | None:
     """safetensors spelling of a torch.dtype, None if it has none."""
     d = BY_NAME.get(str(dt).removeprefix("torch."))
