@@ -12,6 +12,10 @@ weight was quantized in); only their arrangement differs, so all three dequantiz
 The first two outputs of each format are the packed codes and the scales, filled by the converter's
 quantizer (rtnq.numerics.fused, in the record's `layout`); the rest are constants of the shape (`constants`).
 
+Shapes: GPTQ and compressed-tensors store the logical (n, k), which is what engines read. The marlin
+format stores shapes its kernels cannot tile padded to `stored_shape` (zero codes, rtnq.numerics.marlin.pad);
+`reference` pads and `unpack` crops, so callers always see logical codes and scales.
+
 One record per format holds every name it goes by: the --format value, the manifest's "format", the
 config's quant_method and the shards' safetensors metadata. Importing this module does not import torch
 (the CLI validates --format with it); the packers are imported when a method needs them.
@@ -22,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from rtnq.numerics.shape_rule import padded
 from rtnq.params import effective_group
 
 if TYPE_CHECKING:
@@ -46,10 +51,17 @@ class Format:
         # "format": "pt" is what transformers' safetensors loader expects of a checkpoint it reads.
         return {"format": "pt", "rtnq_version": rtnq_version, "rtnq_format": self.name}
 
+    def stored_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The (..., n, k) the packed outputs of a weight of `shape` hold: padded for marlin, else `shape`."""
+        if self.name != "marlin":
+            return tuple(shape)
+        *lead, n, k = shape
+        return (*lead, *padded(n, k))
+
     def entries(self, prefix: str, shape: tuple[int, ...], bits: int, group_size: int, scale_dtype: str):
         """(name, safetensors dtype, shape) of each output of the weight `prefix.weight` of `shape`;
         scale_dtype: the safetensors spelling of the 16-bit dtype the weight is quantized in."""
-        *lead, n, k = shape
+        *lead, n, k = self.stored_shape(shape)
         g = effective_group(k, group_size)
         pf = 32 // bits
         sdt = scale_dtype
@@ -77,11 +89,12 @@ class Format:
         return []
 
     def reference(self, codes: torch.Tensor, scales_ng: torch.Tensor, bits: int, group_size: int) -> list[torch.Tensor]:
-        """Every output from rtn.quantize's (codes, scales), with the readable reference packers."""
+        """Every output from rtn.quantize's (codes, scales) of the logical weight, with the readable
+        reference packers (marlin: padded first)."""
         from rtnq.numerics import kpack, marlin
 
         if self.name == "marlin":
-            return list(marlin.pack(codes, scales_ng, bits))
+            return list(marlin.pack(*marlin.pad(codes, scales_ng, bits, group_size), bits))
         if self.name == "gptq":
             packed = [kpack.pack_cols(codes, bits), scales_ng.t().contiguous()]
         else:
@@ -89,12 +102,12 @@ class Format:
         return packed + self.constants(tuple(codes.shape), bits, group_size)
 
     def unpack(self, packed: torch.Tensor, scales: torch.Tensor, bits: int, n: int, k: int):
-        """The packed codes and scales outputs -> (codes uint8 (..., n, k), scales (..., n, k/g)),
-        the inputs of `reference` (and of rtn.dequantize)."""
+        """The packed codes and scales outputs of a logical (n, k) weight -> (codes uint8 (..., n, k),
+        scales (..., n, k/g)), the inputs of `reference` (and of rtn.dequantize)."""
         from rtnq.numerics import kpack, marlin
 
         if self.name == "marlin":
-            return marlin.unpack(packed, scales, bits, n, k)
+            return marlin.crop(*marlin.unpack(packed, scales, bits, *padded(n, k)), n, k)
         if self.name == "gptq":
             return kpack.unpack_cols(packed, bits), scales.t().contiguous()
         return kpack.unpack_rows(packed, bits), scales

@@ -12,6 +12,10 @@ Pure torch on the CPU; no CUDA import. The layout (shared FORMATS.md sections 3-
   uses the channelwise table, which is what the kernels infer from scales.size(0) == 1.
 
 Both functions accept a leading expert axis (MoE): the layout is applied per expert and stacked.
+
+Shapes the kernels cannot tile (n % 64, k % 128) are stored padded (`pad`, `crop`; shape_rule.padded):
+the extra rows and columns hold the bias code (zero) and the extra scale groups 0, exactly what
+quantizing the zero-padded weight gives, so `pad` + `pack` equals the converter's padded quantization.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import sys
 import torch
 
 from rtnq.errors import ShapeError
-from rtnq.numerics.shape_rule import MIN_K, MIN_N, check_shape  # noqa: F401  (re-exported: marlin.check_shape)
+from rtnq.numerics.shape_rule import MIN_K, MIN_N, check_shape, padded  # noqa: F401  (re-exported: marlin.check_shape)
 from rtnq.params import BITS
 
 TILE = 16  # rows per slab and the edge of one tensor-core tile
@@ -93,6 +97,40 @@ def _check(n: int, k: int, groups: int, bits: int, what: str) -> None:
         )
     if groups < 1 or k % groups:
         raise ShapeError(f"{what}: {groups} scale groups do not divide k={k}")
+
+
+def pad(codes: torch.Tensor, scales_ng: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (..., n, k) and plain scales (..., n, G) -> the (..., n', k') codes and (..., n', G') scales
+    of the padded shape (n', k') = shape_rule.padded(n, k), ready for `pack`; unchanged when no padding is needed.
+
+    Padding codes are the bias (code of 0.0), padding scales 0 (rtn.quantize's rule for an all-zero
+    group): the same numbers as quantizing the zero-padded weight. Channelwise (-1) keeps one group.
+    """
+    from rtnq.numerics.rtn import bias
+
+    *lead, n, k = codes.shape
+    n_p, k_p = padded(n, k)
+    groups = 1 if group_size == -1 else k // group_size
+    if group_size != -1 and k % group_size or tuple(scales_ng.shape) != (*lead, n, groups):
+        raise ShapeError(f"marlin.pad: codes {tuple(codes.shape)} and scales {tuple(scales_ng.shape)} do not fit "
+                         f"group size {group_size}")
+    if (n_p, k_p) == (n, k):
+        return codes, scales_ng
+    groups_p = 1 if group_size == -1 else k_p // group_size
+    codes_p = torch.full((*lead, n_p, k_p), bias(bits), dtype=codes.dtype)
+    codes_p[..., :n, :k] = codes
+    scales_p = torch.zeros((*lead, n_p, groups_p), dtype=scales_ng.dtype)
+    scales_p[..., :n, :groups] = scales_ng
+    return codes_p, scales_p
+
+
+def crop(codes_p: torch.Tensor, scales_p: torch.Tensor, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `pad`: the logical (..., n, k) codes and (..., n, G) scales of padded ones.
+
+    One padded group means channelwise (a padded k is >= 128, so any other group size leaves >= 2)."""
+    k_p, groups_p = codes_p.shape[-1], scales_p.shape[-1]
+    groups = 1 if groups_p == 1 else k // (k_p // groups_p)
+    return codes_p[..., :n, :k].contiguous(), scales_p[..., :n, :groups].contiguous()
 
 
 def pack(codes_nk: torch.Tensor, scales_ng: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
