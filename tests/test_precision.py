@@ -329,14 +329,16 @@ def test_stacked_3d_experts_are_gated_on_n_and_k():
         S("model.layers.0.mlp.experts.gate_up_proj.weight", (8, 2 * I, H)),
         S("model.layers.0.mlp.experts.down_proj.weight", (8, H, I)),
         S("model.layers.1.mlp.experts.gate_up_proj.weight", (8, 2 * I, H)),
-        S("model.layers.1.mlp.experts.down_proj.weight", (8, H, 96)),  # k=96 fails
+        S("model.layers.1.mlp.experts.down_proj.weight", (8, H, 100)),  # k=100: no group size divides it
+        S("model.layers.2.mlp.experts.down_proj.weight", (8, H, 96)),  # k=96: group size 32
         S("model.layers.0.mlp.experts.gate_up_proj", (8, H, 2 * I)),  # GPT-OSS: no .weight, (E, k, n)
     ]
     d = select(specs).decisions
     assert d["model.layers.0.mlp.experts.gate_up_proj.weight"].kind == "quantized"
     assert d["model.layers.0.mlp.experts.down_proj.weight"].kind == "quantized"
     assert d["model.layers.1.mlp.experts.down_proj.weight"].reason == (
-        "shape: k=96 (in_features) is not a multiple of 128")
+        "shape: k=100 (in_features) is not a multiple of any group size <= 128 (128, 64, 32)")
+    assert d["model.layers.2.mlp.experts.down_proj.weight"].group_size == 32
     # all experts of one MoE layer are one fused layer in vLLM: the partner passes through too
     assert d["model.layers.1.mlp.experts.gate_up_proj.weight"].reason.startswith("shape: fused with")
     assert d["model.layers.0.mlp.experts.gate_up_proj"].kind == "passthrough"
@@ -676,34 +678,64 @@ def test_bits_8_keep_int8_is_a_noop_that_must_still_match():
 # ---- shape gate, --strict, --tp ---------------------------------------------------------------------------
 
 
-def test_shape_gate_failure_passes_the_whole_fused_group_through():
-    specs = llama(layers=2, kv=96)  # k_proj/v_proj: n=96 is not a multiple of 64
-    p = select(specs)
+def test_shape_failure_passes_the_whole_fused_group_through():
+    specs = llama(layers=2, kv=100)  # k_proj/v_proj: n=100 is not a multiple of 8, which GPTQ's qzeros need
+    p = select(specs, layout="cols")
     d = p.decisions
-    assert d["model.layers.0.self_attn.k_proj.weight"].reason == "shape: n=96 (out_features) is not a multiple of 64"
+    assert d["model.layers.0.self_attn.k_proj.weight"].reason == (
+        "shape: n=100 (out_features) is not a multiple of 8 (GPTQ packs its qzeros along n)")
     assert d["model.layers.0.self_attn.q_proj.weight"].reason == (
-        "shape: fused with model.layers.0.self_attn.k_proj.weight, which fails the Marlin shape gate")
+        "shape: fused with model.layers.0.self_attn.k_proj.weight, whose shape the format cannot hold")
     assert d["model.layers.0.self_attn.o_proj.weight"].kind == "quantized"
-    assert any(w.startswith("4 tensors fail the Marlin shape gate") for w in p.warnings)
-    assert any(w.startswith("2 tensors pass through in 16-bit because a fused partner fails") for w in p.warnings)
-    kept = select(specs, keep_int8="layers.0+qkv")  # a rule cannot push a failing group into Marlin
+    assert any(w.startswith("4 tensors have shapes the format cannot hold") for w in p.warnings)
+    assert any(w.startswith("2 tensors pass through in 16-bit because a fused partner's shape") for w in p.warnings)
+    # the marlin format pads n=100 to 128 and compressed-tensors stores it as is: both quantize it
+    for layout in ("marlin", "rows"):
+        assert select(specs, layout=layout).decisions["model.layers.0.self_attn.k_proj.weight"].kind == "quantized"
+    padded = select(specs).warnings
+    assert any(w.startswith("4 tensors are stored padded to the Marlin kernels' tiles") and "100x256 -> 128x256" in w
+               for w in padded), padded
+    assert not any("padded" in w for w in select(specs, layout="rows").warnings)
+    kept = select(specs, keep_int8="layers.0+qkv", layout="cols")  # a rule cannot push a failing group in
     assert int8(kept) == set() and kept.rules[0]["matched"] == 0
     assert any("matches only tensors that pass through anyway" in w for w in kept.warnings)
 
 
 def test_strict_raises_a_shape_error_naming_tensor_sizes_and_fix():
-    specs = llama(layers=2, i=200)
+    specs = llama(layers=2, i=200)  # down_proj: k=200 is a multiple of 8 but of no group size
     with pytest.raises(ShapeError) as e:
         select(specs, strict=True)
     msg = str(e.value)
-    assert msg.startswith("model.layers.0.mlp.gate_proj.weight: n=200 (out_features) is not a multiple of 64")
-    assert "Marlin needs n % 64 == 0 and k % 128 == 0 (5 more tensors fail too)." in msg
-    assert msg.endswith("Drop --strict to keep it in 16-bit, or --skip model.layers.0.mlp.gate_proj")
+    assert msg.startswith("model.layers.0.mlp.down_proj.weight: k=200 (in_features) is not a multiple of any group "
+                          "size <= 128 (128, 64, 32) (1 more tensors fail too).")
+    assert msg.endswith("Drop --strict to keep it in 16-bit, or --skip model.layers.0.mlp.down_proj")
     assert e.value.exit_code == 6
-    select(specs, strict=True, skip="mlp")  # skipped tensors are not gated
+    select(specs, strict=True, skip="down")  # skipped tensors are not gated
     assert quantized(select(llama(layers=2), strict=True))  # and nothing to fail: no error
-    assert select(specs).decisions["model.layers.1.mlp.down_proj.weight"].reason == (
-        "shape: k=200 (in_features) is not a multiple of 128")
+    d = select(specs, group_size=-1, strict=True).decisions  # channelwise: any k that packs
+    assert d["model.layers.1.mlp.down_proj.weight"].group_size == -1
+    assert select(llama(layers=1, i=196)).decisions["model.layers.0.mlp.down_proj.weight"].reason == (
+        "shape: k=196 (in_features) is not a multiple of any group size <= 128 (128, 64, 32)")
+    assert select(llama(layers=1, i=196), group_size=-1).decisions["model.layers.0.mlp.down_proj.weight"].reason == (
+        "shape: k=196 (in_features) is not a multiple of 8 (the codes are packed 8 to an int32 word along k)")
+
+
+def test_group_size_falls_back_per_tensor_where_k_needs_it():
+    """SmolLM2-135M: hidden 576 (= 4.5 x 128), intermediate 1536. Every linear is quantized; those reading
+    the hidden state use groups of 64, down_proj keeps 128, in every format alike."""
+    specs = llama(layers=2, h=576, i=1536, kv=192)
+    for layout in ("marlin", "rows", "cols"):
+        p = select(specs, layout=layout)
+        d = p.decisions
+        assert {n: x.group_size for n, x in d.items() if x.kind == "quantized"} == {
+            f"model.layers.{b}.{m}.weight": 128 if m == "mlp.down_proj" else 64
+            for b in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                        "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+        assert ("12 tensors use group size 64 instead of 128: their k is not a multiple of 128, e.g. "
+                "model.layers.0.self_attn.q_proj.weight (k=576)") in p.warnings
+    assert select(specs, group_size=32, layout="rows").warnings == []  # 32 divides every k
+    assert select(specs, group_size=64, keep_int8="layers.0").decisions[
+        "model.layers.0.self_attn.q_proj.weight"].group_size == 64
 
 
 def test_tp_reports_per_rank_failures_for_column_and_row_splits():
@@ -717,7 +749,7 @@ def test_tp_reports_per_rank_failures_for_column_and_row_splits():
     assert list(p.tp_failures) == [2, 4, 8]  # 2, 4 and 8 always, for the summary line of every run
     assert len([w for w in p.warnings if w.startswith("--tp")]) == 1  # only the degrees asked for warn
     assert not any(w.startswith("--tp") for w in select(llama(layers=1)).warnings)
-    assert "--tp 4: 1 quantized tensors would fail" in p.warnings[0]
+    assert "--tp 4: 1 quantized tensors would miss the Marlin kernels' shape rule per rank" in p.warnings[0]
     assert "model.layers.0.self_attn.q_proj.weight" not in dict(select(llama(layers=1), tp=[8]).tp_failures[8])
 
 

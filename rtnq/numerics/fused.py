@@ -22,6 +22,14 @@ A row chunk is independent of every other chunk because groups run along k insid
 of 64-row multiples owns whole Marlin blocks: columns [row0 * bits / 2, ...) of every qweight row
 and columns [row0, ...) of the permuted scales (64- and 32-entry permutations never cross it). In
 the "rows" layout it owns rows [row0, ...) of both outputs, in the "cols" layout columns [row0, ...).
+
+Shapes off the kernel's tiles (n % 64, k % 128; any shape shape_rule.problem allows) take one
+padding flow in front of either backend, because the kernel (and marlin.pack) only tile whole
+64 x 128 blocks: the chunk is zero-padded to (64-row multiple, shape_rule.padded k). Zeros add 0 to
+both error sums and quantize to the bias code with scale 0 in all-zero groups, which is exactly what
+marlin.pad stores, so "marlin" (whose outputs are the padded shape) is written directly; "rows" and
+"cols" store the logical (n, k), so the padded chunk goes to scratch outputs and its logical part
+(whole words, as k % 8 == 0) is copied out. Aligned chunks skip all of this.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from rtnq.numerics import kpack, marlin, rtn
+from rtnq.numerics import kpack, marlin, rtn, shape_rule
 from rtnq.errors import InvalidWeightError, ShapeError, UsageError
 from rtnq.params import effective_group
 
@@ -123,9 +131,12 @@ def _layout_code(layout: str) -> int:
 def out_shapes(
     n: int, k: int, bits: int, group_size: int, layout: str = "marlin"
 ) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Shapes of the qweight (int32) and scales of an (n, k) weight in `layout`."""
-    groups = k // effective_group(k, group_size)
+    """Shapes of the qweight (int32) and scales of a logical (n, k) weight in `layout`: "marlin" stores
+    it padded to shape_rule.padded(n, k) (channelwise keeps one scale group), "rows"/"cols" as is."""
     code = _layout_code(layout)
+    if code == 0:
+        n, k = shape_rule.padded(n, k)
+    groups = k // effective_group(k, group_size)
     if code == 0:
         return (k // marlin.TILE, n * marlin.TILE * bits // 32), (groups, n)
     words = k * bits // 32  # int32 words per W row, packed along k
@@ -147,20 +158,28 @@ def quantize_rows(
 ) -> None:
     """Quantize rows [row0, row0 + R) of an (n, k) weight into its whole-tensor outputs in `layout`.
 
-    w_rows: (R, k) bf16 or fp16 (the dtype the arithmetic runs in), R and row0 multiples of 64.
-    qweight (int32) and scales (w_rows.dtype): the whole tensor's, shaped as `out_shapes` says,
-    contiguous; only this chunk's part of each is written, in place.
+    w_rows: (R, k) bf16 or fp16 (the dtype the arithmetic runs in), logical rows; row0 a multiple of
+    64, R too except for the tensor's last chunk (n % 64 != 0). group_size divides k (or -1).
+    qweight (int32) and scales (w_rows.dtype): the whole tensor's, shaped as `out_shapes` says (for
+    "marlin" the padded shape), contiguous; only this chunk's part of each is written, in place.
     sums: [sum w^2, sum (w - w_hat)^2], added to (see `relative_error`).
     backend: None (the C library if built, else torch), "c", "c-scalar" or "torch".
     Raises InvalidWeightError naming `name` on NaN/Inf, like rtn.quantize.
     """
     code = _layout_code(layout)
     rows, k = w_rows.shape
-    n = scales.shape[0] if code == 1 else scales.shape[1]
+    n = scales.shape[0] if code == 1 else scales.shape[1]  # "marlin": the padded n
     if w_rows.dtype not in _DTYPE_CODE or scales.dtype != w_rows.dtype or qweight.dtype != torch.int32:
         raise ShapeError(f"{name}: fast path needs 16-bit rows and scales and int32 qweight")
-    if rows % ROW_ALIGN or row0 % ROW_ALIGN or row0 + rows > n:
+    rows_p = -(-rows // ROW_ALIGN) * ROW_ALIGN
+    # a short chunk must be the tensor's last: it ends at n (at the padded n in the Marlin layout)
+    end = row0 + (rows_p if code == 0 else rows)
+    if row0 % ROW_ALIGN or end > n or (rows != rows_p and end != n):
         raise ShapeError(f"{name}: row chunk [{row0}, {row0 + rows}) is not a run of 64-row blocks of n={n}")
+    if group_size != -1 and k % group_size:
+        raise ShapeError(f"{name}: k={k} is not a multiple of the group size {group_size}")
+    if code != 0 and k % shape_rule.PACK:
+        raise ShapeError(f"{name}: k={k} is not a multiple of {shape_rule.PACK} (codes are packed along k)")
     if (tuple(qweight.shape), tuple(scales.shape)) != out_shapes(n, k, bits, group_size, layout):
         raise ShapeError(
             f"{name}: output buffers {tuple(qweight.shape)}, {tuple(scales.shape)} do not fit n={n}, k={k}"
@@ -169,11 +188,40 @@ def quantize_rows(
     lib = library() if backend in (None, "c", "c-scalar") else None
     if backend in ("c", "c-scalar") and lib is None:
         raise RuntimeError("the rtnq C fast path is not built (pip install the package with a C compiler)")
-    if lib is None:
-        _torch_rows(w_rows, row0, qweight, scales, bits, group_size, sums, name, layout)
-        return
-    if not (qweight.is_contiguous() and scales.is_contiguous()):
+    if lib is not None and not (qweight.is_contiguous() and scales.is_contiguous()):
         raise ShapeError(f"{name}: the C fast path writes contiguous qweight and scales only")
+    k_p = shape_rule.padded(1, k)[1]
+    if rows == 0:
+        return
+    if rows_p == rows and k_p == k and n % ROW_ALIGN == 0:  # on the kernel's tiles: straight in
+        _run(lib, backend, w_rows, row0, n, qweight, scales, bits, group_size, sums, name, code)
+        return
+    w_p = w_rows.new_zeros(rows_p, k_p)
+    w_p[:rows, :k] = w_rows
+    if code == 0:  # the outputs are already padded: their padding rows/columns come out bias / 0
+        _run(lib, backend, w_p, row0, n, qweight, scales, bits, group_size, sums, name, code)
+        return
+    qshape, sshape = out_shapes(rows_p, k_p, bits, group_size, layout)
+    q_p = torch.empty(qshape, dtype=torch.int32)
+    s_p = torch.empty(sshape, dtype=scales.dtype)
+    _run(lib, backend, w_p, 0, rows_p, q_p, s_p, bits, group_size, sums, name, code)
+    words = k * bits // 32  # whole words: the padding columns sit at the end of each row
+    groups = 1 if group_size == -1 else k // group_size
+    if code == 1:
+        qweight[row0 : row0 + rows] = q_p[:rows, :words]
+        scales[row0 : row0 + rows] = s_p[:rows, :groups]
+    else:
+        qweight[:, row0 : row0 + rows] = q_p[:words, :rows]
+        scales[:, row0 : row0 + rows] = s_p[:groups, :rows]
+
+
+def _run(lib, backend, w_rows, row0, n, qweight, scales, bits, group_size, sums, name, code) -> None:
+    """One chunk on the kernel's tiles (rows, row0, n multiples of 64, k of 128) into outputs of
+    `out_shapes(n, k, ...)`: the C library when `lib`, else the torch reference."""
+    if lib is None:
+        _torch_rows(w_rows, row0, qweight, scales, bits, group_size, sums, name, LAYOUTS[code])
+        return
+    rows, k = w_rows.shape
     w_rows = w_rows.contiguous()
     g = effective_group(k, group_size)
     flags = _FLAG_SCALAR if backend == "c-scalar" else 0
@@ -254,14 +302,17 @@ def quantize_pack(
     backend: str | None = None,
     layout: str = "marlin",
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Whole (n, k) 16-bit weight -> (qweight, scales, relative error) in `layout`, in one call.
+    """Whole (n, k) 16-bit weight -> (qweight, scales, relative error) in `layout`, in one call; any
+    shape shape_rule.problem allows, with group_size dividing k ("marlin": stored padded).
 
-    Same bytes as, with codes, s = rtn.quantize(w, bits, group_size): marlin.pack(codes, s, bits)
-    ("marlin"), (kpack.pack_rows(codes, bits), s) ("rows") or (kpack.pack_cols(codes, bits), s.t())
+    Same bytes as, with codes, s = rtn.quantize(w, bits, group_size):
+    marlin.pack(*marlin.pad(codes, s, bits, group_size), bits) ("marlin"), (kpack.pack_rows(codes, bits), s) ("rows") or (kpack.pack_cols(codes, bits), s.t())
     ("cols"); the error equals rtn.relative_error(w, rtn.dequantize(...)) up to summation order.
     """
     n, k = w.shape
-    reason = marlin.check_shape(n, k, group_size)
+    reason = shape_rule.problem(n, k, group_size, layout)
+    if reason is None and group_size != -1 and k % group_size:
+        reason = f"k={k} is not a multiple of the group size {group_size}"
     if reason:
         raise ShapeError(f"{name}: {reason}")
     qshape, sshape = out_shapes(n, k, bits, group_size, layout)

@@ -31,12 +31,20 @@ otherwise). A rule that hits one member is extended to the whole group, recorded
 ("fused-with:<member> (keep-int8:<selector>)") and warned about. If one member fails the shape gate the whole
 group passes through, because a Marlin half and a 16-bit half cannot be loaded as one layer.
 
-Shape gate (Marlin): n % 64 == 0, k % 128 == 0, k % group_size == 0 (channelwise: k is the group); 3-D experts
-are checked on their (n, k). --tp checks each quantized tensor's per-rank shape too, the way engines split
-it (rtnq.selection.tp): column-parallel layers (q/k/v, gate/up) split n and are checked as the fused per-rank
-layer, row-parallel ones (o, down) split k, MoE experts by Marlin MoE's rule. Those failures are warnings,
-never errors (Selection.tp_failures lists them all). Checkpoints whose q/k/v are already one tensor (Phi-3's
-qkv_proj) are split as one n, an approximation: the engine splits each of q, k and v inside it.
+Shapes (rtnq.numerics.shape_rule): every group is g consecutive weights of one row, so a tensor whose k
+the requested group size does not divide takes the largest smaller group size that does (k = 576 at
+--group-size 128: 64), in every format alike, with a warning; Decision.group_size is the tensor's own.
+The marlin format stores shapes its kernels cannot tile (n % 64, k % 128) padded with zero codes; GPTQ
+and compressed-tensors store the logical shape. What no format can hold passes through (the storage
+rule: k a multiple of 8 and of some group size <= the requested one; GPTQ also n % 8 for its qzeros);
+if one member of a fused group fails, the whole group passes through, because a quantized half and a
+16-bit half cannot be loaded as one layer. --strict makes such a passthrough an error.
+--tp checks each quantized tensor's per-rank shape against Marlin's kernel rule (n % 64, k % 128), the way
+engines split it (rtnq.selection.tp): column-parallel layers (q/k/v, gate/up) split n and are checked as
+the fused per-rank layer, row-parallel ones (o, down) split k, MoE experts by Marlin MoE's rule. Those
+failures are warnings, never errors (Selection.tp_failures lists them all): an engine serves such a
+layer with a slower fallback kernel or refuses it. Checkpoints whose q/k/v are already one tensor
+(Phi-3's qkv_proj) are split as one n, an approximation: the engine splits each of q, k and v inside it.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from typing import Protocol
 
 from rtnq import dtypes, params
 from rtnq.errors import ShapeError, UsageError
-from rtnq.numerics.shape_rule import MIN_K, MIN_N, check_shape
+from rtnq.numerics.shape_rule import check_shape, group_for, padded, problem
 from rtnq.selection import tp as tensor_parallel
 from rtnq.selection.names import FUSED, NameInfo, analyse
 from rtnq.selection.selectors import Selector, parse_selectors, unmatched_message
@@ -134,13 +142,16 @@ def select(
     strict: bool = False,
     tp: Sequence[int] = (),
     kv_heads: int | None = None,
+    layout: str = "marlin",
 ) -> Selection:
     """One Decision per spec (input order), the rules with what each decided, and warnings.
 
     keep_int8 / skip: selector strings (comma lists) or parsed Selectors. tp: tensor-parallel degrees to check.
     kv_heads: the model's key-value heads (config.json), for how engines split k/v at high TP degrees.
+    layout: the output format's layout ("marlin", "rows", "cols"; rtnq.formats.Format.layout), whose
+    storage rule decides which shapes can be quantized.
     Raises UsageError for bad arguments or a selector that matches no tensor at all, and (strict=True)
-    ShapeError for a tensor that would be quantized but fails the Marlin shape gate.
+    ShapeError for a tensor that would be quantized but whose shape the format cannot hold.
     """
     params.check(bits, group_size)
     if any(not isinstance(t, int) or isinstance(t, bool) or t < 1 for t in tp):
@@ -163,13 +174,12 @@ def select(
 
     hits = [{i.name for i in m} for m in matched]
     skipped = _claim(groups, [j for j, (o, _) in enumerate(options) if o == "skip"], hits)
-    gated, failing = _gate(groups, skipped, nk, group_size)
+    gated, failing = _gate(groups, skipped, nk, group_size, layout)
     if strict and failing:
         name, why = failing[0]
         more = f" ({len(failing) - 1} more tensors fail too)" if len(failing) > 1 else ""
-        raise ShapeError(  # (every group size divides 128, so k % 128 == 0 covers k % group_size == 0)
-            f"{name}: {why}; Marlin needs n % {MIN_N} == 0 and k % {MIN_K} == 0{more}. "
-            f"Drop --strict to keep it in 16-bit, or --skip {name.removesuffix('.weight')}"
+        raise ShapeError(
+            f"{name}: {why}{more}. Drop --strict to keep it in 16-bit, or --skip {name.removesuffix('.weight')}"
         )
     live = {key: [m for m in ms if m.name not in skipped and m.name not in gated] for key, ms in groups.items()}
     int8 = _claim(live, [j for j, (o, _) in enumerate(options) if o == "keep-int8"], hits)
@@ -193,19 +203,20 @@ def select(
             rule = f"keep-int8:{options[j][1].text}"
             if anchor is not None:
                 rule = f"fused-with:{anchor} ({rule})"
-            decisions[name] = Decision(name, "quantized", 8, group_size, rule)
+            decisions[name] = Decision(name, "quantized", 8, group_for(nk[name][1], group_size), rule)
             credit[j] += 1
         else:
-            decisions[name] = Decision(name, "quantized", bits, group_size, "default")
+            decisions[name] = Decision(name, "quantized", bits, group_for(nk[name][1], group_size), "default")
 
     warnings = _warnings(options, matched, credit, skipped, int8, reason, gated, bits)
+    warnings += _shape_notes(decisions, nk, group_size, layout)
     if decisions and not any(d.kind == "quantized" for d in decisions.values()):
         warnings.append("no tensor is quantized: no float linear weight inside a block passed the rules and the gate")
     by_name = {i.name: i for i in infos}
     # The common degrees are always checked, for the one-line summary of every run; only the degrees
     # asked for with --tp become warnings.
     degrees = sorted(set(tp) | set(tensor_parallel.SUMMARY_DEGREES))
-    tp_failures = {t: tensor_parallel.check(t, decisions, by_name, nk, group_size, kv_heads) for t in degrees}
+    tp_failures = {t: tensor_parallel.check(t, decisions, by_name, nk, kv_heads) for t in degrees}
     warnings += tensor_parallel.warnings({t: tp_failures[t] for t in dict.fromkeys(tp)}, decisions, by_name)
     rules = [{"option": o, "selector": s.text, "matched": c} for (o, s), c in zip(options, credit)]
     return Selection(decisions, rules, warnings, tp_failures, infos)
@@ -232,14 +243,15 @@ def _claim(groups: dict, idx: list[int], hits: list[set[str]]) -> dict[str, tupl
     return out
 
 
-def _gate(groups: dict, skipped: dict, nk: dict, group_size: int) -> tuple[dict[str, str], list[tuple[str, str]]]:
-    """The shape gate per group: one failing member sends the whole (non-skipped) group to passthrough.
+def _gate(groups: dict, skipped: dict, nk: dict, group_size: int,
+          layout: str) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """The storage rule per group: one failing member sends the whole (non-skipped) group to passthrough.
     Returns (name -> passthrough reason, [(failing name, why)])."""
     gated: dict[str, str] = {}
     failing: list[tuple[str, str]] = []
     for members in groups.values():
         live = [m.name for m in members if m.name not in skipped]
-        fails = {n: why for n in live if (why := check_shape(*nk[n], group_size))}
+        fails = {n: why for n in live if (why := problem(*nk[n], group_size, layout))}
         if not fails:
             continue
         failing.extend(fails.items())
@@ -249,7 +261,27 @@ def _gate(groups: dict, skipped: dict, nk: dict, group_size: int) -> tuple[dict[
     return gated, failing
 
 
-_PARTNER_FAILS = "which fails the Marlin shape gate"
+_PARTNER_FAILS = "whose shape the format cannot hold"
+
+
+def _shape_notes(decisions: dict[str, Decision], nk: dict, group_size: int, layout: str) -> list[str]:
+    """What the shapes changed about quantized tensors: a smaller group size, padding (marlin)."""
+    quantized = [d for d in decisions.values() if d.kind == "quantized"]
+    out = []
+    smaller = [d for d in quantized if d.group_size != group_size]
+    if smaller:
+        d = smaller[0]
+        sizes = sorted({x.group_size for x in smaller}, reverse=True)
+        out.append(f"{len(smaller)} tensors use group size {'/'.join(map(str, sizes))} instead of {group_size}: their "
+                   f"k is not a multiple of {group_size}, e.g. {d.name} (k={nk[d.name][1]})")
+    if layout == "marlin":
+        pads = [d for d in quantized if padded(*nk[d.name]) != nk[d.name]]
+        if pads:
+            n, k = nk[pads[0].name]
+            out.append(f"{len(pads)} tensors are stored padded to the Marlin kernels' tiles (n to a multiple of 64, "
+                       f"k of 128) with zero codes, e.g. {pads[0].name}: {n}x{k} -> "
+                       f"{'x'.join(map(str, padded(n, k)))}")
+    return out
 
 
 def _warnings(options, matched, credit, skipped, int8, reason, gated, bits) -> list[str]:
@@ -275,11 +307,11 @@ def _warnings(options, matched, credit, skipped, int8, reason, gated, bits) -> l
         out.append("--keep-int8 changes nothing with --bits 8: every quantized tensor is 8-bit already")
     own = [n for n, why in gated.items() if not why.endswith(_PARTNER_FAILS)]
     if own:
-        out.append(f"{len(own)} tensors fail the Marlin shape gate and pass through in 16-bit, "
+        out.append(f"{len(own)} tensors have shapes the format cannot hold and pass through in 16-bit, "
                    f"e.g. {own[0]} ({gated[own[0]].removeprefix('shape: ')})")
     partners = [n for n, why in gated.items() if why.endswith(_PARTNER_FAILS)]
     if partners:
-        out.append(f"{len(partners)} tensors pass through in 16-bit because a fused partner fails the shape gate, "
+        out.append(f"{len(partners)} tensors pass through in 16-bit because a fused partner's shape cannot be held, "
                    f"e.g. {partners[0]}")
     conv = [n for n, r in reason.items() if r and r.startswith("GPT-2 Conv1D")]
     if conv:

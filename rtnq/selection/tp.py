@@ -17,8 +17,7 @@ if TYPE_CHECKING:
 SUMMARY_DEGREES = (2, 4, 8)  # tensor-parallel degrees every plan is checked for
 
 
-def check(t: int, decisions: dict[str, Decision], infos: dict[str, NameInfo], nk: dict, group_size: int,
-          kv_heads: int | None = None):
+def check(t: int, decisions: dict[str, Decision], infos: dict[str, NameInfo], nk: dict, kv_heads: int | None = None):
     """[(name, why)] for each quantized tensor whose per-rank shape under tensor parallelism t breaks Marlin.
 
     What an engine (vLLM, SGLang) holds per rank, and checks:
@@ -32,11 +31,11 @@ def check(t: int, decisions: dict[str, Decision], infos: dict[str, NameInfo], nk
       multiple of max(64, group size), and the hidden size a multiple of 128.
     """
     fails = []
-    g = group_size
     fused: dict[tuple[str, str], list[str]] = {}
     for name, d in decisions.items():
         if d.kind != "quantized":
             continue
+        g = d.group_size  # the tensor's own (rtnq.numerics.shape_rule.group_for)
         info = infos[name]
         n, k = nk[name]
         role = info.role
@@ -76,7 +75,7 @@ def check(t: int, decisions: dict[str, Decision], infos: dict[str, NameInfo], nk
         label = "q/k/v" if kind == "qkv" else "gate/up"
         if why is None:
             total = sum(parts)
-            why = check_shape(total, nk[members[0]][1], g)
+            why = check_shape(total, nk[members[0]][1], decisions[members[0]].group_size)
             if why:
                 why = f"fused {label} per rank ({' + '.join(map(str, parts))}): {why}"
         if why:
@@ -90,7 +89,7 @@ def warnings(tp_failures: dict, decisions: dict[str, Decision], infos: dict[str,
         if fails:
             shown = "; ".join(f"{n} ({why})" for n, why in fails[:3])
             more = f"; and {len(fails) - 3} more" if len(fails) > 3 else ""
-            out.append(f"--tp {t}: {len(fails)} quantized tensors would fail the Marlin shape gate per rank: "
+            out.append(f"--tp {t}: {len(fails)} quantized tensors would miss the Marlin kernels' shape rule per rank: "
                        f"{shown}{more}")
     known = COLUMN | ROW | REPLICATED
     unknown = [n for n, d in decisions.items() if d.kind == "quantized" and infos[n].role not in known]
