@@ -50,7 +50,7 @@ def test_every_tensor_matches_rtn_and_marlin_directly(llama, converted):
     m = mf.read(converted)
     assert set(m.tensors) == set(src)
     for shard_meta in meta.values():
-        assert shard_meta["format"] == "rtnq" and shard_meta["manifest_version"] == str(mf.VERSION) == "3"
+        assert shard_meta["format"] == "rtnq" and shard_meta["manifest_version"] == str(mf.VERSION) == "4"
     for name, w in src.items():
         e = m.tensors[name]
         if e.kind == "passthrough":
@@ -122,7 +122,7 @@ def test_inspect_table_and_json(converted):
     assert r.code == 0
     assert "int8" in r.out and "int4" in r.out and "bits per weight" in r.out
     j = run("inspect", converted, "--json")
-    assert json.loads(j.out)["version"] == 3 and j.err == ""
+    assert json.loads(j.out)["version"] == 4 and j.err == ""
 
 
 def test_inspect_refuses_unknown_manifest_version(converted, tmp_path):
@@ -131,10 +131,10 @@ def test_inspect_refuses_unknown_manifest_version(converted, tmp_path):
     d = tmp_path / "future"
     shutil.copytree(converted, d)
     data = json.loads((d / mf.FILENAME).read_text())
-    data["version"] = 4
+    data["version"] = 5
     (d / mf.FILENAME).write_text(json.dumps(data))
     r = run("inspect", d)
-    assert r.code == 4 and "version 4 is not supported" in r.err
+    assert r.code == 4 and "version 5 is not supported" in r.err
 
 
 def test_version_1_manifests_still_read_as_marlin(converted, llama, tmp_path):

@@ -64,7 +64,7 @@ def test_gptq_tensors_hold_the_rtn_codes(exports):
     src, outs = exports
     source, out = load_tensors(src), load_tensors(outs["gptq"])
     m = _manifest(outs["gptq"])
-    assert m["format"] == "gptq" and m["version"] == 3
+    assert m["format"] == "gptq" and m["version"] == 4
     quantized = {n: e for n, e in m["tensors"].items() if e["kind"] == "quantized"}
     assert {e["bits"] for e in quantized.values()} == {4, 8}
     for name, e in quantized.items():

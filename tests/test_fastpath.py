@@ -45,6 +45,11 @@ def test_layout_names_and_shapes():
     assert fused.out_shapes(192, 384, 4, 128, "rows") == ((192, 48), (192, 3))
     assert fused.out_shapes(192, 384, 8, 64, "cols") == ((96, 192), (6, 192))
     assert fused.out_shapes(192, 384, 8, -1, "rows") == ((192, 96), (192, 1))
+    # off the tiles: Marlin stores the padded (128, 128), rows / cols the logical shape
+    # (tests/test_fastpath_padded.py covers these shapes end to end)
+    assert fused.out_shapes(100, 72, 4, -1) == ((8, 256), (1, 128))
+    assert fused.out_shapes(100, 72, 4, -1, "rows") == ((100, 9), (100, 1))
+    assert fused.out_shapes(104, 72, 8, -1, "cols") == ((18, 104), (1, 104))
     with pytest.raises(UsageError, match="layout must be one of marlin, rows, cols"):
         fused.out_shapes(192, 384, 4, 128, "gptq")
 

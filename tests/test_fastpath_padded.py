@@ -8,6 +8,8 @@ stored at shape_rule.padded(n, k)) or kpack.pack_rows / pack_cols with plain sca
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -18,6 +20,13 @@ HAVE_C = fused.library() is not None
 BACKENDS = ["torch"] + (["c", "c-scalar"] if HAVE_C else [])
 LAYOUTS = fused.LAYOUTS
 SENTINEL_Q, SENTINEL_S = -0x5A5A5A5B, 1234.0
+
+
+def _rel(backend):
+    """How close the error sums come to float64's: the AVX2 kernel ("c") adds each tile's squares in
+    fp32 before the double sum (csrc/rtnq_cpu.c; ~3e-9 relative on aligned shapes too), the scalar C
+    and the torch reference sum in double."""
+    return 1e-7 if backend == "c" and fused.implementation() == "c-avx2" else 1e-12
 
 # (n, k, group): off the tiles in n, in k or both; k=72 fits no group of 32 or more, so channelwise only
 SHAPES = [
@@ -99,7 +108,7 @@ def test_padded_shapes_match_the_reference(backend, bits, layout, shape):
     assert (tuple(q.shape), tuple(s.shape)) == fused.out_shapes(n, k, bits, group, layout)
     assert torch.equal(q, q_ref)
     assert torch.equal(s, s_ref)
-    assert e == pytest.approx(e_ref, rel=1e-12)
+    assert e == pytest.approx(e_ref, rel=_rel(backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -114,7 +123,7 @@ def test_padded_shapes_in_fp16(backend, layout, shape):
         q_ref, s_ref, e_ref = _reference(w, bits, group, layout)
         q, s, e = fused.quantize_pack(w, bits, group, backend=backend, layout=layout)
         assert torch.equal(q, q_ref) and torch.equal(s, s_ref), bits
-        assert e == pytest.approx(e_ref, rel=1e-12)
+        assert e == pytest.approx(e_ref, rel=_rel(backend))
 
 
 def _chunks(n):
@@ -148,10 +157,10 @@ def test_chunked_equals_whole_on_padded_shapes(backend, bits, layout, shape):
         fused.quantize_rows(w[row0 : row0 + rows], row0, q, s, bits, group, sums, backend=backend, layout=layout)
     assert torch.equal(q, q_ref)
     assert torch.equal(s, s_ref)
-    assert fused.relative_error(sums) == pytest.approx(e_ref, rel=1e-12)
+    assert fused.relative_error(sums) == pytest.approx(e_ref, rel=_rel(backend))
     q_whole, s_whole, e_whole = fused.quantize_pack(w, bits, group, backend=backend, layout=layout)
     assert torch.equal(q, q_whole) and torch.equal(s, s_whole)
-    assert fused.relative_error(sums) == pytest.approx(e_whole, rel=1e-12)
+    assert fused.relative_error(sums) == pytest.approx(e_whole, rel=_rel(backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -171,8 +180,8 @@ def test_padding_adds_nothing_to_the_error_sums(backend, layout, shape):
     codes, scales = rtn.quantize(w, 4, group)
     w64 = w.double()
     d64 = w64 - rtn.dequantize(codes, scales, 4, group).double()
-    assert sums[0] == pytest.approx(float((w64 * w64).sum()), rel=1e-12)
-    assert sums[1] == pytest.approx(float((d64 * d64).sum()), rel=1e-12)
+    assert sums[0] == pytest.approx(float((w64 * w64).sum()), rel=_rel(backend))
+    assert sums[1] == pytest.approx(float((d64 * d64).sum()), rel=_rel(backend))
 
     n_p, k_p = shape_rule.padded(n, k)
     w_p = torch.zeros(n_p, k_p, dtype=w.dtype)
@@ -217,13 +226,13 @@ def test_shapes_the_storage_rule_refuses(backend):
     cases = [
         ((100, 256), 128, "cols", "n=100 (out_features) is not a multiple of 8"),
         ((64, 100), -1, "rows", "k=100 (in_features) is not a multiple of 8"),
-        ((64, 72), 32, "marlin", r"k=72 \(in_features\) is not a multiple of any group size <= 32"),
+        ((64, 72), 32, "marlin", "k=72 (in_features) is not a multiple of any group size <= 32"),
         ((64, 576), 128, "marlin", "k=576 is not a multiple of the group size 128"),
         ((64, 576), 128, "rows", "k=576 is not a multiple of the group size 128"),
     ]
     for (n, k), group, layout, text in cases:
         w = _weights(n, k) if k >= 64 else torch.zeros(n, k, dtype=torch.bfloat16)
-        with pytest.raises(ShapeError, match=f"^weight: {text}"):
+        with pytest.raises(ShapeError, match="^" + re.escape(f"weight: {text}")):
             fused.quantize_pack(w, 4, group, backend=backend, layout=layout)
 
 
@@ -250,11 +259,13 @@ def test_wrong_chunks_and_buffers_are_refused_on_padded_shapes(backend, layout):
         # buffers at the logical shape: Marlin's are padded
         q_log = torch.empty(k // 16, n * 2, dtype=torch.int32)
         s_log = torch.empty(k // 64, n, dtype=w.dtype)
-        with pytest.raises(ShapeError, match="do not fit"):
+        with pytest.raises(ShapeError, match=re.escape("(16, 200), (4, 100) do not fit n=100, k=256 in the marlin")):
             call(w[64:], 64, q=q_log, s=s_log)
     else:
-        # buffers at the padded shape: rows / cols are logical
+        # buffers at the padded shape fit a 128-row weight, of which [64, 100) is not the last chunk
         qp, sp = fused.out_shapes(128, 256, 4, 64, layout)
-        with pytest.raises(ShapeError, match="do not fit"):
+        with pytest.raises(ShapeError, match=re.escape("row chunk [64, 100) is not a run of 64-row blocks of n=128")):
             call(w[64:], 64, q=torch.empty(qp, dtype=torch.int32), s=torch.empty(sp, dtype=w.dtype))
+    with pytest.raises(ShapeError, match=f"do not fit n={n if layout != 'marlin' else 128}, k=128"):
+        call(w[:, :128], 0)  # rows of another k (k=192 would fit Marlin's padded 256)
     call(w[64:], 64)  # the real last chunk is fine

@@ -247,10 +247,14 @@ def test_quantlinear_state_dict_roundtrip():
 
 
 def test_quantlinear_shape_errors():
-    with pytest.raises(ShapeError, match="n=100 .* not a multiple of 64"):
-        QuantLinear.from_weight(torch.randn(100, 128), 4, 128)
-    with pytest.raises(ShapeError, match="k=192 .* not a multiple of 128"):
+    # Shapes off the kernels' tiles are padded; what cannot be stored at all, or needs a smaller group, fails.
+    with pytest.raises(ShapeError, match=r"k=100 \(in_features\) is not a multiple of any group size <= 128"):
+        QuantLinear.from_weight(torch.randn(64, 100), 4, 128)
+    with pytest.raises(ShapeError, match=r"k=192 \(in_features\) is not a multiple of 128; choose group size 64 "
+                                         r"\(--group-size 64\) or -1"):
         QuantLinear.from_weight(torch.randn(64, 192), 4, 128)
+    with pytest.raises(ShapeError, match=r"k=100 \(in_features\) is not a multiple of 8"):
+        QuantLinear.from_weight(torch.randn(64, 100), 4, -1)
     layer = QuantLinear.from_weight(torch.randn(64, 128), 4, 128)
     with pytest.raises(ShapeError, match="input has 64 features, the layer expects 128"):
         layer(torch.randn(3, 64))
@@ -300,8 +304,8 @@ def test_ops_argument_errors(monkeypatch):
         MarlinWeight(qw, s, bits=8, n=128, k=256, group_size=128)
     with pytest.raises(ShapeError, match=r"scales must be float16/bfloat16 \(1, 128\)"):
         MarlinWeight(qw, s, bits=4, n=128, k=256, group_size=-1)
-    with pytest.raises(ShapeError, match="n=96"):
-        MarlinWeight(qw, s, bits=4, n=96, k=256, group_size=128)
+    with pytest.raises(ShapeError, match=r"qweight must be int32 \(16, 384\) for n=130, k=256 \(stored padded to n=192"):
+        MarlinWeight(qw, s, bits=4, n=130, k=256, group_size=128)
     with pytest.raises(UsageError, match="layout must be 'nk' or 'kn'"):
         ops.dequantize(w, layout="xy")
     # Loose tensors are refused by type, so no unchecked weight reaches the library.
@@ -340,8 +344,12 @@ def test_marlin_weight_is_a_checked_frozen_value():
     assert repr(w) == "MarlinWeight(n=128, k=256, 4-bit, g128, torch.bfloat16, cpu)"
     with pytest.raises(UsageError, match="--group-size: must be 32, 64, 128 or -1"):
         MarlinWeight(w.qweight, w.scales, bits=4, n=128, k=256, group_size=100)
-    with pytest.raises(ShapeError, match=r"k=200 \(in_features\) is not a multiple of 128"):
-        MarlinWeight(w.qweight, w.scales, bits=4, n=128, k=200, group_size=-1)
+    with pytest.raises(ShapeError, match=r"k=200 \(in_features\) is not a multiple of the group size 128"):
+        MarlinWeight(w.qweight, w.scales, bits=4, n=128, k=200, group_size=128)
+    with pytest.raises(ShapeError, match=r"qweight must be int32 \(8, 256\) for n=128, k=100 \(stored padded"):
+        MarlinWeight(w.qweight, w.scales, bits=4, n=128, k=100, group_size=-1)
+    with pytest.raises(ShapeError, match="n >= 1 and k >= 1"):
+        MarlinWeight(w.qweight, w.scales, bits=4, n=0, k=256, group_size=128)
 
 
 def test_quantlinear_packed_follows_its_buffers():

@@ -7,9 +7,12 @@ they do not know with a clear error instead of guessing, and read older ones as 
      outputs (an older rtnq must refuse them rather than read GPTQ words as Marlin words);
   3  a quantized tensor's kind is "quantized" (it was "marlin", whatever the format) and the totals
      count "int4"/"int8" (were "marlin4"/"marlin8"). Versions 1-2 are read with those renames.
+  4  every linear is quantized whatever its shape: group_size is the tensor's own (a smaller one where
+     k needs it), and a marlin tensor the kernels cannot tile is stored padded, its entry saying
+     "padded_shape" (an older rtnq would read those words at the logical shape, so it must refuse).
 
     {
-      "version": 3,
+      "version": 4,
       "format": "rtnq-marlin" | "gptq" | "compressed-tensors",
       "rtnq_version": "0.1.0",
       "defaults": {"bits": 4, "group_size": 128, "scale_rule": "rtn-absmax", "dtype": "bfloat16"},
@@ -20,6 +23,7 @@ they do not know with a clear error instead of guessing, and read older ones as 
       "tensors": {
         "model.layers.0.mlp.up_proj.weight": {
           "kind": "quantized", "bits": 8, "group_size": 128, "shape": [n, k], "dtype": "bfloat16",
+          ("padded_shape": [n', k'] where the marlin outputs hold a padded weight),
           "outputs": {"qweight": "model.layers.0.mlp.up_proj.qweight",
                       "scales": "model.layers.0.mlp.up_proj.scales"},
           "shard": "model-00001-of-00002.safetensors", "rule": "keep-int8:layers.0", "error": 0.0071
@@ -42,8 +46,8 @@ from rtnq import formats
 from rtnq.checkpoint.layout import MANIFEST_NAME
 from rtnq.errors import CheckpointError
 
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 FILENAME = MANIFEST_NAME
 FORMAT = formats.MARLIN.manifest_name  # the default format, and the only one of version 1
 FORMATS = tuple(f.manifest_name for f in formats.ALL)
@@ -62,6 +66,7 @@ class TensorEntry:
     rule: str | None = None  # which option/selector chose the precision (marlin)
     reason: str | None = None  # why it was passed through (passthrough)
     error: float | None = None  # relative Frobenius error of the dequantized weight (marlin)
+    padded_shape: list[int] | None = None  # marlin: the stored (..., n', k') where it differs from shape
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -13,7 +13,8 @@ What each module is, is read off the tensors, not trusted from a manifest:
                      qzeros must hold the symmetric constants (v1 or v2); asymmetric GPTQ is refused.
   compressed-tensors weight_shape [n, k]; bits = 32 * weight_packed columns / k; groups from the scales.
                      A weight_zero_point (asymmetric) is refused.
-  marlin (rtnq)      bits, group size and shape from rtnq_manifest.json, unpacked with rtnq.numerics.marlin.
+  marlin (rtnq)      bits, group size and logical shape from rtnq_manifest.json (the scales must agree),
+                     unpacked with rtnq.numerics.marlin at the padded shape where the kernels needed one.
 Streaming like convert: a few modules in memory at a time (IN_FLIGHT), writes behind on a writer
 thread; output shards mirror the input shards; the
 output is built in a temporary directory and renamed into place at the end.
@@ -57,6 +58,7 @@ class Module:
     n: int
     k: int
     out: Entry  # the dense P.weight
+    group_size: int | None = None  # marlin: the manifest's; GPTQ/compressed-tensors: read off the scales
 
 
 @dataclass
@@ -279,7 +281,7 @@ def _marlin_modules(manifest: mf.Manifest, by_name: dict[str, TensorSpec]) -> li
         *_, n, k = e.shape
         prefix = names.module_name(name)
         modules.append(Module(prefix, {"qweight": qw, "scales": sc}, e.bits, n, k,
-                              Entry(name, sc.dtype, tuple(e.shape))))
+                              Entry(name, sc.dtype, tuple(e.shape)), e.group_size))
     return modules
 
 
@@ -289,6 +291,9 @@ def dense_weight(m: Module, method: str, reader: Reader) -> torch.Tensor:
     packed, scales = (reader.read(m.inputs[role]) for role in fmt.roles[:2])
     codes, scales = fmt.unpack(packed, scales, m.bits, m.n, m.k)  # (..., n, k), (..., n, groups)
     group = m.k // scales.shape[-1]
+    if m.group_size is not None and params.effective_group(m.k, m.group_size) != group:
+        raise CheckpointError(f"{m.prefix}: {scales.shape[-1]} scale groups per row, but the manifest says group "
+                              f"size {m.group_size} for k={m.k}")
     if "g_idx" in m.inputs:
         rows = reader.read(m.inputs["g_idx"]).to(torch.int64)
         if rows.min() < 0 or rows.max() >= scales.shape[-1]:

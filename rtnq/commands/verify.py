@@ -96,6 +96,10 @@ def _check_one(name, entry, spec, out_specs, src_reader: Reader, out_reader: Rea
     missing = [role for role in fmt.roles if role not in entry.outputs]
     if missing:
         return Check(name, entry.kind, False, f"the manifest names no {missing[0]} output ({fmt.name} format)", None)
+    stored = list(fmt.stored_shape(tuple(entry.shape)))
+    if (entry.padded_shape or list(entry.shape)) != stored:
+        return Check(name, entry.kind, False, f"the manifest's padded_shape {entry.padded_shape} is not the "
+                     f"{fmt.name} format's {stored} for shape {list(entry.shape)}", None)
     s_spec = out_specs[entry.outputs[fmt.roles[1]]]
     w16 = src_reader.read(spec).to(s_spec.torch_dtype)
     codes, scales = rtn.quantize(w16, entry.bits, entry.group_size, name=name)

@@ -108,24 +108,45 @@ def plain_linears(decisions: Sequence, infos: Sequence[NameInfo], ndim: dict[str
     ]
 
 
+def default_group(decisions: Sequence, bits: int, group_size: int) -> int:
+    """The group size a config states at top level: the one most tensors at the default bits use (a
+    model whose hidden size 128 does not divide quantizes most linears with 64), ties to --group-size."""
+    counts: dict[int, int] = {}
+    for d in decisions:
+        if d.kind == "quantized" and d.bits == bits:
+            counts[d.group_size] = counts.get(d.group_size, 0) + 1
+    return max(counts, key=lambda g: (counts[g], g == group_size), default=group_size)
+
+
+def _schemes(decisions: Sequence, by_name: dict[str, NameInfo], top: tuple[int, int]) -> dict:
+    """(bits, group size) -> the quantized modules that use it, for every pair but the top-level one."""
+    out: dict[tuple[int, int], list[NameInfo]] = {}
+    for d in decisions:
+        if d.kind == "quantized" and (d.bits, d.group_size) != top:
+            out.setdefault((d.bits, d.group_size), []).append(by_name[d.name])
+    return dict(sorted(out.items(), key=lambda kv: (kv[0][0] == top[0], kv[0][0], -kv[0][1])))
+
+
 def gptq(
     decisions: Sequence, infos: Sequence[NameInfo], ndim: dict[str, int], *, bits: int, group_size: int
 ) -> dict:
-    """GPTQ `quantization_config` (FORMATS.md 6.1): the run's default bits at top level, every other
-    precision a `+:` override in `dynamic`, and every 16-bit linear a `-:` entry. The patterns never
+    """GPTQ `quantization_config` (FORMATS.md 6.1): the run's default bits and most common group size
+    at top level, every other (bits, group size) a `+:` override in `dynamic` (vLLM reads both keys per
+    module, matched against its fused names), and every 16-bit linear a `-:` entry. The patterns never
     overlap, so their order (config.json is written with sorted keys) does not matter."""
     by_name = {i.name: i for i in infos}
+    top = (bits, default_group(decisions, bits, group_size))
     dynamic: dict[str, dict] = {}
     for p in module_patterns(plain_linears(decisions, infos, ndim), infos):
         dynamic[f"-:{p}"] = {}
-    for other in (4, 8):
-        mods = [by_name[d.name] for d in decisions if d.kind == "quantized" and d.bits == other and other != bits]
+    for (b, g), mods in _schemes(decisions, by_name, top).items():
+        override = ({"bits": b} if b != bits else {}) | ({"group_size": g} if g != top[1] else {})
         for p in module_patterns(mods, infos):
-            dynamic[f"+:{p}"] = {"bits": other}
+            dynamic[f"+:{p}"] = override
     cfg = {
         "quant_method": "gptq",
         "bits": bits,
-        "group_size": group_size,
+        "group_size": top[1],
         "desc_act": False,
         "sym": True,
         "lm_head": False,
@@ -157,19 +178,21 @@ def compressed_tensors(
 ) -> dict:
     """compressed-tensors `pack-quantized` config (FORMATS.md 6.3).
 
-    The other precision's group comes first, with regex targets; the default precision's group last,
-    with the class target "Linear". Engines and the library's model matching prefer a name match over a
-    class match whatever the order, but the library's checkpoint dequantizer treats "Linear" as "every
-    remaining module" and visits the groups in order. `ignore`: lm_head and every other 16-bit module
-    with a 2-D weight (routers, projectors, skipped or gated linears), which "Linear" would claim.
+    Each (bits, group size) other than the default one is a group with regex targets (the other
+    precision first); the default bits with their most common group size come last, with the class
+    target "Linear". Engines and the library's model matching prefer a name match over a class match
+    whatever the order, but the library's checkpoint dequantizer treats "Linear" as "every remaining
+    module" and visits the groups in order. A fused layer's members share k, hence one group size:
+    vLLM takes a fused layer's scheme from its first member without comparing the others.
+    `ignore`: lm_head and every other 16-bit module with a 2-D weight (routers, projectors, skipped or
+    gated linears), which "Linear" would claim.
     """
     by_name = {i.name: i for i in infos}
     groups: dict[str, dict] = {}
-    other = 8 if bits == 4 else 4
-    mods = [by_name[d.name] for d in decisions if d.kind == "quantized" and d.bits == other]
-    if mods:
-        groups[f"group_{len(groups)}"] = _scheme([f"re:{p}" for p in module_patterns(mods, infos)], other, group_size)
-    groups[f"group_{len(groups)}"] = _scheme(["Linear"], bits, group_size)
+    top = (bits, default_group(decisions, bits, group_size))
+    for (b, g), mods in _schemes(decisions, by_name, top).items():
+        groups[f"group_{len(groups)}"] = _scheme([f"re:{p}" for p in module_patterns(mods, infos)], b, g)
+    groups[f"group_{len(groups)}"] = _scheme(["Linear"], *top)
     ignore = ["lm_head"] + [f"re:{p}" for p in module_patterns(plain_linears(decisions, infos, ndim), infos)]
     return {
         "quant_method": "compressed-tensors",

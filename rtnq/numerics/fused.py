@@ -171,11 +171,6 @@ def quantize_rows(
     n = scales.shape[0] if code == 1 else scales.shape[1]  # "marlin": the padded n
     if w_rows.dtype not in _DTYPE_CODE or scales.dtype != w_rows.dtype or qweight.dtype != torch.int32:
         raise ShapeError(f"{name}: fast path needs 16-bit rows and scales and int32 qweight")
-    rows_p = -(-rows // ROW_ALIGN) * ROW_ALIGN
-    # a short chunk must be the tensor's last: it ends at n (at the padded n in the Marlin layout)
-    end = row0 + (rows_p if code == 0 else rows)
-    if row0 % ROW_ALIGN or end > n or (rows != rows_p and end != n):
-        raise ShapeError(f"{name}: row chunk [{row0}, {row0 + rows}) is not a run of 64-row blocks of n={n}")
     if group_size != -1 and k % group_size:
         raise ShapeError(f"{name}: k={k} is not a multiple of the group size {group_size}")
     if code != 0 and k % shape_rule.PACK:
@@ -185,6 +180,11 @@ def quantize_rows(
             f"{name}: output buffers {tuple(qweight.shape)}, {tuple(scales.shape)} do not fit n={n}, k={k}"
             f" in the {layout} layout"
         )
+    rows_p = -(-rows // ROW_ALIGN) * ROW_ALIGN
+    # a short chunk must be the tensor's last: it ends at n (at the padded n in the Marlin layout)
+    end = row0 + (rows_p if code == 0 else rows)
+    if row0 % ROW_ALIGN or end > n or (rows != rows_p and end != n):
+        raise ShapeError(f"{name}: row chunk [{row0}, {row0 + rows}) is not a run of 64-row blocks of n={n}")
     lib = library() if backend in (None, "c", "c-scalar") else None
     if backend in ("c", "c-scalar") and lib is None:
         raise RuntimeError("the rtnq C fast path is not built (pip install the package with a C compiler)")

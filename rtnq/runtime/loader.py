@@ -10,6 +10,10 @@ which one is wrong.
 GPTQ and compressed-tensors exports load too: their codes and scales are repacked into the Marlin
 layout on the CPU first (what vLLM does on the GPU at load time), which gives the bytes the marlin
 format would have held (tests/test_export.py checks that). Repacking runs at roughly 100-200 M weights/s.
+
+Shapes: the manifest gives every weight's logical (n, k); the marlin format stores shapes off the
+kernels' tiles padded (formats.Format.stored_shape), and exports are padded when repacked, so every
+MarlinWeight is built with the logical (n, k) over tensors of the stored shape.
 """
 
 from __future__ import annotations
@@ -110,6 +114,8 @@ def load_checkpoint(out_dir: str | Path, device: str | torch.device = "cuda") ->
         if fmt is not formats.MARLIN:
             qweight, scales = to_marlin(fmt, qweight, scales, entry, f"{root}: {name}")
             qweight, scales = qweight.to(dev), scales.to(dev)
+        else:  # already stored (padded) as the kernels read it; 3-D expert tensors get no other check
+            check_stored(fmt, qweight, scales, entry, f"{root}: {name}")
         if len(entry.shape) != 2:
             tensors[entry.outputs["qweight"]] = qweight
             tensors[entry.outputs["scales"]] = scales
@@ -132,12 +138,29 @@ def load_checkpoint(out_dir: str | Path, device: str | torch.device = "cuda") ->
     return LoadedCheckpoint(linears=linears, tensors=tensors, manifest=man, path=root, skipped=skipped)
 
 
+def check_stored(fmt, packed: torch.Tensor, scales: torch.Tensor, entry, where: str) -> None:
+    """CheckpointError unless the packed codes (int32) and scales have the shapes `fmt` stores for the
+    manifest entry's logical shape (for marlin: the padded one)."""
+    planned = fmt.entries("", tuple(entry.shape), entry.bits, entry.group_size, str(scales.dtype))
+    for role, tensor, (_, _, want) in zip(fmt.roles[:2], (packed, scales), planned[:2]):
+        bad_dtype = role == fmt.roles[0] and tensor.dtype != torch.int32
+        if tuple(tensor.shape) != tuple(want) or bad_dtype:
+            dtype = "int32 " if role == fmt.roles[0] else ""
+            raise CheckpointError(
+                f"{where} does not match its manifest entry: {role} must be {dtype}{tuple(want)} for shape "
+                f"{tuple(entry.shape)}, {entry.bits}-bit, group_size {entry.group_size}; "
+                f"got {tensor.dtype} {tuple(tensor.shape)}"
+            )
+
+
 def to_marlin(fmt, packed: torch.Tensor, scales: torch.Tensor, entry, where: str):
-    """A GPTQ / compressed-tensors module's packed codes and plain scales -> Marlin qweight and scales."""
+    """A GPTQ / compressed-tensors module's packed codes and plain scales (logical shape) -> Marlin qweight
+    and scales, padded like the marlin format stores them (a MarlinWeight with the entry's logical n, k)."""
     n, k = entry.shape
     planned = fmt.entries("", (n, k), entry.bits, entry.group_size, scales.dtype)
     want = tuple(shape for _, _, shape in planned[:2])
     if (tuple(packed.shape), tuple(scales.shape)) != want or packed.dtype != torch.int32:
         raise CheckpointError(f"{where}: {fmt.name} tensors {tuple(packed.shape)}, {tuple(scales.shape)} do not fit "
                               f"its manifest entry ({n}, {k}), {entry.bits}-bit")
-    return marlin.pack(*fmt.unpack(packed, scales, entry.bits, n, k), entry.bits)
+    codes, scales_ng = fmt.unpack(packed, scales, entry.bits, n, k)
+    return marlin.pack(*marlin.pad(codes, scales_ng, entry.bits, entry.group_size), entry.bits)

@@ -4,6 +4,9 @@ Tensors stay torch tensors; the library gets their data pointers, the current CU
 device and a workspace this module owns (one zero-filled buffer per device and stream). The weight is a
 MarlinWeight (checked when it was made); the rest of each call is checked here first, so a wrong call
 fails with a clear message before the library is even loaded.
+
+Callers see logical shapes only: x (m, k), results (m, n), (n, k) or (k, n). A padded weight (see
+MarlinWeight) runs the kernels at its stored dims: x is zero-padded to k_stored and the result cropped to n.
 """
 
 from __future__ import annotations
@@ -88,8 +91,9 @@ def thresholds_for(device: torch.device, bits: int, dtype: torch.dtype) -> dispa
 def dequantize(weight: MarlinWeight, *, layout: str = "nk", out: torch.Tensor | None = None) -> torch.Tensor:
     """Dense weight from the Marlin layout, bit-identical to weight.reference_dequantize() (rtn.dequantize).
 
-    weight: on CUDA. layout "nk" returns (n, k) (the nn.Linear weight), "kn" returns (k, n) = W^T;
-    dtype = the scales' dtype. out: optional contiguous, 16-byte aligned tensor of that shape and dtype.
+    weight: on CUDA. layout "nk" returns (n, k) (the nn.Linear weight), "kn" returns (k, n) = W^T, logical
+    shapes (a padded weight is dequantized at its stored dims, then cropped); dtype = the scales' dtype.
+    out: optional contiguous, 16-byte aligned tensor of that shape and dtype.
     """
     w = _weight(weight)
     if layout not in _LAYOUTS:
@@ -103,14 +107,20 @@ def dequantize(weight: MarlinWeight, *, layout: str = "nk", out: torch.Tensor | 
         raise UsageError(f"out must be a contiguous {dtype} {shape} tensor on {device}")
     if out.data_ptr() % 16:
         raise UsageError("out must be 16-byte aligned")
+    n_s, k_s = w.n_stored, w.k_stored
+    # The kernel writes the whole stored matrix: a padded weight goes through a temporary, cropped into out.
+    stored = (n_s, k_s) if layout == "nk" else (k_s, n_s)
+    target = out if stored == shape else torch.empty(stored, dtype=dtype, device=device)
     qweight, scales = _ready(w.qweight), _ready(w.scales)
     lib = library.load()
     with torch.cuda.device(device):
         status = lib.rtnq_dequantize(
-            qweight.data_ptr(), scales.data_ptr(), out.data_ptr(), n, k, w.bits, w.group_size,
+            qweight.data_ptr(), scales.data_ptr(), target.data_ptr(), n_s, k_s, w.bits, w.group_size,
             _DTYPES[dtype], _LAYOUTS[layout], _stream(device),
         )
     library.check(status, "rtnq_dequantize")
+    if target is not out:
+        out.copy_(target[: shape[0], : shape[1]])
     return out
 
 
@@ -120,7 +130,8 @@ def gemm(x: torch.Tensor, weight: MarlinWeight, *, path: str = "auto", out: torc
     x: float16/bfloat16 (m, k), CUDA (row-major; copied if not contiguous).  weight: on x's device, scales
     in x's dtype.  path: "auto" (by m, with thresholds measured by `rtnq bench`; see rtnq.runtime.dispatch),
     "small_m", "tensor_core" or "dequant" (dequantize kernel + torch.matmul).  out: optional (m, n)
-    x.dtype contiguous tensor to write into.  Returns (m, n) in x.dtype.
+    x.dtype contiguous tensor to write into.  Returns (m, n) in x.dtype.  n, k are the weight's logical
+    dims; for a padded weight the kernels see x zero-padded to k_stored and write an (m, n_stored) temporary.
     """
     w = _weight(weight)
     n, k = w.n, w.k
@@ -146,8 +157,13 @@ def gemm(x: torch.Tensor, weight: MarlinWeight, *, path: str = "auto", out: torc
         path = dispatch.forced_path() or dispatch.choose_path(m, thresholds_for(x.device, w.bits, x.dtype))
     if path == "dequant":
         return torch.matmul(x, dequantize(w, layout="kn"), out=out)
-    if out.data_ptr() % 16:
+    n_s, k_s = w.n_stored, w.k_stored
+    if n_s == n and out.data_ptr() % 16:
         raise UsageError("out must be 16-byte aligned")
+    if k_s != k:
+        # Zeros, not uninitialised memory: the padded codes dequantize to 0, but NaN/Inf garbage * 0 = NaN.
+        x = torch.nn.functional.pad(x, (0, k_s - k))
+    target = out if n_s == n else torch.empty((m, n_s), dtype=x.dtype, device=x.device)
     x, qweight, scales = _ready(x), _ready(w.qweight), _ready(w.scales)
     lib = library.load()
     fn = lib.rtnq_gemm_small_m if path == "small_m" else lib.rtnq_gemm_tensor_core
@@ -155,15 +171,19 @@ def gemm(x: torch.Tensor, weight: MarlinWeight, *, path: str = "auto", out: torc
         stream = _stream(x.device)
         ws = workspace(x.device, stream)
         status = fn(
-            x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), out.data_ptr(), m, n, k, w.bits, w.group_size,
+            x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), target.data_ptr(), m, n_s, k_s, w.bits, w.group_size,
             _DTYPES[x.dtype], ws.data_ptr(), ws.numel(), stream,
         )
     library.check(status, f"rtnq_gemm_{path}")
+    if target is not out:
+        out.copy_(target[:, :n])
     return out
 
 
 def plan(path: str, m: int, n: int, k: int, *, bits: int, group_size: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(k-splits, rows of x per CTA) the kernel of `path` ("small_m"/"tensor_core") uses on the current GPU."""
+    """(k-splits, rows of x per CTA) the kernel of `path` ("small_m"/"tensor_core") uses on the current GPU.
+
+    n, k: the dims the kernel runs at, i.e. a MarlinWeight's n_stored, k_stored (not its logical n, k)."""
     codes = {"small_m": library.PATH_SMALL_M, "tensor_core": library.PATH_TENSOR_CORE}
     if path not in codes:
         raise UsageError(f"path must be 'small_m' or 'tensor_core', got {path!r}")

@@ -3,6 +3,8 @@
 On CUDA, forward runs the library's GEMM through the measured dispatcher (ops.gemm, path "auto"). On the
 CPU it runs the reference path every GPU result is checked against: marlin.unpack + rtn.dequantize +
 F.linear, i.e. x @ ((code - bias) * scale)^T with the dequantized weight rounded to the scales' dtype.
+Both see logical shapes: a weight stored padded (MarlinWeight.n_stored/k_stored) is cropped or run padded
+inside ops and MarlinWeight, never by the caller.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from torch import nn
 
 from rtnq import params
 from rtnq.errors import ShapeError, UsageError
-from rtnq.numerics import marlin, rtn
+from rtnq.numerics import rtn, shape_rule
 from rtnq.runtime import dispatch, ops
 from rtnq.runtime.weight import MarlinWeight
 
@@ -59,7 +61,10 @@ class QuantLinear(nn.Module):
         bias: torch.Tensor | None = None,
         dtype: torch.dtype = torch.bfloat16,
     ) -> "QuantLinear":
-        """Quantize a float weight (n, k) with rtn.quantize and pack it with marlin.pack (on the CPU).
+        """Quantize a float weight (n, k) with rtn.quantize and pack it with MarlinWeight.pack (on the CPU).
+
+        Any (n, k) rtnq can store works (shape_rule.problem); one off the kernels' tiles is stored padded,
+        in_features/out_features stay (k, n).
 
         bf16/fp16 weights are quantized in their own dtype (the reference rule); fp32 ones are cast to
         `dtype` first. The module is on the CPU; move it with .to(device).
@@ -68,18 +73,26 @@ class QuantLinear(nn.Module):
             raise ShapeError(f"expected a 2-D (n, k) weight, got shape {tuple(w_nk.shape)}")
         n, k = w_nk.shape
         params.check(bits, group_size)
-        # Before the quantize pass: a shape Marlin cannot hold fails here with the shape rule's reason,
-        # not later inside marlin.pack.
-        reason = marlin.check_shape(n, k, group_size)
+        # Before the quantize pass, with the converter's shape rule and wording: shapes off the kernels'
+        # tiles are fine (MarlinWeight.pack pads them), but the group size must divide k exactly, since a
+        # module takes the size it is given (the converter falls back per tensor, shape_rule.group_for).
+        reason = shape_rule.problem(n, k, group_size)
         if reason:
-            raise ShapeError(f"cannot pack this weight for the Marlin kernels: {reason}")
+            raise ShapeError(f"cannot quantize a ({n}, {k}) weight for the Marlin kernels: {reason}")
+        if group_size != -1 and k % group_size:
+            fits = shape_rule.group_for(k, group_size)
+            raise ShapeError(
+                f"cannot quantize a ({n}, {k}) weight with group size {group_size}: k={k} (in_features) is not a "
+                f"multiple of {group_size}; choose group size {fits} (--group-size {fits}) or -1"
+            )
         codes, scales = rtn.quantize(w_nk.detach().cpu(), bits, group_size, dtype=dtype)
         return cls(MarlinWeight.pack(codes, scales, bits, group_size), bias=bias)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the layer computes with: (n, k) in the scales' dtype, on the layer's device.
 
-        CUDA: the library's dequantize kernel. CPU: marlin.unpack + rtn.dequantize. Bit-identical.
+        CUDA: the library's dequantize kernel. CPU: marlin.unpack + rtn.dequantize. Bit-identical; logical
+        shape (padding cropped).
         """
         w = self.packed
         if self.qweight.is_cuda:

@@ -20,6 +20,7 @@ def manifest_entry(item: Item, error: float | None) -> mf.TensorEntry:
     d, spec = item.decision, item.spec
     q = item.quantized
     outputs = {e.name.rpartition(".")[2]: e.name for e in item.outputs} if q else {"tensor": item.outputs[0].name}
+    stored = list(item.stored_shape) if q and tuple(item.stored_shape) != tuple(spec.shape) else None
     return mf.TensorEntry(
         kind=d.kind,
         shape=list(spec.shape),
@@ -31,6 +32,7 @@ def manifest_entry(item: Item, error: float | None) -> mf.TensorEntry:
         rule=d.rule if q else None,
         reason=None if q else d.reason,
         error=error,
+        padded_shape=stored,
     )
 
 

@@ -46,6 +46,7 @@ class Item:
     outputs: list[Entry]  # quantized: the format's tensors, codes and scales first; else the tensor itself
     out_shard: str
     quant_dtype: dtypes.DType | None = None  # the 16-bit dtype the RTN arithmetic runs in (quantized only)
+    stored_shape: tuple[int, ...] = ()  # the weight shape the packed outputs hold (marlin: padded); quantized only
 
     @property
     def quantized(self) -> bool:
@@ -117,6 +118,7 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
         strict=options.strict,
         tp=options.tp,
         kv_heads=layout.kv_heads(src_dir),
+        layout=fmt.layout,
     )
     src_shards = list(dict.fromkeys(s.shard for s in specs))
     shard_names = {s: layout.shard_name(i, len(src_shards)) for i, s in enumerate(src_shards)}
@@ -129,7 +131,8 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
                 "module, so it cannot hold it. Use --format marlin, or --skip experts"
             )
         qdt = quant_dtype(spec, options) if d.kind == "quantized" else None
-        items.append(Item(spec, d, output_entries(spec, d, qdt, fmt), shard_names[spec.shard], qdt))
+        stored = fmt.stored_shape(spec.shape) if d.kind == "quantized" else ()
+        items.append(Item(spec, d, output_entries(spec, d, qdt, fmt), shard_names[spec.shard], qdt, stored))
     shards: dict[str, list[Entry]] = {}
     for item in items:
         shards.setdefault(item.out_shard, []).extend(item.outputs)
