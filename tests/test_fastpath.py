@@ -14,10 +14,10 @@ import math
 import pytest
 import torch
 
-from rtnq.commands import convert
-from rtnq.numerics import fused, kpack, marlin, rtn
 from rtnq import synthetic
+from rtnq.commands import convert
 from rtnq.errors import InvalidWeightError, ShapeError, UsageError
+from rtnq.numerics import fused, kpack, marlin, rtn
 
 HAVE_C = fused.library() is not None
 BACKENDS = ["torch"] + (["c", "c-scalar"] if HAVE_C else [])

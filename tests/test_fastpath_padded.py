@@ -129,7 +129,7 @@ def test_padded_shapes_in_fp16(backend, layout, shape):
 def _chunks(n):
     """128 rows, then the remainder (a short last chunk when n % 64 != 0), fed remainder first."""
     if n <= 128:
-        first = 64 if n > 64 else n
+        first = min(n, 64)
     else:
         first = 128
     parts = [(0, first)] + ([(first, n - first)] if n > first else [])

@@ -3,6 +3,7 @@ argument checks of ops, and the checkpoint loader. No GPU and no built library n
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import subprocess
@@ -14,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from rtnq import formats
 from rtnq.checkpoint import manifest
-from rtnq.numerics import marlin, rtn
+from rtnq.numerics import marlin, rtn, shape_rule
 from rtnq.errors import CheckpointError, KernelUnavailable, RtnqError, ShapeError, UsageError
 from rtnq.runtime import MarlinWeight, QuantLinear, dispatch, library, load_checkpoint, ops
 
@@ -363,28 +365,196 @@ def test_quantlinear_packed_follows_its_buffers():
     assert torch.equal(again.dequantized_weight(), layer.dequantized_weight())
 
 
+# ---- Padded shapes: logical (n, k) off the kernels' tiles, stored at shape_rule.padded(n, k) --------------------------
+
+# (n, k, group): padded n and k, padded n only, padded k only with a channelwise-sized tail, an aligned control.
+PADDED_SHAPES = [(576, 576, 64), (192, 576, 64), (100, 256, 128), (100, 96, 32), (72, 200, -1), (960, 1536, 128)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, k, group", PADDED_SHAPES)
+def test_quantlinear_cpu_padded_shapes_match_rtn(bits, dtype, n, k, group):
+    gen = torch.Generator().manual_seed(n * 7 + k + bits)
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
+    layer = QuantLinear.from_weight(w, bits, group)
+    n_s, k_s = shape_rule.padded(n, k)
+    assert (layer.out_features, layer.in_features) == (n, k)
+    packed = layer.packed
+    assert (packed.n, packed.k, packed.n_stored, packed.k_stored) == (n, k, n_s, k_s)
+    assert packed.is_padded == ((n_s, k_s) != (n, k))
+    assert tuple(layer.qweight.shape) == (k_s // 16, n_s * bits // 2)
+    assert tuple(layer.scales.shape) == (1 if group == -1 else k_s // group, n_s)
+    w_deq = rtn.dequantize(*rtn.quantize(w, bits, group), bits, group)
+    assert torch.equal(layer.dequantized_weight().view(torch.int16), w_deq.view(torch.int16))  # bit-exact, (n, k)
+    x = torch.randn(2, 3, k, generator=gen).to(dtype)
+    y = layer(x)
+    assert y.shape == (2, 3, n) and torch.equal(y, F.linear(x, w_deq))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n, k, group", PADDED_SHAPES)
+def test_marlin_weight_padded_roundtrip_and_padding_is_zero(bits, n, k, group):
+    w_nk = (torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.02).to(torch.bfloat16)
+    codes, scales = rtn.quantize(w_nk, bits, group)
+    w = MarlinWeight.pack(codes, scales, bits, group)
+    n_s, k_s = w.n_stored, w.k_stored
+    got_codes, got_scales = w.unpack()  # logical
+    assert torch.equal(got_codes, codes) and torch.equal(got_scales, scales)
+    assert torch.equal(w.reference_dequantize(), rtn.dequantize(codes, scales, bits, group))
+    # The bytes the marlin format stores for this logical weight (formats.MARLIN.reference pads then packs).
+    ref_q, ref_s = formats.MARLIN.reference(codes, scales, bits, group)
+    assert torch.equal(w.qweight, ref_q) and torch.equal(w.scales, ref_s)
+    # The stored tensors' padding: bias codes (the code of 0.0) and zero scale groups, i.e. exact zeros.
+    codes_p, scales_p = marlin.unpack(w.qweight, w.scales, bits, n_s, k_s)
+    assert torch.equal(codes_p[:n, :k], codes)
+    assert bool((codes_p[n:] == rtn.bias(bits)).all()) and bool((codes_p[:, k:] == rtn.bias(bits)).all())
+    groups = 1 if group == -1 else k // group
+    assert bool((scales_p[n:] == 0).all()) and bool((scales_p[:, groups:] == 0).all())
+    dense_p = rtn.dequantize(codes_p, scales_p, bits, group)
+    assert not bool(dense_p[n:].any()) and not bool(dense_p[:, k:].any())
+    stored = f", stored {n_s}x{k_s}" if (n_s, k_s) != (n, k) else ""
+    assert repr(w).startswith(f"MarlinWeight(n={n}, k={k}{stored}, {bits}-bit, ")
+
+
+def test_marlin_weight_padded_shape_errors():
+    codes, scales = rtn.quantize(torch.randn(100, 192).to(torch.float16), 4, 64)
+    w = MarlinWeight.pack(codes, scales, 4, 64)  # stored (128, 256): qweight (16, 256), scales (4, 128)
+    assert tuple(w.qweight.shape) == (16, 256) and tuple(w.scales.shape) == (4, 128)
+    # Any logical (n, k) with the same stored shape is accepted (the manifest says which); others are not.
+    assert MarlinWeight(w.qweight, w.scales, 4, 65, 256, 64).n_stored == 128
+    with pytest.raises(ShapeError, match=r"qweight must be int32 \(16, 384\) for n=130, k=192 \(stored padded to "
+                                         r"n=192, k=256\), 4-bit; got torch.int32 \(16, 256\)"):
+        MarlinWeight(w.qweight, w.scales, 4, 130, 192, 64)
+    with pytest.raises(ShapeError, match=r"qweight must be int32 \(24, 256\) for n=100, k=320"):
+        MarlinWeight(w.qweight, w.scales, 4, 100, 320, 64)
+    with pytest.raises(ShapeError, match=r"scales must be float16/bfloat16 \(2, 128\) for group_size 128"):
+        MarlinWeight(w.qweight, w.scales, 4, 100, 256, 128)
+    with pytest.raises(ShapeError, match=r"k=192 \(in_features\) is not a multiple of the group size 128"):
+        MarlinWeight(w.qweight, w.scales, 4, 100, 192, 128)
+    with pytest.raises(ShapeError, match=r"qweight must be int32 \(16, 512\) for n=100, k=192 .* 8-bit"):
+        MarlinWeight(w.qweight, w.scales, 8, 100, 192, 64)
+    with pytest.raises(ShapeError, match=r"scales must be float16/bfloat16 \(4, 128\)"):
+        MarlinWeight(w.qweight, w.scales[:, :100], 4, 100, 192, 64)  # logical-width scales: not stored ones
+    with pytest.raises(ShapeError, match="MarlinWeight.pack: expected 2-D codes"):
+        MarlinWeight.pack(codes[None], scales[None], 4, 64)
+
+
+class FakeLibrary:
+    """Stands in for librtnq_cuda.so on CPU tensors: reads and writes through the raw pointers ops passes, like
+    the kernels, and computes with the reference. Records what each kernel saw (the stored dims, padded x)."""
+
+    def __init__(self):
+        self.calls = []
+
+    @staticmethod
+    def view(ptr, shape, dtype):
+        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        return torch.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=dtype).view(shape)
+
+    def _weight(self, q_ptr, s_ptr, n, k, bits, group, dt):
+        # The real library refuses stored dims off the tiles (ERR_SHAPE); ops must never pass logical ones.
+        assert n % 64 == 0 and k % 128 == 0, (n, k)
+        dtype = {library.FLOAT16: torch.float16, library.BFLOAT16: torch.bfloat16}[dt]
+        qweight = self.view(q_ptr, (k // 16, n * bits // 2), torch.int32).clone()
+        scales = self.view(s_ptr, (1 if group == -1 else k // group, n), dtype).clone()
+        return MarlinWeight(qweight, scales, bits, n, k, group).reference_dequantize(), dtype
+
+    def _gemm(self, x_ptr, q_ptr, s_ptr, out_ptr, m, n, k, bits, group, dt, ws, ws_size, stream):
+        w, dtype = self._weight(q_ptr, s_ptr, n, k, bits, group, dt)
+        x = self.view(x_ptr, (m, k), dtype).clone()
+        self.calls.append(("gemm", m, n, k, x))
+        self.view(out_ptr, (m, n), dtype).copy_((x.double() @ w.double().t()).to(dtype))
+        return library.OK
+
+    rtnq_gemm_small_m = rtnq_gemm_tensor_core = _gemm
+
+    def rtnq_dequantize(self, q_ptr, s_ptr, out_ptr, n, k, bits, group, dt, layout, stream):
+        w, dtype = self._weight(q_ptr, s_ptr, n, k, bits, group, dt)
+        self.calls.append(("dequantize", n, k, layout))
+        if layout == library.LAYOUT_NK:
+            self.view(out_ptr, (n, k), dtype).copy_(w)
+        else:
+            self.view(out_ptr, (k, n), dtype).copy_(w.t())
+        return library.OK
+
+
+@pytest.fixture()
+def fake_library(monkeypatch):
+    """ops on CPU tensors with FakeLibrary behind it: checks ops' padding and cropping without a GPU."""
+    import contextlib
+
+    fake = FakeLibrary()
+    monkeypatch.setattr(library, "load", lambda: fake)
+    monkeypatch.setattr(ops, "_cuda", lambda t, what: None)
+    monkeypatch.setattr(ops, "_stream", lambda device: 0)
+    monkeypatch.setattr(ops, "workspace", lambda device, stream=None: torch.zeros(64, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    return fake
+
+
+@pytest.mark.parametrize("n, k, group", [(100, 192, 64), (576, 576, 64), (192, 576, -1), (128, 256, 128)])
+def test_ops_run_padded_weights_at_stored_dims(fake_library, n, k, group):
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(n + k)
+    w = MarlinWeight.pack(*rtn.quantize((torch.randn(n, k, generator=gen) * 0.05).to(dtype), 4, group), 4, group)
+    n_s, k_s = w.n_stored, w.k_stored
+    w_ref = w.reference_dequantize()
+    for layout, want in (("nk", w_ref), ("kn", w_ref.t())):
+        out = torch.full(want.shape, float("nan"), dtype=dtype)
+        assert ops.dequantize(w, layout=layout, out=out) is out
+        assert torch.equal(out.view(torch.int16), want.view(torch.int16)), layout  # bit-exact, logical shape
+        assert torch.equal(ops.dequantize(w, layout=layout), want)
+    assert fake_library.calls[-1][:3] == ("dequantize", n_s, k_s)
+
+    x = torch.randn(5, k, generator=gen).to(dtype)
+    ref = (x.double() @ w_ref.double().t()).to(dtype)
+    for path in ("small_m", "tensor_core"):
+        fake_library.calls.clear()
+        y = ops.gemm(x, w, path=path)
+        assert y.shape == (5, n) and y.is_contiguous() and torch.equal(y, ref), path
+        (_, m, got_n, got_k, got_x), = fake_library.calls
+        assert (m, got_n, got_k) == (5, n_s, k_s)
+        assert torch.equal(got_x[:, :k], x) and not bool(got_x[:, k:].any())  # zero-padded, never garbage
+        out = torch.full((5, n), float("nan"), dtype=dtype)
+        assert ops.gemm(x, w, path=path, out=out) is out and torch.equal(out, ref), path
+    y = ops.gemm(x, w, path="dequant")
+    assert y.shape == (5, n) and float((y.double() - ref.double()).norm() / ref.double().norm()) < 8e-3
+    with pytest.raises(ShapeError, match=rf"x must be \(m, {k}\)"):
+        ops.gemm(torch.randn(5, k_s + 8).to(dtype), w)
+    with pytest.raises(UsageError, match=rf"out must be a contiguous torch.bfloat16 \(5, {n}\) tensor"):
+        ops.gemm(x, w, path="small_m", out=torch.empty(5, n_s + 64, dtype=dtype))
+    with pytest.raises(UsageError, match=rf"out must be a contiguous torch.bfloat16 \({n}, {k}\) tensor"):
+        ops.dequantize(w, out=torch.empty(n_s, k_s + 128, dtype=dtype))
+    assert ops.gemm(x[:0], w).shape == (0, n)
+
+
 # ---- Loader ----------------------------------------------------------------------------------------------------------
 
 
 def write_checkpoint(root: Path, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
     """A converted directory as `rtnq convert` writes it: two shards, a manifest, 4- and 8-bit layers, a
-    channelwise layer, a bias, a norm and an embedding passed through. Returns the source weights."""
+    channelwise layer, a layer stored padded (100 x 192 -> 128 x 256), biases, a norm and an embedding
+    passed through. Returns the source weights."""
     gen = torch.Generator().manual_seed(7)
     src = {
         "model.layers.0.self_attn.q_proj.weight": ((torch.randn(128, 256, generator=gen) * 0.02).to(dtype), 4, 128),
         "model.layers.0.mlp.down_proj.weight": ((torch.randn(256, 128, generator=gen) * 0.02).to(dtype), 8, 128),
         "model.layers.1.mlp.up_proj.weight": ((torch.randn(64, 256, generator=gen) * 0.02).to(dtype), 4, -1),
+        "model.layers.1.self_attn.o_proj.weight": ((torch.randn(100, 192, generator=gen) * 0.02).to(dtype), 4, 64),
     }
     passthrough = {
         "model.layers.0.self_attn.q_proj.bias": torch.randn(128, generator=gen).to(dtype),
         "model.norm.weight": torch.ones(256, dtype=dtype),
         "model.embed_tokens.weight": torch.randn(32, 256, generator=gen).to(dtype),
+        "model.layers.1.self_attn.o_proj.bias": torch.randn(100, generator=gen).to(dtype),
     }
     shards = {"model-00001-of-00002.safetensors": {}, "model-00002-of-00002.safetensors": {}}
     entries = {}
     for i, (name, (w, bits, group)) in enumerate(src.items()):
         codes, scales = rtn.quantize(w, bits, group)
-        qw, s = marlin.pack(codes, scales, bits)
+        qw, s = formats.MARLIN.reference(codes, scales, bits, group)  # padded where the shape needs it
+        stored = formats.MARLIN.stored_shape(tuple(w.shape))
         prefix = name[: -len(".weight")]
         shard = list(shards)[i % 2]
         shards[shard][f"{prefix}.qweight"] = qw
@@ -392,6 +562,7 @@ def write_checkpoint(root: Path, dtype=torch.bfloat16) -> dict[str, torch.Tensor
         entries[name] = manifest.TensorEntry(
             kind="quantized", shape=list(w.shape), dtype=str(dtype).removeprefix("torch."), bits=bits, group_size=group,
             outputs={"qweight": f"{prefix}.qweight", "scales": f"{prefix}.scales"}, shard=shard, rule="default",
+            padded_shape=list(stored) if stored != tuple(w.shape) else None,
         )
     for name, t in passthrough.items():
         shard = list(shards)[1]
@@ -412,10 +583,10 @@ def write_checkpoint(root: Path, dtype=torch.bfloat16) -> dict[str, torch.Tensor
 def test_loader_builds_quantlinears_and_passthrough_tensors(tmp_path):
     src = write_checkpoint(tmp_path / "ckpt")
     ckpt = load_checkpoint(tmp_path / "ckpt", device="cpu")
-    assert set(ckpt.linears) == {
-        "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"}
-    assert set(ckpt.tensors) == {
-        "model.layers.0.self_attn.q_proj.bias", "model.norm.weight", "model.embed_tokens.weight"}
+    assert set(ckpt.linears) == {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
+                                 "model.layers.1.mlp.up_proj", "model.layers.1.self_attn.o_proj"}
+    assert set(ckpt.tensors) == {"model.layers.0.self_attn.q_proj.bias", "model.norm.weight",
+                                 "model.embed_tokens.weight", "model.layers.1.self_attn.o_proj.bias"}
     assert ckpt.skipped == []
     q = ckpt.linears["model.layers.0.self_attn.q_proj"]
     assert (q.bits, q.out_features, q.in_features, q.group_size) == (4, 128, 256, 128)
@@ -431,6 +602,12 @@ def test_loader_builds_quantlinears_and_passthrough_tensors(tmp_path):
     x = torch.randn(4, 256).to(torch.bfloat16)
     y = q(x)
     assert torch.equal(y, F.linear(x, q.dequantized_weight(), q.bias))
+    # The padded layer: logical features from the manifest, stored tensors at the padded shape.
+    o = ckpt.linears["model.layers.1.self_attn.o_proj"]
+    assert (o.out_features, o.in_features, o.group_size) == (100, 192, 64)
+    assert (o.packed.n_stored, o.packed.k_stored) == (128, 256) and tuple(o.qweight.shape) == (16, 256)
+    x = torch.randn(4, 192).to(torch.bfloat16)
+    assert torch.equal(o(x), F.linear(x, o.dequantized_weight(), src["model.layers.1.self_attn.o_proj.bias"]))
 
 
 def test_loader_errors(tmp_path):
@@ -467,6 +644,60 @@ def test_loader_errors(tmp_path):
 
     with pytest.raises(CheckpointError, match="no rtnq_manifest.json"):
         load_checkpoint(tmp_path, device="cpu")
+
+
+def _write_single(root: Path, name: str, shape, bits: int, group: int, qweight, scales, padded_shape=None) -> None:
+    """A marlin-format directory holding one quantized entry with the given stored tensors."""
+    prefix = name[: -len(".weight")]
+    root.mkdir(parents=True, exist_ok=True)
+    shard = "model.safetensors"
+    save_file({f"{prefix}.qweight": qweight.contiguous(), f"{prefix}.scales": scales.contiguous()}, str(root / shard),
+              metadata={"format": "rtnq"})
+    entry = manifest.TensorEntry(
+        kind="quantized", shape=list(shape), dtype="bfloat16", bits=bits, group_size=group, shard=shard,
+        outputs={"qweight": f"{prefix}.qweight", "scales": f"{prefix}.scales"}, rule="default",
+        padded_shape=None if padded_shape is None else list(padded_shape),
+    )
+    m = manifest.Manifest(defaults={"bits": bits, "group_size": group, "dtype": "bfloat16"}, tensors={name: entry})
+    (root / manifest.FILENAME).write_text(m.dumps())
+
+
+def test_loader_padded_experts_and_stored_shape_checks(tmp_path):
+    # A 3-D expert weight off the tiles: kept raw at its stored (padded) shape, and checked against it.
+    name = "model.layers.0.mlp.experts.down_proj.weight"
+    w = (torch.randn(2, 100, 192) * 0.02).to(torch.bfloat16)
+    codes, scales = rtn.quantize(w, 4, 64)
+    qw, s = formats.MARLIN.reference(codes, scales, 4, 64)
+    assert tuple(qw.shape) == (2, 16, 256) and tuple(s.shape) == (2, 4, 128)
+    _write_single(tmp_path / "ok", name, w.shape, 4, 64, qw, s, padded_shape=(2, 128, 256))
+    ckpt = load_checkpoint(tmp_path / "ok", device="cpu")
+    assert ckpt.linears == {} and len(ckpt.skipped) == 1 and "3-D (expert)" in ckpt.skipped[0]
+    assert torch.equal(ckpt.tensors["model.layers.0.mlp.experts.down_proj.qweight"], qw)
+    got_codes, got_scales = formats.MARLIN.unpack(qw, s, 4, 100, 192)
+    assert torch.equal(got_codes, codes) and torch.equal(got_scales, scales)
+
+    # Unpadded (logical-shape) tensors are not what the marlin format stores: refused, for 3-D too.
+    _write_single(tmp_path / "bad3d", name, w.shape, 4, 64, qw[:, :12], s)
+    with pytest.raises(CheckpointError, match=r"experts.down_proj.weight does not match its manifest entry: qweight "
+                                              r"must be int32 \(2, 16, 256\) for shape \(2, 100, 192\)"):
+        load_checkpoint(tmp_path / "bad3d", device="cpu")
+    _write_single(tmp_path / "bad_scales", name, w.shape, 4, 64, qw, s[:, :3, :100].contiguous())
+    with pytest.raises(CheckpointError, match=r"scales must be \(2, 4, 128\)"):
+        load_checkpoint(tmp_path / "bad_scales", device="cpu")
+    _write_single(tmp_path / "bad_padded", name, w.shape, 4, 64, qw, s, padded_shape=(2, 100, 256))
+    with pytest.raises(CheckpointError, match=r"padded_shape \[2, 100, 256\] is not the stored shape \(2, 128, 256\)"):
+        load_checkpoint(tmp_path / "bad_padded", device="cpu")
+
+    # 2-D: the same checks, then a QuantLinear with the logical features.
+    name2 = "model.layers.0.self_attn.o_proj.weight"
+    _write_single(tmp_path / "two_d", name2, (100, 192), 4, 64, qw[0].contiguous(), s[0].contiguous())
+    layer = load_checkpoint(tmp_path / "two_d", device="cpu").linears["model.layers.0.self_attn.o_proj"]
+    assert (layer.out_features, layer.in_features) == (100, 192)
+    assert torch.equal(layer.dequantized_weight(), rtn.dequantize(codes[0], scales[0], 4, 64))
+    _write_single(tmp_path / "two_d_bad", name2, (100, 192), 4, 64, qw[0, :12].contiguous(), s[0].contiguous())
+    with pytest.raises(CheckpointError, match=r"o_proj.weight does not match its manifest entry: qweight must be int32 "
+                                              r"\(16, 256\)"):
+        load_checkpoint(tmp_path / "two_d_bad", device="cpu")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")

@@ -9,7 +9,8 @@ tensor, in one of three layouts (LAYOUTS), and returns the two sums behind the r
 
 The codes, the scale values and the error sums are the same in every layout; "rows" and "cols"
 store the scales plain (not permuted). The implementations give the same bytes
-(tests/test_fastpath.py checks each against rtn.quantize + marlin.pack / kpack):
+(tests/test_fastpath.py and, off the tiles, test_fastpath_padded.py check each against
+rtn.quantize + marlin.pack / kpack):
 
 * the C library built from csrc/rtnq_cpu.c by `pip install` (rtnq/numerics/_cpu*.so, loaded with ctypes;
   AVX2 + F16C + FMA when the CPU has them, portable C otherwise), called without the GIL so the
@@ -45,8 +46,8 @@ from pathlib import Path
 
 import torch
 
-from rtnq.numerics import kpack, marlin, rtn, shape_rule
 from rtnq.errors import InvalidWeightError, ShapeError, UsageError
+from rtnq.numerics import kpack, marlin, rtn, shape_rule
 from rtnq.params import effective_group
 
 ABI = 2
@@ -306,8 +307,9 @@ def quantize_pack(
     shape shape_rule.problem allows, with group_size dividing k ("marlin": stored padded).
 
     Same bytes as, with codes, s = rtn.quantize(w, bits, group_size):
-    marlin.pack(*marlin.pad(codes, s, bits, group_size), bits) ("marlin"), (kpack.pack_rows(codes, bits), s) ("rows") or (kpack.pack_cols(codes, bits), s.t())
-    ("cols"); the error equals rtn.relative_error(w, rtn.dequantize(...)) up to summation order.
+    marlin.pack(*marlin.pad(codes, s, bits, group_size), bits) ("marlin"),
+    (kpack.pack_rows(codes, bits), s) ("rows") or (kpack.pack_cols(codes, bits), s.t()) ("cols");
+    the error equals rtn.relative_error(w, rtn.dequantize(...)) up to summation order.
     """
     n, k = w.shape
     reason = shape_rule.problem(n, k, group_size, layout)

@@ -141,6 +141,12 @@ def load_checkpoint(out_dir: str | Path, device: str | torch.device = "cuda") ->
 def check_stored(fmt, packed: torch.Tensor, scales: torch.Tensor, entry, where: str) -> None:
     """CheckpointError unless the packed codes (int32) and scales have the shapes `fmt` stores for the
     manifest entry's logical shape (for marlin: the padded one)."""
+    stored = fmt.stored_shape(tuple(entry.shape))
+    if entry.padded_shape is not None and tuple(entry.padded_shape) != stored:
+        raise CheckpointError(
+            f"{where} does not match its manifest entry: padded_shape {list(entry.padded_shape)} is not the stored "
+            f"shape {stored} of {tuple(entry.shape)}"
+        )
     planned = fmt.entries("", tuple(entry.shape), entry.bits, entry.group_size, str(scales.dtype))
     for role, tensor, (_, _, want) in zip(fmt.roles[:2], (packed, scales), planned[:2]):
         bad_dtype = role == fmt.roles[0] and tensor.dtype != torch.int32

@@ -9,6 +9,9 @@ the workspace counters must be back to zero (the split-K protocol resets them).
 Bounds (relative Frobenius error): fp16 1e-3, bf16 8e-3 (fp32 accumulation; the 16-bit output rounding
 dominates). The dequantize kernel must be bit-exact.
 
+Shapes off the kernels' tiles (n % 64, k % 128) are stored padded (MarlinWeight.pack -> marlin.pad); ops runs them
+at the stored dims and returns logical results, which are checked against the same logical reference (PADDED).
+
 The reference runs on the CPU. For the two largest shapes (8192x28672, 4096x128256) the same reference
 code (rtn.dequantize) is evaluated on the GPU to fit the time budget; test_reference_cpu_equals_gpu
 shows on a realistic shape that torch computes it bit-identically on both devices.
@@ -25,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rtnq.numerics import marlin, rtn
+from rtnq.numerics import marlin, rtn, shape_rule
 from rtnq.runtime import MarlinWeight, QuantLinear, library, load_checkpoint, ops
 
 M_LIST = [1, 2, 3, 7, 16, 17, 33, 64, 65, 255, 1024, 1500]
@@ -35,6 +38,9 @@ DTYPES = [torch.float16, torch.bfloat16]
 # (k, n) = (in_features, out_features): Llama-3.1-8B o/q, gate|up, down, 70B gate|up, 8B lm_head
 REALISTIC = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672), (4096, 128256)]
 CPU_REF_MAX = 4096 * 14336  # above this many weights the reference code runs on the GPU
+# (n, k, group) stored padded: both dims (a 576-wide model, g64 since 576 % 128 != 0), k only, n only,
+# k below one tile (96 -> 128, g32), channelwise with k % 128 != 0, and wide n padded (3 tiles of 64 + tail).
+PADDED = [(576, 576, 64), (192, 576, 64), (100, 256, 128), (64, 96, 32), (72, 200, -1), (200, 1024, 128)]
 
 
 def dev() -> torch.device:
@@ -60,12 +66,19 @@ def random_scales(bits: int, n: int, k: int, group: int, dtype, seed: int = 0):
 
 
 class Case:
-    """One weight: the packed MarlinWeight on the GPU plus the reference W (n, k)."""
+    """One weight: the packed MarlinWeight on the GPU plus the reference W (n, k), both logical."""
 
     def __init__(self, bits, n, k, group, dtype, ref_on_gpu=False, seed=0):
         self.bits, self.n, self.k, self.group, self.dtype = bits, n, k, group, dtype
-        codes, qweight = packed_codes(bits, n, k, seed)
         scales = random_scales(bits, n, k, group, dtype, seed)
+        if shape_rule.padded(n, k) != (n, k):  # stored padded: pack through MarlinWeight.pack (marlin.pad)
+            gen = torch.Generator().manual_seed(seed * 7919 + bits * 131 + n + k)
+            codes = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=gen)
+            self.weight = MarlinWeight.pack(codes, scales, bits, group).to(dev())
+            assert self.weight.is_padded and (self.weight.n, self.weight.k) == (n, k)
+            self.w_ref = rtn.dequantize(codes, scales, bits, group).to(dev())
+            return
+        codes, qweight = packed_codes(bits, n, k, seed)
         self.weight = MarlinWeight(qweight.to(dev()), marlin.permute_scales(scales.t().contiguous()).to(dev()),
                                    bits=bits, n=n, k=k, group_size=group)
         if ref_on_gpu:
@@ -220,6 +233,89 @@ def test_plan_reports_split_k_for_a_small_grid():
     assert splits > 1 or info["sm_count"] <= 32  # 32 column tiles cannot fill a big GPU without split-K
     splits, rows = ops.plan("tensor_core", 1024, 4096, 4096, bits=4, group_size=128, dtype=torch.bfloat16)
     assert rows == 64 and splits == 1
+
+
+# ---- Padded shapes: logical (n, k) off the tiles, run at the stored dims -------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,group", PADDED)
+def test_dequantize_bit_exact_padded(bits, dtype, n, k, group):
+    case = Case(bits, n, k, group, dtype)
+    for layout in ("nk", "kn"):
+        out = torch.full((n, k) if layout == "nk" else (k, n), float("nan"), dtype=dtype, device=dev())
+        assert ops.dequantize(case.weight, layout=layout, out=out).data_ptr() == out.data_ptr()
+        got = out if layout == "nk" else out.t()
+        assert torch.equal(got.view(torch.int16), case.w_ref.view(torch.int16)), layout
+        fresh = ops.dequantize(case.weight, layout=layout)
+        assert tuple(fresh.shape) == tuple(out.shape) and torch.equal(fresh, out), layout
+    # Bit-identical to the CPU reference path of the same weight (unpack at stored dims, crop, rtn.dequantize).
+    assert torch.equal(ops.dequantize(case.weight).cpu(), case.weight.to("cpu").reference_dequantize())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,group", PADDED)
+def test_gemm_padded_shapes(bits, dtype, n, k, group):
+    check_gemm(Case(bits, n, k, group, dtype), seed=k + n)
+
+
+def test_padded_gemm_ignores_what_lies_beyond_x():
+    # x a view whose row stride runs into NaN columns: ops must zero-pad a copy, never read past k
+    # (NaN * the padding's 0.0 would poison every output). Also out=None and out= agree.
+    case = Case(4, 100, 200, -1, torch.bfloat16)
+    for m in (1, 7, 40, 300):
+        big = torch.full((m, 256), float("nan"), dtype=torch.bfloat16, device=dev())
+        big[:, :200] = torch.randn(m, 200, device=dev()).to(torch.bfloat16)
+        x = big[:, :200]
+        ref = x.double() @ case.w_ref.double().t()
+        for path in ("auto",) + tuple(PATHS):
+            y = ops.gemm(x, case.weight, path=path)
+            assert y.shape == (m, 100) and y.is_contiguous() and bool(torch.isfinite(y).all()), (m, path)
+            assert rel_err(y, ref) < 8e-3, (m, path)
+            out = torch.full((m, 100), float("nan"), dtype=torch.bfloat16, device=dev())
+            assert ops.gemm(x, case.weight, path=path, out=out).data_ptr() == out.data_ptr()
+            assert torch.equal(out, y), (m, path)
+    assert_workspace_clean()
+
+
+def test_padded_gemm_in_a_cuda_graph():
+    # The padded path allocates temporaries (zero-padded x, the (m, n_stored) result); it must still capture.
+    case = Case(4, 576, 576, 64, torch.bfloat16)
+    x = torch.randn(24, 576, device=dev()).to(torch.bfloat16)
+    capture = torch.cuda.Stream()
+    for p in ("small_m", "tensor_core", "dequant"):
+        expected = run_gemm(case, x, p)
+        capture.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(capture):
+            ops.gemm(x, case.weight, path=p)
+        capture.synchronize()
+        out = torch.empty(24, 576, dtype=torch.bfloat16, device=dev())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=capture):
+            ops.gemm(x, case.weight, path=p, out=out)
+        for _ in range(2):
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, expected), p
+    assert_workspace_clean()
+
+
+@pytest.mark.parametrize("n,k,group", [(576, 576, 64), (100, 200, -1)])
+def test_quantlinear_cuda_matches_cpu_path_padded(n, k, group):
+    w = (torch.randn(n, k) * 0.02).to(torch.bfloat16)
+    bias = torch.randn(n).to(torch.bfloat16)
+    cpu = QuantLinear.from_weight(w, 4, group, bias=bias)
+    gpu = QuantLinear.from_weight(w, 4, group, bias=bias).to(dev())
+    assert gpu.packed.is_padded and (gpu.out_features, gpu.in_features) == (n, k)
+    assert torch.equal(gpu.dequantized_weight().cpu(), cpu.dequantized_weight())
+    for m in (1, 5, 40, 2000):
+        x = torch.randn(m, k).to(torch.bfloat16)
+        ref = x.double() @ cpu.dequantized_weight().double().t() + bias.double()
+        y = gpu(x.to(dev())).cpu()
+        assert y.shape == (m, n) and rel_err(y, ref) < 8e-3, m
 
 
 # ---- Integration --------------------------------------------------------------------------------------------------
