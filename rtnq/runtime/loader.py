@@ -37,7 +37,7 @@ class LoadedCheckpoint:
     """linears: module name (source tensor name minus '.weight') -> QuantLinear.
     tensors: output tensor name -> tensor, for every passthrough entry (biases included, also when attached
     to a QuantLinear) and for quantized entries the runtime has no module for (3-D expert weights, kept as
-    their raw qweight/scales tensors).  manifest: the parsed manifest.  path: the directory."""
+    their raw qweight/scales tensors, at the stored, possibly padded, shape).  manifest: the parsed manifest.  path: the directory."""
 
     linears: dict[str, QuantLinear]
     tensors: dict[str, torch.Tensor]
