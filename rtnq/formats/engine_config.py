@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
+from rtnq.numerics.shape_rule import check_shape
 from rtnq.selection.names import FUSED, NameInfo
 
 # The fused layer name an engine builds from members of a FUSED kind (vLLM's packed_modules_mapping).
@@ -226,19 +227,29 @@ def for_format(fmt, decisions: Sequence, infos: Sequence[NameInfo], ndim: dict[s
     return build(decisions, infos, ndim, bits=bits, group_size=group_size)
 
 
-def warnings(fmt, decisions: Sequence, bits: int) -> list[str]:
+def warnings(fmt, decisions: Sequence, bits: int, shapes: dict[str, tuple[int, ...]] | None = None) -> list[str]:
     """What the engines will do differently from what the export says, for the user and the manifest.
 
     SGLang's GPTQ MoE layers never read `dynamic` (checked with scripts/check_vllm_matching.py
-    --engine sglang): every expert loads at the default bits.
+    --engine sglang): every expert loads at the default bits. Layers off Marlin's tiles (k % 128, n % 64)
+    take another kernel or padding, depending on the engine's version (docs/SERVING.md, "Shapes").
     """
-    if fmt.quant_method != "gptq":
+    if fmt.quant_method not in ("gptq", "compressed-tensors"):
         return []
+    out = []
+    off = [d for d in decisions if d.kind == "quantized" and shapes and check_shape(*shapes[d.name][-2:], -1)]
+    if off:
+        n, k = shapes[off[0].name][-2:]
+        out.append(f"{len(off)} quantized layers are off the Marlin kernels' tiles (k % 128 or n % 64), e.g. "
+                   f"{off[0].name} ({n}x{k}): vLLM 0.34 pads them for Marlin (or uses Machete/Humming on Hopper), "
+                   "vLLM 0.11 serves them only with its fp16-only Exllama kernel; see docs/SERVING.md, Shapes")
+    if fmt.quant_method != "gptq":
+        return out
     odd = [d for d in decisions if "experts" in d.name.lower().split(".")
            and ((d.kind == "quantized" and d.bits != bits) or unquantized_linear(d))]
     if not odd:
-        return []
+        return out
     what = f"{odd[0].bits}-bit" if odd[0].kind == "quantized" else "16-bit"
-    return [f"{len(odd)} MoE expert weights (e.g. {odd[0].name}) are {what} while the default is {bits}-bit: vLLM "
-            "reads that from the GPTQ `dynamic` overrides, but SGLang loads every expert at the default bits; for "
-            "SGLang use --format compressed-tensors"]
+    return out + [f"{len(odd)} MoE expert weights (e.g. {odd[0].name}) are {what} while the default is {bits}-bit: "
+                  "vLLM reads that from the GPTQ `dynamic` overrides, but SGLang loads every expert at the default "
+                  "bits; for SGLang use --format compressed-tensors"]

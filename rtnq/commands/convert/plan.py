@@ -142,8 +142,9 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
             if e.name in seen:
                 raise CheckpointError(f"output tensor name {e.name} would be written twice; the source already has it")
             seen.add(e.name)
+    shapes = {spec.name: spec.shape for spec in specs}
     manifest_warnings = selection.warnings + engine_config.warnings(fmt, list(selection.decisions.values()),
-                                                                    options.bits)
+                                                                    options.bits, shapes)
     warnings = list(manifest_warnings)
     if not options.dry_run:
         from rtnq.numerics import fused  # imports torch: only when the plan will run
