@@ -83,14 +83,17 @@ def build(dev: Device, group: ShapeGroup, checkpoint: Checkpoint | None) -> list
         for cfg in group.configs:
             codes, s_ng = dev.on_device_or_cpu(
                 "rtn.quantize", lambda t: rtn.quantize(t, cfg.bits, cfg.group_size, dtype=dev.dtype), w)
-            q, s = dev.on_device_or_cpu("marlin.pack", lambda c, s: marlin.pack(c, s, cfg.bits), codes, s_ng)
+            q, s = dev.on_device_or_cpu(  # padded to the kernels' tiles where the shape needs it
+                "marlin.pack", lambda c, s: marlin.pack(*marlin.pad(c, s, cfg.bits, cfg.group_size), cfg.bits),
+                codes, s_ng)
             out.append(_config_weights(dev, cfg, MarlinWeight(q, s, cfg.bits, n, k, cfg.group_size), codes, s_ng))
         del w
     else:
         for cfg in group.configs:
             mw = checkpoint.read(group.members[cfg][0], cfg, n, k).to(dev.type)
             codes, s_ng = dev.on_device_or_cpu(
-                "marlin.unpack", lambda a, b: marlin.unpack(a, b, cfg.bits, n, k), mw.qweight, mw.scales)
+                "marlin.unpack", lambda a, b: marlin.crop(*marlin.unpack(a, b, cfg.bits, mw.n_stored, mw.k_stored), n, k),
+                mw.qweight, mw.scales)
             # --dtype may differ from the checkpoint's: the scales are cast for timing (app.run notes it)
             out.append(_config_weights(dev, cfg, mw.to(scale_dtype=dev.dtype), codes, s_ng.to(dev.dtype)))
     return out

@@ -117,9 +117,9 @@ def pad(codes: torch.Tensor, scales_ng: torch.Tensor, bits: int, group_size: int
     if (n_p, k_p) == (n, k):
         return codes, scales_ng
     groups_p = 1 if group_size == -1 else k_p // group_size
-    codes_p = torch.full((*lead, n_p, k_p), bias(bits), dtype=codes.dtype)
+    codes_p = torch.full((*lead, n_p, k_p), bias(bits), dtype=codes.dtype, device=codes.device)
     codes_p[..., :n, :k] = codes
-    scales_p = torch.zeros((*lead, n_p, groups_p), dtype=scales_ng.dtype)
+    scales_p = torch.zeros((*lead, n_p, groups_p), dtype=scales_ng.dtype, device=scales_ng.device)
     scales_p[..., :n, :groups] = scales_ng
     return codes_p, scales_p
 
