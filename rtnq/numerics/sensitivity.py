@@ -1,0 +1,47 @@
+"""Data-free sensitivity of one linear weight to 4-bit RTN: what `--budget` ranks tensors by.
+
+Every score is computed from the weight alone (and, where one precedes it, the RMSNorm weight that
+scales its input channels); nothing needs activations. The quantization is rtn.quantize's, so the
+errors are exactly those of the output at 4 and at 8 bits.
+
+  error       sum((W - W4)^2) - sum((W - W8)^2): squared Frobenius error that promoting to INT8 removes
+  norm_error  the same per input channel j weighted by gamma_j^2, gamma the preceding norm's weight: for
+              an input x = gamma * x_hat with x_hat of unit scale, E|dW x|^2 = sum_j gamma_j^2 |dW_:,j|^2,
+              so this is the expected output error an RMS-normalised input would see (= error without gamma)
+  relative    ||W - W4|| / ||W|| (the per-tensor figure the manifest already records)
+  kurtosis    E[(w - mean)^4] / var^2 over the whole weight (3 for a Gaussian; outliers raise it)
+  max_over_rms  max |w| / rms(w)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rtnq.numerics import rtn
+
+SCORES = ("error", "norm_error", "relative", "kurtosis", "max_over_rms")
+
+
+def scores(w: torch.Tensor, group_size: int, gamma: torch.Tensor | None = None, *, scale: str = "absmax",
+           name: str = "weight") -> dict[str, float]:
+    """SCORES of a 16-bit (n, k) or (E, n, k) weight quantized with `group_size`; gamma: (k,) or None."""
+    w64 = w.double()
+    col = {}
+    for bits in (4, 8):
+        codes, s = rtn.quantize(w, bits, group_size, name=name, **({"scale": scale} if scale != "absmax" else {}))
+        d = w64 - rtn.dequantize(codes, s, bits, group_size).double()
+        col[bits] = (d * d).reshape(-1, w.shape[-1]).sum(0)  # (k,): squared error per input channel
+    gain = col[4] - col[8]
+    total = float((w64 * w64).sum())
+    g2 = None if gamma is None else gamma.double().reshape(-1) ** 2
+    mean = float(w64.mean())
+    var = float(((w64 - mean) ** 2).mean())
+    return {
+        "error": float(gain.sum()),
+        "norm_error": float(gain.sum()) if g2 is None else float((gain * g2).sum()),
+        "relative": math.sqrt(float(col[4].sum()) / total) if total else 0.0,
+        "kurtosis": float(((w64 - mean) ** 4).mean()) / var**2 if var else 0.0,
+        "max_over_rms": float(w64.abs().max()) / math.sqrt(float((w64 * w64).mean())) if total else 0.0,
+    }
