@@ -11,25 +11,31 @@ from rtnq.errors import UsageError
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128, -1)  # -1: one group per row ("channelwise")
+# --budget-score: the data-free scores of rtnq.numerics.sensitivity, the default first
+BUDGET_SCORES = ("norm_error", "error", "relative", "kurtosis", "max_over_rms")
 
 _ALLOWED = {  # option -> (accepted values, how the error says them)
     "--bits": (BITS, "4 or 8"),
     "--group-size": (GROUP_SIZES, "32, 64, 128 or -1 (channelwise)"),
     "--dtype": (dtypes.SIXTEEN_BIT, "bf16 or fp16"),
+    "--budget-score": (BUDGET_SCORES, ", ".join(BUDGET_SCORES)),
 }
 
 
 def problem(option: str, value) -> str | None:
-    """'must be ..., got X' when `value` is not accepted for `option` (--bits, --group-size, --dtype)."""
+    """'must be ..., got X' when `value` is not accepted for `option` (--bits, --group-size, --dtype,
+    --budget-score)."""
     accepted, text = _ALLOWED[option]
     if value in accepted and not isinstance(value, bool):
         return None
     return f"must be {text}, got {value}"
 
 
-def check(bits: int | None = None, group_size: int | None = None, dtype: str | None = None) -> None:
+def check(bits: int | None = None, group_size: int | None = None, dtype: str | None = None,
+          budget_score: str | None = None) -> None:
     """UsageError for a value outside the supported set; None arguments are not checked."""
-    for option, value in (("--bits", bits), ("--group-size", group_size), ("--dtype", dtype)):
+    for option, value in (("--bits", bits), ("--group-size", group_size), ("--dtype", dtype),
+                          ("--budget-score", budget_score)):
         why = None if value is None else problem(option, value)
         if why:
             raise UsageError(f"{option}: {why}")

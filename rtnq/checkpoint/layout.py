@@ -104,6 +104,17 @@ def small_files(src: Path) -> list[str]:
     return keep
 
 
+def model_type(src: Path) -> str:
+    """config.json's model_type (of the text model where there is one), '' if unknown. Best effort."""
+    try:
+        cfg = json.loads((src / CONFIG_NAME).read_text())
+        cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
+        value = cfg.get("model_type", "")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return ""
+    return value if isinstance(value, str) else ""
+
+
 def kv_heads(src: Path) -> int | None:
     """num_key_value_heads (else num_attention_heads) from config.json, for the TP check; None if unknown.
     Best effort: a broken config.json is reported when it is rewritten, not here."""

@@ -24,6 +24,7 @@ they do not know with a clear error instead of guessing, and read older ones as 
         "model.layers.0.mlp.up_proj.weight": {
           "kind": "quantized", "bits": 8, "group_size": 128, "shape": [n, k], "dtype": "bfloat16",
           ("padded_shape": [n', k'] where the marlin outputs hold a padded weight),
+          ("score": 0.12, "rank": 3 for every candidate of --budget; a promoted one's rule is "budget:<score> #3"),
           "outputs": {"qweight": "model.layers.0.mlp.up_proj.qweight",
                       "scales": "model.layers.0.mlp.up_proj.scales"},
           "shard": "model-00001-of-00002.safetensors", "rule": "keep-int8:layers.0", "error": 0.0071
@@ -67,6 +68,8 @@ class TensorEntry:
     reason: str | None = None  # why it was passed through (passthrough)
     error: float | None = None  # relative Frobenius error of the dequantized weight (marlin)
     padded_shape: list[int] | None = None  # marlin: the stored (..., n', k') where it differs from shape
+    score: float | None = None  # --budget: this tensor's data-free score (defaults.budget names which)
+    rank: int | None = None  # --budget: its unit's rank by score per extra bit (1 = first to promote)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from rtnq.cli.app import JsonOpt, app, err
 from rtnq.cli.app import out as results  # `out` is the OUT argument here
-from rtnq.cli.output import emit_json, parse_bits, parse_dtype, parse_format, parse_group, parse_tp, print_line, print_summary, print_totals, split_list, tp_summary, warn
+from rtnq.cli.output import budget_line, emit_json, parse_bits, parse_budget, parse_budget_score, parse_dtype, parse_format, parse_group, parse_tp, print_line, print_summary, print_totals, split_list, tp_summary, warn
 from rtnq.errors import Interrupted
 
 CONVERT_EXAMPLES = """
@@ -36,9 +36,11 @@ def convert(
     dtype: Annotated[Optional[str], typer.Option(callback=parse_dtype, help="Cast weights to bf16/fp16 before quantizing (default: keep 16-bit, fp32 -> bf16).")] = None,
     fmt: Annotated[str, typer.Option("--format", callback=parse_format, help="marlin (rtnq's runtime), gptq or compressed-tensors (vLLM, SGLang, transformers).")] = "marlin",
     tp: Annotated[Optional[str], typer.Option("--tp", help="List the tensors that fail the Marlin shape rules when split for these tensor-parallel degrees, e.g. 2,4,8.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and output size; read no weights.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and output size; read no weights (--budget reads them to score).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
-    strict: Annotated[bool, typer.Option("--strict", help="Fail instead of passing Marlin-incompatible shapes through.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail instead of passing linears whose shape the format cannot hold through.")] = False,
+    budget: Annotated[Optional[float], typer.Option("--budget", callback=parse_budget, help="Promote the INT4 units whose data-free score per extra bit is highest to INT8, while the quantized linears average at most this many bits per weight (codes and scales), e.g. 4.5. Reads the weights once more before writing.")] = None,
+    budget_score: Annotated[str, typer.Option("--budget-score", callback=parse_budget_score, help="The score --budget ranks by: norm_error (default), error, relative, kurtosis, max_over_rms.")] = "norm_error",
     json_out: JsonOpt = False,
 ) -> None:
     """Quantize SRC with round-to-nearest into Marlin-packed INT4/INT8 and write OUT with a manifest."""
@@ -48,6 +50,7 @@ def convert(
     options = conv.ConvertOptions(
         bits=bits, group_size=group_size, keep_int8=split_list(keep_int8), skip=split_list(skip),
         dtype=dtype, strict=strict, force=force, tp=degrees, format=fmt, dry_run=dry_run,
+        budget=budget, budget_score=budget_score,
     )
     plan = conv.make_plan(src, out, options)
     for w in plan.warnings:
@@ -100,8 +103,11 @@ def _print_plan(plan, json_out: bool) -> None:
         ]
         tp = {str(d): [{"name": n, "why": why} for n, why in plan.selection.tp_failures[d]]
               for d in plan.options.tp}
+        budget = None if plan.budget is None else {
+            "bits_per_weight": plan.options.budget, "score": plan.budget.score_name, "before": plan.budget.floor,
+            "after": plan.budget.bits_per_weight, "promoted": sorted(plan.budget.promoted), "seconds": plan.budget.seconds}
         emit_json({"dry_run": True, "format": plan.options.format, "totals": t, "rules": plan.selection.rules,
-                    "warnings": plan.manifest_warnings, "tensors": tensors, "tp": tp})
+                    "warnings": plan.manifest_warnings, "tensors": tensors, "tp": tp, "budget": budget})
         return
     from rich.table import Table
 
@@ -127,6 +133,8 @@ def _print_plan(plan, json_out: bool) -> None:
         for name, why in fails:
             tp_table.add_row(escape(name), escape(why))
         results.print(tp_table)
+    if plan.budget is not None:
+        print_line(budget_line(plan.budget))
     print_totals(t)
 
 

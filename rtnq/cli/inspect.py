@@ -31,6 +31,7 @@ def inspect(
     else:
         print_line(f"format: {m.format} (manifest version {m.version})")
         _print_precision_map(precision_map.build(m))
+        _print_budget(m)
         for w in m.warnings:
             warn(w)
         print_totals(m.totals)
@@ -68,3 +69,25 @@ def _print_precision_map(pm) -> None:
         for name, v in pm.other.items():
             other.add_row(escape(name), escape(v))
         out.print(other)
+
+
+def _print_budget(m, shown: int = 12) -> None:
+    """What --budget ranked and promoted: the best units by score per extra bit."""
+    from rtnq.commands import precision_map
+
+    b = m.defaults.get("budget")
+    rows = precision_map.budget_ranking(m)
+    if not isinstance(b, dict) or not rows:
+        return
+    from rich.table import Table
+
+    promoted = sum(r.promoted for r in rows)
+    table = Table(title=escape(f"budget {b.get('bits_per_weight')} bits per weight by {b.get('score')}: "
+                               f"{promoted} of {len(rows)} units promoted ({b.get('before')} -> {b.get('after')})"))
+    for col in ("rank", "unit", "score", "promoted"):
+        table.add_column(col, overflow="fold")
+    for r in rows[:shown]:
+        table.add_row(str(r.rank), escape(", ".join(r.modules)), f"{r.score:.4g}", "int8" if r.promoted else "")
+    out.print(table)
+    if len(rows) > shown:
+        print_line(f"({len(rows) - shown} more units ranked; rtnq inspect --json lists every tensor's score and rank)")

@@ -35,6 +35,25 @@ def parse_group(value: int) -> int:
     return _accepted("--group-size", value)
 
 
+def parse_budget_score(value: Optional[str]) -> Optional[str]:
+    return value if value is None else _accepted("--budget-score", value)
+
+
+def parse_budget(value: Optional[float]) -> Optional[float]:
+    if value is not None and not (value > 0 and value < 1e6):
+        raise typer.BadParameter(f"must be a positive number of bits per weight such as 4.5, got {value}")
+    return value
+
+
+def budget_line(scored) -> str:
+    """One line on what --budget chose (stdout, with the summary)."""
+    units = len(set(scored.promoted.values()))
+    return (f"budget {scored.budget:g} bits per weight by {scored.score_name}: {units} units "
+            f"({len(scored.promoted)} tensors) promoted to INT8, {scored.floor:.4f} -> {scored.bits_per_weight:.4f} "
+            f"bits per weight of the quantized linears (codes and scales); scoring read the weights in "
+            f"{scored.seconds:.1f} s")
+
+
 def parse_dtype(value: Optional[str]) -> Optional[str]:
     return value if value is None else _accepted("--dtype", value)
 
@@ -116,6 +135,8 @@ def print_totals(t: dict, seconds: float | None = None) -> None:
 
 
 def print_summary(result) -> None:
+    if result.plan.budget is not None:
+        print_line(budget_line(result.plan.budget))
     print_totals(result.manifest.totals, result.seconds)
     print_line(f"wrote {result.plan.out}")
 

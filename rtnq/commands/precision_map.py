@@ -95,3 +95,22 @@ def build(m: Manifest, include_1d: bool = False) -> PrecisionMap:
             reasons[key] = entry.reason or ""
     layers = sorted({layer for layer, _ in cells})
     return PrecisionMap(layers, sorted(modules, key=_column_key), cells, other, errors, whys, reasons)
+
+
+@dataclass(frozen=True)
+class BudgetRow:
+    rank: int  # by score per extra bit, 1 = first to promote
+    modules: list[str]  # the unit's members (module names)
+    score: float  # the unit's score (sum of its members')
+    promoted: bool
+
+
+def budget_ranking(m: Manifest) -> list[BudgetRow]:
+    """The --budget candidates of a manifest, one row per unit, best first (empty without --budget)."""
+    units: dict[int, list[tuple[str, TensorEntry]]] = {}
+    for name, e in m.tensors.items():
+        if e.rank is not None:
+            units.setdefault(e.rank, []).append((name, e))
+    return [BudgetRow(rank, [names.module_name(n) for n, _ in members], sum(e.score or 0.0 for _, e in members),
+                      any((e.rule or "").startswith("budget:") for _, e in members))
+            for rank, members in sorted(units.items())]

@@ -19,6 +19,12 @@ rtn.quantize + marlin.pack / kpack):
   `kpack.pack_rows` / `pack_cols`, used when the library is missing (no compiler at install time,
   another CPU architecture) or when RTNQ_FASTPATH=0.
 
+The scale rule (rtn.SCALE_RULES) is chosen with `scale`. The C kernel implements "absmax" only, so
+scale="mse" always runs the torch reference (`_torch_rows` -> rtn.quantize(scale="mse")), whatever
+library is built; asking for backend "c" or "c-scalar" with it is a UsageError. The padding below is
+the same for both rules: padded zeros leave a group's maxabs (hence every clip and scale) unchanged,
+quantize to q = 0 whatever the scale, and dequantize to exact zeros; all-zero groups stay scale 0.
+
 A row chunk is independent of every other chunk because groups run along k inside one row. A chunk
 of 64-row multiples owns whole Marlin blocks: columns [row0 * bits / 2, ...) of every qweight row
 and columns [row0, ...) of the permuted scales (64- and 32-entry permutations never cross it). In
@@ -156,6 +162,7 @@ def quantize_rows(
     name: str = "weight",
     backend: str | None = None,
     layout: str = "marlin",
+    scale: str = "absmax",
 ) -> None:
     """Quantize rows [row0, row0 + R) of an (n, k) weight into its whole-tensor outputs in `layout`.
 
@@ -165,9 +172,14 @@ def quantize_rows(
     "marlin" the padded shape), contiguous; only this chunk's part of each is written, in place.
     sums: [sum w^2, sum (w - w_hat)^2], added to (see `relative_error`).
     backend: None (the C library if built, else torch), "c", "c-scalar" or "torch".
+    scale: the scale rule, "absmax" or "mse" (rtn.SCALE_RULES); "mse" runs the torch reference only.
     Raises InvalidWeightError naming `name` on NaN/Inf, like rtn.quantize.
     """
     code = _layout_code(layout)
+    if scale not in rtn.SCALE_RULES:
+        raise UsageError(f"scale rule must be one of {', '.join(rtn.SCALE_RULES)}, got {scale!r}")
+    if scale != "absmax" and backend in ("c", "c-scalar"):
+        raise UsageError(f"the C fast path implements the absmax scale rule only, not {scale!r}")
     rows, k = w_rows.shape
     n = scales.shape[0] if code == 1 else scales.shape[1]  # "marlin": the padded n
     if w_rows.dtype not in _DTYPE_CODE or scales.dtype != w_rows.dtype or qweight.dtype != torch.int32:
@@ -186,7 +198,7 @@ def quantize_rows(
     end = row0 + (rows_p if code == 0 else rows)
     if row0 % ROW_ALIGN or end > n or (rows != rows_p and end != n):
         raise ShapeError(f"{name}: row chunk [{row0}, {row0 + rows}) is not a run of 64-row blocks of n={n}")
-    lib = library() if backend in (None, "c", "c-scalar") else None
+    lib = library() if backend in (None, "c", "c-scalar") and scale == "absmax" else None
     if backend in ("c", "c-scalar") and lib is None:
         raise RuntimeError("the rtnq C fast path is not built (pip install the package with a C compiler)")
     if lib is not None and not (qweight.is_contiguous() and scales.is_contiguous()):
@@ -195,17 +207,17 @@ def quantize_rows(
     if rows == 0:
         return
     if rows_p == rows and k_p == k and n % ROW_ALIGN == 0:  # on the kernel's tiles: straight in
-        _run(lib, backend, w_rows, row0, n, qweight, scales, bits, group_size, sums, name, code)
+        _run(lib, backend, w_rows, row0, n, qweight, scales, bits, group_size, sums, name, code, scale)
         return
     w_p = w_rows.new_zeros(rows_p, k_p)
     w_p[:rows, :k] = w_rows
     if code == 0:  # the outputs are already padded: their padding rows/columns come out bias / 0
-        _run(lib, backend, w_p, row0, n, qweight, scales, bits, group_size, sums, name, code)
+        _run(lib, backend, w_p, row0, n, qweight, scales, bits, group_size, sums, name, code, scale)
         return
     qshape, sshape = out_shapes(rows_p, k_p, bits, group_size, layout)
     q_p = torch.empty(qshape, dtype=torch.int32)
     s_p = torch.empty(sshape, dtype=scales.dtype)
-    _run(lib, backend, w_p, 0, rows_p, q_p, s_p, bits, group_size, sums, name, code)
+    _run(lib, backend, w_p, 0, rows_p, q_p, s_p, bits, group_size, sums, name, code, scale)
     words = k * bits // 32  # whole words: the padding columns sit at the end of each row
     groups = 1 if group_size == -1 else k // group_size
     if code == 1:
@@ -216,11 +228,12 @@ def quantize_rows(
         scales[:, row0 : row0 + rows] = s_p[:groups, :rows]
 
 
-def _run(lib, backend, w_rows, row0, n, qweight, scales, bits, group_size, sums, name, code) -> None:
+def _run(lib, backend, w_rows, row0, n, qweight, scales, bits, group_size, sums, name, code,
+         scale="absmax") -> None:
     """One chunk on the kernel's tiles (rows, row0, n multiples of 64, k of 128) into outputs of
-    `out_shapes(n, k, ...)`: the C library when `lib`, else the torch reference."""
+    `out_shapes(n, k, ...)`: the C library when `lib` (absmax only), else the torch reference."""
     if lib is None:
-        _torch_rows(w_rows, row0, qweight, scales, bits, group_size, sums, name, LAYOUTS[code])
+        _torch_rows(w_rows, row0, qweight, scales, bits, group_size, sums, name, LAYOUTS[code], scale)
         return
     rows, k = w_rows.shape
     w_rows = w_rows.contiguous()
@@ -264,10 +277,10 @@ def _run(lib, backend, w_rows, row0, n, qweight, scales, bits, group_size, sums,
         sums[1] += b
 
 
-def _torch_rows(w_rows, row0, qweight, scales, bits, group_size, sums, name, layout) -> None:
+def _torch_rows(w_rows, row0, qweight, scales, bits, group_size, sums, name, layout, scale="absmax") -> None:
     """The reference path for one chunk: rtn.quantize, rtn.dequantize and marlin.pack or kpack."""
     rows = w_rows.shape[0]
-    codes, s = rtn.quantize(w_rows, bits, group_size, name=name)
+    codes, s = rtn.quantize(w_rows, bits, group_size, name=name, scale=scale)
     w_hat = rtn.dequantize(codes, s, bits, group_size)
     w64 = w_rows.double()
     d64 = w64 - w_hat.double()
@@ -302,11 +315,12 @@ def quantize_pack(
     name: str = "weight",
     backend: str | None = None,
     layout: str = "marlin",
+    scale: str = "absmax",
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Whole (n, k) 16-bit weight -> (qweight, scales, relative error) in `layout`, in one call; any
     shape shape_rule.problem allows, with group_size dividing k ("marlin": stored padded).
 
-    Same bytes as, with codes, s = rtn.quantize(w, bits, group_size):
+    Same bytes as, with codes, s = rtn.quantize(w, bits, group_size, scale=scale):
     marlin.pack(*marlin.pad(codes, s, bits, group_size), bits) ("marlin"),
     (kpack.pack_rows(codes, bits), s) ("rows") or (kpack.pack_cols(codes, bits), s.t()) ("cols");
     the error equals rtn.relative_error(w, rtn.dequantize(...)) up to summation order.
@@ -321,5 +335,6 @@ def quantize_pack(
     qweight = torch.empty(qshape, dtype=torch.int32)
     scales = torch.empty(sshape, dtype=w.dtype)
     sums = [0.0, 0.0]
-    quantize_rows(w, 0, qweight, scales, bits, group_size, sums, name=name, backend=backend, layout=layout)
+    quantize_rows(w, 0, qweight, scales, bits, group_size, sums, name=name, backend=backend, layout=layout,
+                  scale=scale)
     return qweight, scales, relative_error(sums)

@@ -20,8 +20,7 @@ import math
 import torch
 
 from rtnq.numerics import rtn
-
-SCORES = ("error", "norm_error", "relative", "kurtosis", "max_over_rms")
+from rtnq.params import BUDGET_SCORES as SCORES  # noqa: F401  (the one list, torch-free for the CLI)
 
 
 def scores(w: torch.Tensor, group_size: int, gamma: torch.Tensor | None = None, *, scale: str = "absmax",

@@ -170,7 +170,7 @@ def select(
     groups: dict[tuple[str, str], list[NameInfo]] = {}
     for i in infos:
         if reason[i.name] is None:
-            groups.setdefault(_group_key(i), []).append(i)
+            groups.setdefault(group_key(i), []).append(i)
 
     hits = [{i.name for i in m} for m in matched]
     skipped = _claim(groups, [j for j, (o, _) in enumerate(options) if o == "skip"], hits)
@@ -222,7 +222,7 @@ def select(
     return Selection(decisions, rules, warnings, tp_failures, infos)
 
 
-def _group_key(i: NameInfo) -> tuple[str, str]:
+def group_key(i: NameInfo) -> tuple[str, str]:
     """Tensors an inference engine loads as one layer share a key; everything else is its own group."""
     if i.experts is not None:
         return (i.experts, "experts")  # vLLM FusedMoE: all experts of a layer take one precision

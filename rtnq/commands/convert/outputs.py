@@ -16,7 +16,7 @@ from rtnq.formats import engine_config
 from rtnq.selection import names
 
 
-def manifest_entry(item: Item, error: float | None) -> mf.TensorEntry:
+def manifest_entry(item: Item, error: float | None, scored=None) -> mf.TensorEntry:
     d, spec = item.decision, item.spec
     q = item.quantized
     outputs = {e.name.rpartition(".")[2]: e.name for e in item.outputs} if q else {"tensor": item.outputs[0].name}
@@ -33,7 +33,13 @@ def manifest_entry(item: Item, error: float | None) -> mf.TensorEntry:
         reason=None if q else d.reason,
         error=error,
         padded_shape=stored,
+        score=None if scored is None else _round(scored.scores.get(spec.name)),
+        rank=None if scored is None else scored.ranks.get(spec.name),
     )
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else float(f"{x:.6g}")
 
 
 def totals(plan: ConvertPlan) -> dict:
@@ -82,8 +88,12 @@ def build_manifest(plan: ConvertPlan, errors: dict[str, float]) -> mf.Manifest:
             "group_size": o.group_size,
             "scale_rule": mf.SCALE_RULE,
             "dtype": o.dtype or "source (fp32 -> bf16)",
+            **({} if plan.budget is None else {"budget": {
+                "bits_per_weight": o.budget, "score": plan.budget.score_name,
+                "before": round(plan.budget.floor, 4), "after": round(plan.budget.bits_per_weight, 4),
+                "seconds": round(plan.budget.seconds, 3)}}),
         },
-        tensors={i.spec.name: manifest_entry(i, errors.get(i.spec.name)) for i in plan.items},
+        tensors={i.spec.name: manifest_entry(i, errors.get(i.spec.name), plan.budget) for i in plan.items},
         rules=plan.selection.rules,
         totals=totals(plan),
         warnings=list(plan.manifest_warnings),

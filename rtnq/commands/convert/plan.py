@@ -35,6 +35,8 @@ class ConvertOptions:
     tp: Sequence[int] = ()
     format: str = "marlin"  # one of formats.FORMATS
     dry_run: bool = False  # plan only: OUT may exist, since nothing will be written
+    budget: float | None = None  # --budget: bits per weight of the quantized linears; promotes units to INT8
+    budget_score: str = "norm_error"  # --budget-score: rtnq.numerics.sensitivity score that ranks them
 
 
 @dataclass
@@ -65,6 +67,7 @@ class ConvertPlan:
     small_files: list[str]  # copied unchanged
     warnings: list[str] = field(default_factory=list)  # for the user: the selection's, the format's, the machine's
     manifest_warnings: list[str] = field(default_factory=list)  # the subset about the output itself
+    budget: object | None = None  # commands.convert.budget.Scored under --budget
 
     @property
     def bytes_in(self) -> int:
@@ -120,6 +123,15 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
         kv_heads=layout.kv_heads(src_dir),
         layout=fmt.layout,
     )
+    scored = None
+    if options.budget is not None:
+        from rtnq.commands.convert import budget  # reads and scores the weights (imports torch)
+
+        if options.bits != 4:
+            raise UsageError("--budget promotes INT4 tensors to INT8, so it needs --bits 4")
+        scored = budget.apply(src_dir, specs, selection, options.budget, options.budget_score,
+                              lambda spec: quant_dtype(spec, options))
+        selection = scored.selection
     src_shards = list(dict.fromkeys(s.shard for s in specs))
     shard_names = {s: layout.shard_name(i, len(src_shards)) for i, s in enumerate(src_shards)}
     items = []
@@ -153,4 +165,4 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
         if slow:
             warnings.append(slow)  # not in the manifest: it is about this machine, not the output
     return ConvertPlan(src_dir, out_dir, options, fmt, items, list(shards.items()), selection,
-                       layout.small_files(src_dir), warnings, manifest_warnings)
+                       layout.small_files(src_dir), warnings, manifest_warnings, scored)
