@@ -25,7 +25,8 @@ from rtnq.params import BUDGET_SCORES as SCORES  # noqa: F401  (the one list, to
 
 def scores(w: torch.Tensor, group_size: int, gamma: torch.Tensor | None = None, *, scale: str = "absmax",
            name: str = "weight") -> dict[str, float]:
-    """SCORES of a 16-bit (n, k) or (E, n, k) weight quantized with `group_size`; gamma: (k,) or None."""
+    """Every one of SCORES of a 16-bit (n, k) or (E, n, k) weight quantized with `group_size`, in float64
+    (the reference `score` is checked against); gamma: (k,) or None."""
     w64 = w.double()
     col = {}
     for bits in (4, 8):
@@ -35,12 +36,41 @@ def scores(w: torch.Tensor, group_size: int, gamma: torch.Tensor | None = None, 
     gain = col[4] - col[8]
     total = float((w64 * w64).sum())
     g2 = None if gamma is None else gamma.double().reshape(-1) ** 2
-    mean = float(w64.mean())
-    var = float(((w64 - mean) ** 2).mean())
     return {
         "error": float(gain.sum()),
         "norm_error": float(gain.sum()) if g2 is None else float((gain * g2).sum()),
         "relative": math.sqrt(float(col[4].sum()) / total) if total else 0.0,
-        "kurtosis": float(((w64 - mean) ** 4).mean()) / var**2 if var else 0.0,
-        "max_over_rms": float(w64.abs().max()) / math.sqrt(float((w64 * w64).mean())) if total else 0.0,
+        **scores_stats(w),
     }
+
+
+def score(kind: str, w: torch.Tensor, group_size: int, gamma: torch.Tensor | None = None, *,
+          name: str = "weight") -> float:
+    """One of SCORES, computing only what it needs (what `--budget` calls once per tensor): the
+    statistics need no quantization, the errors are summed in float32 (a ranking, not a report)."""
+    if kind in ("kurtosis", "max_over_rms"):
+        return scores_stats(w)[kind]
+    w32 = w.float()
+    col = {}
+    for bits in (4, 8) if kind != "relative" else (4,):
+        codes, s = rtn.quantize(w, bits, group_size, name=name)
+        d = w32 - rtn.dequantize(codes, s, bits, group_size).float()
+        col[bits] = (d * d).reshape(-1, w.shape[-1]).sum(0)
+        del codes, s, d
+    if kind == "relative":
+        total = float((w32 * w32).sum())
+        return math.sqrt(float(col[4].sum()) / total) if total else 0.0
+    gain = col[4] - col[8]
+    if kind == "norm_error" and gamma is not None:
+        return float((gain.double() * gamma.double().reshape(-1) ** 2).sum())
+    return float(gain.double().sum())
+
+
+def scores_stats(w: torch.Tensor) -> dict[str, float]:
+    """kurtosis and max_over_rms of a weight (float64)."""
+    w64 = w.double()
+    mean = float(w64.mean())
+    var = float(((w64 - mean) ** 2).mean())
+    ms = float((w64 * w64).mean())
+    return {"kurtosis": float(((w64 - mean) ** 4).mean()) / var**2 if var else 0.0,
+            "max_over_rms": float(w64.abs().max()) / math.sqrt(ms) if ms else 0.0}

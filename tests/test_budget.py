@@ -1,0 +1,131 @@
+"""`--budget BPW`: promote whole units from INT4 to INT8 by a data-free score per extra bit, within the budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from cliutil import run
+from rtnq import formats, synthetic
+from rtnq.errors import UsageError
+from rtnq.numerics import sensitivity
+from rtnq.selection.budget import Unit, choose
+
+
+def U(key, score, extra, members=("a",)):
+    return Unit((key, ""), tuple(members), score, extra)
+
+
+def test_greedy_takes_the_best_score_per_bit_and_skips_what_does_not_fit():
+    units = [U("big", 10.0, 100), U("small", 3.0, 10), U("mid", 4.0, 50), U("useless", 0.0, 10)]
+    c = choose(units, base_bits=400, params=100, budget=5.2)  # 520 bits allowed: 120 to spend
+    # score per bit: small 0.3, big 0.1, mid 0.08, useless 0: small fits, big fits (110), mid does not
+    assert c.promoted == {("small", ""): 1, ("big", ""): 2}
+    assert c.ranks[("small", "")] == 1 and c.ranks[("mid", "")] == 3
+    assert c.bits_per_weight == pytest.approx(5.1) and c.floor == 4.0
+    assert choose(units, 400, 100, 4.0).promoted == {}  # the floor itself: nothing to spend
+    with pytest.raises(UsageError, match="below the 4.0000 bits per weight"):
+        choose(units, 400, 100, 3.9)
+
+
+def test_ties_keep_source_order():
+    c = choose([U("x", 1.0, 10), U("y", 1.0, 10)], 400, 100, 4.1)
+    assert c.promoted == {("x", ""): 1}
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    root = tmp_path_factory.mktemp("budget")
+    return synthetic.write_checkpoint(root / "src", synthetic.SampleSpec(layers=4, hidden=256, intermediate=512))
+
+
+def _convert(src, out, *flags) -> dict:
+    r = run("convert", src, out, *flags, "--json")
+    assert r.code == 0, r.err
+    return json.loads((out / "rtnq_manifest.json").read_text())
+
+
+def _dry(src, out, *flags) -> dict:
+    r = run("convert", src, out, *flags, "--dry-run", "--json")
+    assert r.code == 0, r.err
+    return json.loads(r.out)
+
+
+def _bpw(m: dict) -> float:
+    """Codes and scales of the quantized linears per parameter, at the logical shape."""
+    bits = params = 0
+    for e in m["tensors"].values():
+        if e["kind"] == "quantized":
+            n, k = e["shape"]
+            g = k if e["group_size"] == -1 else e["group_size"]
+            bits += n * k * e["bits"] + n * (k // g) * 16
+            params += n * k
+    return bits / params
+
+
+def test_budget_promotes_whole_units_within_the_budget(src, tmp_path):
+    m = _convert(src, tmp_path / "out", "--budget", "5")
+    b = m["defaults"]["budget"]
+    assert b["score"] == "norm_error" and b["before"] == pytest.approx(4.125)
+    assert _bpw(m) == pytest.approx(b["after"], abs=1e-4) and 4.5 < b["after"] <= 5.0
+    promoted = {n for n, e in m["tensors"].items() if (e.get("rule") or "").startswith("budget:norm_error #")}
+    assert promoted and all(m["tensors"][n]["bits"] == 8 for n in promoted)
+    # fused partners share a precision: q/k/v and gate/up are promoted together or not at all
+    for layer in range(4):
+        for group in (("q", "k", "v"), ("gate", "up")):
+            bits = {m["tensors"][f"model.layers.{layer}.{'self_attn' if group[0] == 'q' else 'mlp'}.{x}_proj.weight"]
+                    ["bits"] for x in group}
+            assert len(bits) == 1
+    ranked = [e for e in m["tensors"].values() if e.get("rank") is not None]
+    assert len(ranked) == 4 * 7 and all(isinstance(e["score"], float) for e in ranked)
+    assert m["rules"][-1] == {"option": "budget", "selector": "5 bpw by norm_error", "matched": len(promoted)}
+    assert run("verify", tmp_path / "out", "--against", src).code == 0
+    r = run("inspect", tmp_path / "out")
+    assert r.code == 0 and "budget 5.0 bits per weight by norm_error" in r.out
+
+
+def test_scores_are_the_sensitivity_module_s_with_the_input_norm(src, tmp_path):
+    plan = _dry(src, tmp_path / "out", "--budget", "4.5")  # --dry-run scores too, and writes nothing
+    assert not (tmp_path / "out").exists()
+    m = _convert(src, tmp_path / "out", "--budget", "4.5")
+    assert sorted(plan["budget"]["promoted"]) == sorted(
+        n for n, e in m["tensors"].items() if (e.get("rule") or "").startswith("budget:"))
+    t = load_file(str(src / "model.safetensors"))
+    name = "model.layers.2.self_attn.q_proj.weight"
+    want = sensitivity.scores(t[name], 128, t["model.layers.2.input_layernorm.weight"].float())["norm_error"]
+    assert m["tensors"][name]["score"] == pytest.approx(want, rel=1e-5)
+    down = "model.layers.2.mlp.down_proj.weight"  # no norm precedes down_proj: the plain error
+    assert m["tensors"][down]["score"] == pytest.approx(sensitivity.scores(t[down], 128)["norm_error"], rel=1e-5)
+    assert sensitivity.scores(t[down], 128)["norm_error"] == sensitivity.scores(t[down], 128)["error"]
+
+
+def test_explicit_rules_win_and_every_format_makes_the_same_choice(src, tmp_path):
+    ms = {fmt: _convert(src, tmp_path / fmt, "--budget", "5", "--format", fmt, "--keep-int8", "layers.3+down",
+                        "--skip", "layers.0+o") for fmt in formats.FORMATS}
+    for m in ms.values():
+        assert m["tensors"]["model.layers.3.mlp.down_proj.weight"]["rule"] == "keep-int8:layers.3+down"
+        assert m["tensors"]["model.layers.0.self_attn.o_proj.weight"]["kind"] == "passthrough"
+        assert "rank" not in m["tensors"]["model.layers.3.mlp.down_proj.weight"]
+    bits = {fmt: {n: e.get("bits") for n, e in m["tensors"].items()} for fmt, m in ms.items()}
+    assert bits["marlin"] == bits["gptq"] == bits["compressed-tensors"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--budget", "3"), "--budget 3 is below the 4.1250 bits per weight"),
+    (("--budget", "4.5", "--bits", "8"), "--budget promotes INT4 tensors to INT8, so it needs --bits 4"),
+    (("--budget", "-1"), "must be a positive number of bits per weight"),
+    (("--budget", "4.5", "--budget-score", "luck"), "--budget-score: must be norm_error, error"),
+])
+def test_bad_budgets_are_one_line_usage_errors(src, tmp_path, flags, message):
+    r = run("convert", src, tmp_path / "out", *flags)
+    assert r.code == 2 and message in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("score", sensitivity.SCORES)
+def test_every_score_chooses_within_the_budget(src, tmp_path, score):
+    plan = _dry(src, tmp_path / "x", "--budget", "4.6", "--budget-score", score)
+    assert plan["budget"]["score"] == score and 4.125 < plan["budget"]["after"] <= 4.6
+    assert plan["budget"]["promoted"]
