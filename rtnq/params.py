@@ -11,6 +11,7 @@ from rtnq.errors import UsageError
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128, -1)  # -1: one group per row ("channelwise")
+SCALES = ("absmax", "mse")  # --scale: the paper's absmax scale, or the per-group clipping search (rtn.py)
 # --budget-score: the data-free scores of rtnq.numerics.sensitivity, the default first
 BUDGET_SCORES = ("norm_error", "error", "relative", "kurtosis", "max_over_rms")
 
@@ -19,6 +20,7 @@ _ALLOWED = {  # option -> (accepted values, how the error says them)
     "--group-size": (GROUP_SIZES, "32, 64, 128 or -1 (channelwise)"),
     "--dtype": (dtypes.SIXTEEN_BIT, "bf16 or fp16"),
     "--budget-score": (BUDGET_SCORES, ", ".join(BUDGET_SCORES)),
+    "--scale": (SCALES, "absmax or mse"),
 }
 
 
@@ -32,10 +34,10 @@ def problem(option: str, value) -> str | None:
 
 
 def check(bits: int | None = None, group_size: int | None = None, dtype: str | None = None,
-          budget_score: str | None = None) -> None:
+          budget_score: str | None = None, scale: str | None = None) -> None:
     """UsageError for a value outside the supported set; None arguments are not checked."""
     for option, value in (("--bits", bits), ("--group-size", group_size), ("--dtype", dtype),
-                          ("--budget-score", budget_score)):
+                          ("--budget-score", budget_score), ("--scale", scale)):
         why = None if value is None else problem(option, value)
         if why:
             raise UsageError(f"{option}: {why}")

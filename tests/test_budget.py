@@ -129,3 +129,11 @@ def test_every_score_chooses_within_the_budget(src, tmp_path, score):
     plan = _dry(src, tmp_path / "x", "--budget", "4.6", "--budget-score", score)
     assert plan["budget"]["score"] == score and 4.125 < plan["budget"]["after"] <= 4.6
     assert plan["budget"]["promoted"]
+
+
+@pytest.mark.parametrize("kind", sensitivity.SCORES)
+def test_the_fast_score_equals_the_float64_reference(kind):
+    w = synthetic.make_tensor("model.layers.0.mlp.up_proj.weight", (192, 576), __import__("torch").bfloat16)
+    gamma = synthetic.make_tensor("model.layers.0.post_attention_layernorm.weight", (576,), __import__("torch").float32)
+    want = sensitivity.scores(w, 64, gamma)[kind]
+    assert sensitivity.score(kind, w, 64, gamma) == pytest.approx(want, rel=1e-6)

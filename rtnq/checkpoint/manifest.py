@@ -53,6 +53,21 @@ FILENAME = MANIFEST_NAME
 FORMAT = formats.MARLIN.manifest_name  # the default format, and the only one of version 1
 FORMATS = tuple(f.manifest_name for f in formats.ALL)
 SCALE_RULE = "rtn-absmax"  # the paper's rule: scale = 2 * maxabs / (2^bits - 1), 16-bit arithmetic
+SCALE_RULES = {"rtn-absmax": "absmax", "rtn-mse": "mse"}  # defaults.scale_rule -> rtn.quantize's scale
+
+
+def scale_rule(scale: str) -> str:
+    """The manifest's (and config's) name of an rtn.quantize scale rule."""
+    return f"rtn-{scale}"
+
+
+def scale_of(m: "Manifest") -> str:
+    """The rtn.quantize scale rule a manifest's outputs were made with (absent: the paper's)."""
+    rule = m.defaults.get("scale_rule", SCALE_RULE)
+    if rule not in SCALE_RULES:
+        raise CheckpointError(f"{FILENAME}: scale_rule {rule!r} is not one this rtnq knows "
+                              f"({', '.join(SCALE_RULES)})")
+    return SCALE_RULES[rule]
 
 
 @dataclass

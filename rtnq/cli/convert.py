@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from rtnq.cli.app import JsonOpt, app, err
 from rtnq.cli.app import out as results  # `out` is the OUT argument here
-from rtnq.cli.output import budget_line, emit_json, parse_bits, parse_budget, parse_budget_score, parse_dtype, parse_format, parse_group, parse_tp, print_line, print_summary, print_totals, split_list, tp_summary, warn
+from rtnq.cli.output import budget_line, emit_json, parse_bits, parse_budget, parse_budget_score, parse_dtype, parse_scale, parse_format, parse_group, parse_tp, print_line, print_summary, print_totals, split_list, tp_summary, warn
 from rtnq.errors import Interrupted
 
 CONVERT_EXAMPLES = """
@@ -40,6 +40,7 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail instead of passing linears whose shape the format cannot hold through.")] = False,
     budget: Annotated[Optional[float], typer.Option("--budget", callback=parse_budget, help="Promote the INT4 units whose data-free score per extra bit is highest to INT8, while the quantized linears average at most this many bits per weight (codes and scales), e.g. 4.5. Reads the weights once more before writing.")] = None,
+    scale: Annotated[str, typer.Option("--scale", callback=parse_scale, help="absmax (the paper's RTN, default) or mse: per group, the clipping of the scale (1.00 to 0.80 of maxabs) with the smallest squared error.")] = "absmax",
     budget_score: Annotated[str, typer.Option("--budget-score", callback=parse_budget_score, help="The score --budget ranks by: norm_error (default), error, relative, kurtosis, max_over_rms.")] = "norm_error",
     json_out: JsonOpt = False,
 ) -> None:
@@ -50,7 +51,7 @@ def convert(
     options = conv.ConvertOptions(
         bits=bits, group_size=group_size, keep_int8=split_list(keep_int8), skip=split_list(skip),
         dtype=dtype, strict=strict, force=force, tp=degrees, format=fmt, dry_run=dry_run,
-        budget=budget, budget_score=budget_score,
+        budget=budget, budget_score=budget_score, scale=scale,
     )
     plan = conv.make_plan(src, out, options)
     for w in plan.warnings:

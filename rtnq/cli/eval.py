@@ -12,6 +12,7 @@ from rtnq.cli.output import (
     parse_bits,
     parse_budget,
     parse_budget_score,
+    parse_scale,
     parse_format,
     parse_group,
     print_line,
@@ -55,12 +56,13 @@ def eval_(
     fmt: Annotated[Optional[str], typer.Option("--format", callback=_format, help="What-if: the format whose rules decide (default marlin).")] = None,
     budget: Annotated[Optional[float], typer.Option("--budget", callback=parse_budget, help="What-if: promote units to INT8 within this many bits per weight (see convert --budget).")] = None,
     budget_score: Annotated[Optional[str], typer.Option("--budget-score", callback=parse_budget_score, help="What-if: the score --budget ranks by.")] = None,
+    scale: Annotated[Optional[str], typer.Option("--scale", callback=parse_scale, help="What-if: absmax or mse (see convert --scale).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Score a candidate against its source on text: perplexity of both, mean KL(source || candidate), top-1."""
     what_if = {"--bits": bits, "--group-size": group_size, "--keep-int8": keep_int8, "--skip": skip, "--format": fmt,
-               "--budget": budget, "--budget-score": budget_score}
+               "--budget": budget, "--budget-score": budget_score, "--scale": scale}
     given = [k for k, v in what_if.items() if v]
     if against is not None and given:
         raise UsageError(f"{given[0]} describes a what-if conversion of SRC; with --against OUT is already converted")
@@ -76,7 +78,7 @@ def eval_(
         convert_options = ConvertOptions(bits=bits, group_size=128 if group_size is None else group_size,
                                          keep_int8=split_list(keep_int8), skip=split_list(skip),
                                          format=fmt or "marlin", dry_run=True, budget=budget,
-                                         budget_score=budget_score or "norm_error")
+                                         budget_score=budget_score or "norm_error", scale=scale or "absmax")
     options = evaluate.EvalOptions(text=text, tokens=tokens, window=window, against=against,
                                    convert=convert_options, threads=threads)
     try:

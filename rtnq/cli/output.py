@@ -35,6 +35,10 @@ def parse_group(value: int) -> int:
     return _accepted("--group-size", value)
 
 
+def parse_scale(value: Optional[str]) -> Optional[str]:
+    return value if value is None else _accepted("--scale", value)
+
+
 def parse_budget_score(value: Optional[str]) -> Optional[str]:
     return value if value is None else _accepted("--budget-score", value)
 

@@ -46,6 +46,7 @@ def _output_specs(out_dir: Path) -> dict[str, TensorSpec]:
 def verify(out: str | Path, src: str | Path, progress: Callable[[int, int], None] | None = None) -> list[Check]:
     out_dir = resolve(out)
     m = mf.read(out_dir)
+    scale = mf.scale_of(m)
     src_specs = {s.name: s for s in scan(src)}
     out_specs = _output_specs(out_dir)
     differ = _name_shape_differences(m, src_specs)
@@ -65,7 +66,7 @@ def verify(out: str | Path, src: str | Path, progress: Callable[[int, int], None
                 checks.append(Check(name, entry.kind, False, f"output tensor {absent[0]} is missing", None))
                 continue
             fmt = formats.BY_MANIFEST_NAME[m.format]
-            checks.append(_check_one(name, entry, src_specs[name], out_specs, src_reader, out_reader, fmt))
+            checks.append(_check_one(name, entry, src_specs[name], out_specs, src_reader, out_reader, fmt, scale))
             if progress:
                 progress(i + 1, len(m.tensors))
     for name in extra:
@@ -89,7 +90,8 @@ def _name_shape_differences(m: mf.Manifest, src_specs: dict[str, TensorSpec]) ->
     return differ
 
 
-def _check_one(name, entry, spec, out_specs, src_reader: Reader, out_reader: Reader, fmt: formats.Format) -> Check:
+def _check_one(name, entry, spec, out_specs, src_reader: Reader, out_reader: Reader, fmt: formats.Format,
+               scale: str = "absmax") -> Check:
     if entry.kind != "quantized":
         same = torch.equal(src_reader.read_bytes(spec), out_reader.read_bytes(out_specs[entry.outputs["tensor"]]))
         return Check(name, entry.kind, same, "identical" if same else "bytes differ from the source", None)
@@ -102,7 +104,7 @@ def _check_one(name, entry, spec, out_specs, src_reader: Reader, out_reader: Rea
                      f"{fmt.name} format's {stored} for shape {list(entry.shape)}", None)
     s_spec = out_specs[entry.outputs[fmt.roles[1]]]
     w16 = src_reader.read(spec).to(s_spec.torch_dtype)
-    codes, scales = rtn.quantize(w16, entry.bits, entry.group_size, name=name)
+    codes, scales = rtn.quantize(w16, entry.bits, entry.group_size, name=name, scale=scale)
     error = rtn.relative_error(w16, rtn.dequantize(codes, scales, entry.bits, entry.group_size))
     expected = fmt.reference(codes, scales, entry.bits, entry.group_size)
     problems = []

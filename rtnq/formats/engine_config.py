@@ -221,10 +221,16 @@ def _scheme(targets: list[str], bits: int, group_size: int) -> dict:
 
 
 def for_format(fmt, decisions: Sequence, infos: Sequence[NameInfo], ndim: dict[str, int], *, bits: int,
-               group_size: int) -> dict:
-    """The engines' quantization_config of an export format (gptq or compressed-tensors)."""
-    build = {"gptq": gptq, "compressed-tensors": compressed_tensors}[fmt.quant_method]
-    return build(decisions, infos, ndim, bits=bits, group_size=group_size)
+               group_size: int, scale: str = "absmax") -> dict:
+    """The engines' quantization_config of an export format (gptq or compressed-tensors). Engines read the
+    stored scales whatever rule chose them; compressed-tensors names the rule as its observer."""
+    if fmt.quant_method == "gptq":
+        return gptq(decisions, infos, ndim, bits=bits, group_size=group_size)
+    cfg = compressed_tensors(decisions, infos, ndim, bits=bits, group_size=group_size)
+    if scale == "mse":  # the library's "mse" observer is the same kind of clipping search
+        for g in cfg["config_groups"].values():
+            g["weights"]["observer"] = "mse"
+    return cfg
 
 
 def warnings(fmt, decisions: Sequence, bits: int, shapes: dict[str, tuple[int, ...]] | None = None) -> list[str]:

@@ -30,7 +30,7 @@ def scores(w: torch.Tensor, group_size: int, gamma: torch.Tensor | None = None, 
     w64 = w.double()
     col = {}
     for bits in (4, 8):
-        codes, s = rtn.quantize(w, bits, group_size, name=name, **({"scale": scale} if scale != "absmax" else {}))
+        codes, s = rtn.quantize(w, bits, group_size, name=name, scale=scale)
         d = w64 - rtn.dequantize(codes, s, bits, group_size).double()
         col[bits] = (d * d).reshape(-1, w.shape[-1]).sum(0)  # (k,): squared error per input channel
     gain = col[4] - col[8]
@@ -45,7 +45,7 @@ def scores(w: torch.Tensor, group_size: int, gamma: torch.Tensor | None = None, 
 
 
 def score(kind: str, w: torch.Tensor, group_size: int, gamma: torch.Tensor | None = None, *,
-          name: str = "weight") -> float:
+          name: str = "weight", scale: str = "absmax") -> float:
     """One of SCORES, computing only what it needs (what `--budget` calls once per tensor): the
     statistics need no quantization, the errors are summed in float32 (a ranking, not a report)."""
     if kind in ("kurtosis", "max_over_rms"):
@@ -53,7 +53,7 @@ def score(kind: str, w: torch.Tensor, group_size: int, gamma: torch.Tensor | Non
     w32 = w.float()
     col = {}
     for bits in (4, 8) if kind != "relative" else (4,):
-        codes, s = rtn.quantize(w, bits, group_size, name=name)
+        codes, s = rtn.quantize(w, bits, group_size, name=name, scale=scale)
         d = w32 - rtn.dequantize(codes, s, bits, group_size).float()
         col[bits] = (d * d).reshape(-1, w.shape[-1]).sum(0)
         del codes, s, d

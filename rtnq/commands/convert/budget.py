@@ -51,7 +51,7 @@ class Scored:
 
 
 def apply(src_dir: Path, specs: list[TensorSpec], selection: Selection, budget: float, score_name: str,
-          quant_dtype) -> Scored:
+          quant_dtype, scale: str = "absmax") -> Scored:
     """Promote units of `selection` within `budget`; quant_dtype(spec) -> the DType it is quantized in."""
     params.check(budget_score=score_name)
     if not math.isfinite(budget) or budget <= 0:
@@ -84,7 +84,7 @@ def apply(src_dir: Path, specs: list[TensorSpec], selection: Selection, budget: 
                 norm = norms.get(name)
                 if norm is not None and by_spec[norm].shape == (spec.shape[-1],):
                     gamma = reader.read(by_spec[norm]).float() + (1.0 if gemma else 0.0)
-                scores[name] = sensitivity.score(score_name, w, d.group_size, gamma, name=name)
+                scores[name] = sensitivity.score(score_name, w, d.group_size, gamma, name=name, scale=scale)
                 del w
     ordered = [knapsack.Unit(k, tuple(m), sum(scores[n] for n in m),
                              sum(_bits(by_spec[n], 8, decisions[n].group_size, quant_dtype)

@@ -54,6 +54,7 @@ def quantize_item(
     w: torch.Tensor | Iterable[torch.Tensor],
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
     layout: str = "marlin",
+    scale: str = "absmax",
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Source weight -> (packed codes, scales, relative error of the dequantized weight) in `layout`.
 
@@ -78,7 +79,7 @@ def quantize_item(
     for chunk in w:
         e, row0 = divmod(done, n)
         fused.quantize_rows(chunk.to(qdt), row0, q3[e], s3[e], d.bits, d.group_size, sums, name=spec.name,
-                            layout=layout)
+                            layout=layout, scale=scale)
         done += chunk.shape[0]
     if done != experts * n:
         raise ValueError(f"{spec.name}: got {done} rows, expected {experts * n}")
@@ -138,7 +139,8 @@ def run(plan: ConvertPlan, progress: Callable[[Progress], None] | None = None) -
                     buf, out = out_pool.get_tensors([(q_entry.shape, torch.int32, q_entry.nbytes),
                                                      (s_entry.shape, item.quant_dtype.torch, s_entry.nbytes)])
                     rows = prefetch.rows(index, item.spec.torch_dtype, item.spec.shape[-1])
-                    qweight, scales, errors[item.spec.name] = quantize_item(item, rows, out, fmt.layout)
+                    qweight, scales, errors[item.spec.name] = quantize_item(item, rows, out, fmt.layout,
+                                                                            plan.options.scale)
                     so.behind.submit(writer.write, q_entry.name, qweight)
                     so.behind.submit(writer.write, s_entry.name, scales, release=functools.partial(out_pool.put, buf))
                     consts = fmt.constants(item.spec.shape, item.decision.bits, item.decision.group_size)

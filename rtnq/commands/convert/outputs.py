@@ -86,7 +86,7 @@ def build_manifest(plan: ConvertPlan, errors: dict[str, float]) -> mf.Manifest:
         defaults={
             "bits": o.bits,
             "group_size": o.group_size,
-            "scale_rule": mf.SCALE_RULE,
+            "scale_rule": mf.scale_rule(o.scale),
             "dtype": o.dtype or "source (fp32 -> bf16)",
             **({} if plan.budget is None else {"budget": {
                 "bits_per_weight": o.budget, "score": plan.budget.score_name,
@@ -109,7 +109,7 @@ def quantization_config(plan: ConvertPlan) -> dict:
         decisions = [i.decision for i in plan.items]
         ndim = {i.spec.name: len(i.spec.shape) for i in plan.items}
         return engine_config.for_format(plan.format, decisions, plan.selection.infos, ndim,
-                                        bits=o.bits, group_size=o.group_size)
+                                        bits=o.bits, group_size=o.group_size, scale=o.scale)
     int8 = sorted(names.module_name(i.spec.name) for i in plan.items if i.quantized and i.decision.bits == 8)
     return {
         "quant_method": plan.format.quant_method,
@@ -117,7 +117,7 @@ def quantization_config(plan: ConvertPlan) -> dict:
         "bits": o.bits,
         "group_size": o.group_size,
         "sym": True,
-        "scale_rule": mf.SCALE_RULE,
+        "scale_rule": mf.scale_rule(o.scale),
         "manifest": mf.FILENAME,
         "manifest_version": mf.VERSION,
         "int8_modules": int8,

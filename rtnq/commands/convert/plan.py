@@ -37,6 +37,7 @@ class ConvertOptions:
     dry_run: bool = False  # plan only: OUT may exist, since nothing will be written
     budget: float | None = None  # --budget: bits per weight of the quantized linears; promotes units to INT8
     budget_score: str = "norm_error"  # --budget-score: rtnq.numerics.sensitivity score that ranks them
+    scale: str = "absmax"  # --scale: rtn.quantize's scale rule ("absmax", the paper's, or "mse")
 
 
 @dataclass
@@ -104,7 +105,7 @@ def output_entries(spec: TensorSpec, d: precision.Decision, qdt: dtypes.DType | 
 
 def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> ConvertPlan:
     """Everything about the output, from headers only: decisions, names, dtypes, shapes, shards."""
-    params.check(options.bits, options.group_size, options.dtype)
+    params.check(options.bits, options.group_size, options.dtype, scale=options.scale)
     fmt = formats.BY_NAME.get(options.format)
     if fmt is None:
         raise UsageError(f"--format must be one of {', '.join(formats.FORMATS)}, got {options.format}")
@@ -130,7 +131,7 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
         if options.bits != 4:
             raise UsageError("--budget promotes INT4 tensors to INT8, so it needs --bits 4")
         scored = budget.apply(src_dir, specs, selection, options.budget, options.budget_score,
-                              lambda spec: quant_dtype(spec, options))
+                              lambda spec: quant_dtype(spec, options), options.scale)
         selection = scored.selection
     src_shards = list(dict.fromkeys(s.shard for s in specs))
     shard_names = {s: layout.shard_name(i, len(src_shards)) for i, s in enumerate(src_shards)}

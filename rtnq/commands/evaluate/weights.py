@@ -74,6 +74,7 @@ class WhatIf(Source):
     def __init__(self, src_dir: Path, plan):
         super().__init__(src_dir, [item.spec for item in plan.items])
         self.items = {item.spec.name: item for item in plan.items}
+        self.scale = plan.options.scale
         for name, item in self.items.items():
             if item.quantized and len(item.spec.shape) != 2:
                 raise UsageError(f"{name} is a stacked {len(item.spec.shape)}-D expert tensor; eval's what-if mode "
@@ -85,7 +86,8 @@ class WhatIf(Source):
         if not item.quantized:
             return w
         d = item.decision
-        codes, scales = rtn.quantize(w.to(item.quant_dtype.torch), d.bits, d.group_size, name=name)
+        codes, scales = rtn.quantize(w.to(item.quant_dtype.torch), d.bits, d.group_size, name=name,
+                                     scale=self.scale)
         return rtn.dequantize(codes, scales, d.bits, d.group_size)
 
 
