@@ -24,10 +24,11 @@ the clipping ratios r of MSE_RATIOS and keeps the scale whose dequantized group 
     codes_r     t, q, code exactly as above with scale_r (|t| may now exceed the range: the clamp
                 saturates clipped values to codes 0 / 2**bits - 1)
     w_hat_r     (code - bias) * scale_r                                  in the 16-bit dtype
-    err_r       sum over the group of (w - w_hat_r)**2                   in float64: every difference and
-                square in float64, summed by a fixed pairwise tree of neighbours (`_tree_sum`), so it
-                depends only on the group's values, never on the tensor's shape, chunking, threads,
-                or zeros appended to the group
+    err_r       sum over the group of (w - w_hat_r)**2                   in float64: each difference and
+                square in float64, summed as a balanced tree over the group zero-padded to a power
+                of two P (x[i] += x[i + h] for h = P/2, P/4, ..., 1; `_tree_sum`), so it depends
+                only on the group's values, never on the tensor's shape, chunking, threads, or
+                zeros appended to the group
     chosen      the r with the smallest err_r; ties go to the larger r
 
 r = 1.0 gives clip = maxabs, i.e. exactly the absmax scale, and wins ties: a group absmax already
@@ -45,10 +46,11 @@ from rtnq.params import effective_group
 
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
-SCALE_RULES = ("absmax", "mse")
+from rtnq.params import SCALES as SCALE_RULES  # noqa: E402  (the one list: the CLI checks --scale without torch)
 # The "mse" rule's clipping ratios: 1.00, 0.99, ..., 0.80 (21 values, r = 1 - i/100 as Python floats,
 # used as their fp32 roundings). 1.0 first: it is the absmax scale and wins every tie.
 MSE_RATIOS: tuple[float, ...] = tuple(1 - i / 100 for i in range(21))
+MSE_BLOCK = 1 << 18  # weights per block of the "mse" search (float64 work ~2 MiB: stays in cache)
 
 
 def bias(bits: int) -> int:
@@ -111,41 +113,57 @@ def _round(groups: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _mse_scale(groups: torch.Tensor, maxabs: torch.Tensor, bits: int, ratios) -> torch.Tensor:
-    """The "mse" rule's scale per group (module docstring): one pass over the weight per ratio,
-    keeping only the running best scale and error per group."""
+    """The "mse" rule's scale per group (module docstring), shaped like maxabs.
+
+    Blocks of about MSE_BLOCK weights (whole groups) go through every ratio while they sit in the
+    CPU cache, keeping only the running best scale and error per group: memory stays O(weight),
+    and as every step is elementwise per group or `_tree_sum`, blocks change no value."""
+    ratios = sorted({float(r) for r in ratios}, reverse=True)  # larger r first: it keeps ties
+    if not ratios or not all(0.0 < r <= 1.0 for r in ratios):
+        raise ValueError(f"clipping ratios must lie in (0, 1], got {ratios}")
+    r32 = [torch.tensor(r, dtype=torch.float32) for r in ratios]
+    g = groups.shape[-1]
+    flat = groups.reshape(-1, g)
+    m32 = maxabs.reshape(-1, 1).float()
+    out = torch.empty(flat.shape[0], 1, dtype=groups.dtype)
     half = bias(bits)
-    w64 = groups.double()
-    best_scale = best_err = None
-    for r in sorted(set(float(x) for x in ratios), reverse=True):  # larger r first: it keeps ties
-        if not 0.0 < r <= 1.0:
-            raise ValueError(f"clipping ratio {r} is not in (0, 1]")
-        clip = (maxabs.float() * torch.tensor(r, dtype=torch.float32)).to(groups.dtype)
-        s = _scale(clip, bits)
-        # (code - bias) of the clamped code, in the 16-bit dtype: clamping q to [-bias, bias - 1]
-        # is the same (q + bias is exact inside the range) and dequantize's product is this one.
-        w_hat = _round(groups, s).clamp_(-half, half - 1).mul_(s)
-        d = w64 - w_hat.double()
-        err = _tree_sum(d.mul_(d))
-        if best_err is None:
-            best_scale, best_err = s, err
-        else:
-            better = err < best_err  # strict: a tie keeps the larger r found before
-            best_scale = torch.where(better, s, best_scale)
-            best_err = torch.where(better, err, best_err)
-    return best_scale
+    width = 1 << (g - 1).bit_length()  # g rounded up to a power of two: _tree_sum's zero padding
+    step = max(1, MSE_BLOCK // width)
+    for lo in range(0, flat.shape[0], step):
+        w = flat[lo : lo + step]
+        w64 = w.double()
+        sq = torch.zeros(w.shape[0], width, dtype=torch.float64)  # columns >= g stay 0: never written
+        best_s = best_e = None
+        for r in r32:
+            clip = (m32[lo : lo + step] * r).to(groups.dtype)
+            s = _scale(clip, bits)
+            # (code - bias) in the 16-bit dtype is q clamped to [-bias, bias - 1] (q + bias is exact
+            # inside the range), and times s rounded once is exactly dequantize's product.
+            w_hat = _round(w, s).clamp_(-half, half - 1).mul_(s)
+            torch.sub(w64, w_hat, out=sq[:, :g]).square_()  # float64: w_hat converts exactly
+            e = _tree_sum(sq)
+            if best_e is None:
+                best_s, best_e = s, e.clone()
+            else:
+                better = e < best_e  # strict: a tie keeps the larger r, tried before
+                best_s = torch.where(better, s, best_s)
+                best_e = torch.where(better, e, best_e)
+        out[lo : lo + step] = best_s
+    return out.reshape(maxabs.shape)
 
 
 def _tree_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dim (keepdim) in a fixed pairwise order: each level adds neighbours
-    (x0 + x1, x2 + x3, ...) and carries an odd last element up unchanged, i.e. the balanced tree of
-    the group zero-padded at its end to a power of two. The order depends only on the values, so a
-    group's sum is the same whatever tensor, chunk of rows or thread count it is computed in, and
-    zeros appended to the group (fused's padding of k, channelwise) leave it unchanged (x + 0 = x)."""
-    while x.shape[-1] > 1:
-        h = x.shape[-1] // 2
-        y = x[..., 0 : 2 * h : 2] + x[..., 1 : 2 * h : 2]
-        x = torch.cat((y, x[..., 2 * h :]), dim=-1) if x.shape[-1] % 2 else y
-    return x
+    """Sum over the last dim, whose length is a power of two, as a balanced tree: each level adds
+    the second half onto the first, elementwise (x[i] += x[i + h]); in place, returns x[..., :1].
+    The order depends only on the length, so a group's sum is the same whatever tensor, chunk of rows
+    or thread count it is computed in. A group of g values is summed zero-padded at its end to the
+    next power of two; more zeros appended (fused pads k with zeros, channelwise) change nothing:
+    the first levels then add only +0."""
+    n = x.shape[-1]
+    while n > 1:
+        n //= 2
+        x[..., :n] += x[..., n : 2 * n]
+    return x[..., :1]
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
