@@ -137,3 +137,25 @@ def test_the_fast_score_equals_the_float64_reference(kind):
     gamma = synthetic.make_tensor("model.layers.0.post_attention_layernorm.weight", (576,), __import__("torch").float32)
     want = sensitivity.scores(w, 64, gamma)[kind]
     assert sensitivity.score(kind, w, 64, gamma) == pytest.approx(want, rel=1e-6)
+
+
+def test_verify_rederives_the_scores_and_the_choice(src, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    m = _convert(src, out, "--budget", "4.8", "--format", "compressed-tensors")
+    r = run("verify", out, "--against", src)
+    assert r.code == 0, r.out + r.err
+    promoted = [n for n, e in m["tensors"].items() if (e.get("rule") or "").startswith("budget:")]
+    loser = next(n for n, e in m["tensors"].items() if e.get("rank") and n not in promoted)
+    for edit, expect in (("score", "budget score"), ("choice", "not by re-running the budget")):
+        bad = tmp_path / edit
+        shutil.copytree(out, bad)
+        mm = json.loads((bad / "rtnq_manifest.json").read_text())
+        if edit == "score":
+            mm["tensors"][loser]["score"] *= 1.5
+        else:  # swap the rules of a promoted and a passed-over tensor: bytes would differ too, so keep them
+            mm["tensors"][promoted[0]]["rule"] = "default"
+        (bad / "rtnq_manifest.json").write_text(json.dumps(mm))
+        r = run("verify", bad, "--against", src)
+        assert r.code == 7 and expect in r.out + r.err, r.out + r.err

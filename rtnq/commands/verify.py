@@ -71,6 +71,11 @@ def verify(out: str | Path, src: str | Path, progress: Callable[[int, int], None
                 progress(i + 1, len(m.tensors))
     for name in extra:
         checks.append(Check(name, "unknown", False, "output tensor not described by the manifest", None))
+    if m.defaults.get("budget") is not None:  # --budget: its scores and choice are re-derived too
+        from rtnq.commands.convert import budget
+
+        for name, why in budget.rederive(m, resolve(src), list(src_specs.values()), scale):
+            checks.append(Check(name, "budget", False, why, None))
     return checks
 
 

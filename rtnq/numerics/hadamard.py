@@ -99,9 +99,6 @@ def recipe(n: int) -> tuple[tuple[str, int], ...] | None:
         base = _base(n >> k)
         if base is not None:
             return (("sylvester", 2),) * k + base
-    m = n >> twos
-    if m > 1:  # odd core: only reachable as part of a 4k factor, tried below
-        pass
     for d in range(4, int(math.isqrt(n)) + 1, 4):
         if n % d == 0:
             a, b = recipe(d), recipe(n // d)

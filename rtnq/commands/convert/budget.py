@@ -107,6 +107,14 @@ def apply(src_dir: Path, specs: list[TensorSpec], selection: Selection, budget: 
                   time.perf_counter() - t0)
 
 
+def _quant_dtype(spec: TensorSpec, option: str | None) -> dtypes.DType:
+    """The 16-bit dtype convert quantized `spec` in, from the manifest's defaults.dtype (plan.quant_dtype's rule)."""
+    if option in dtypes.SIXTEEN_BIT:
+        return dtypes.BY_SHORT[option]
+    d = dtypes.BY_ST[spec.dtype]
+    return d if d.short in dtypes.SIXTEEN_BIT else dtypes.BY_SHORT["bf16"]
+
+
 def _bits(spec: TensorSpec, bits: int, group_size: int, quant_dtype) -> int:
     """Bits of one quantized weight's codes and scales at its logical shape."""
     entries = formats.COMPRESSED_TENSORS.entries("p", spec.shape, bits, group_size, quant_dtype(spec).st)[:2]
@@ -127,3 +135,60 @@ def _norm_names(by_spec: dict[str, TensorSpec], infos: dict[str, NameInfo]) -> d
                 out[name] = candidate
                 break
     return out
+
+
+def rederive(manifest, src_dir: Path, specs: list[TensorSpec], scale: str) -> list[tuple[str, str]]:
+    """`rtnq verify` of a --budget output: recompute every recorded score from SRC and re-run the choice
+    on them; [(tensor, what differs)] (empty when both match). Costs one scoring pass, like convert's."""
+    b = manifest.defaults.get("budget")
+    if not isinstance(b, dict):
+        return []
+    score_name, budget = b.get("score"), b.get("bits_per_weight")
+    if score_name not in params.BUDGET_SCORES or not isinstance(budget, (int, float)):
+        return [("defaults.budget", f"names score {score_name!r} and budget {budget!r}, which this rtnq cannot re-derive")]
+    from rtnq.selection.names import analyse
+
+    by_spec = {s.name: s for s in specs}
+    infos = {i.name: i for i in analyse([s.name for s in specs])}
+    norms = _norm_names(by_spec, infos)
+    gemma = layout.model_type(src_dir).startswith("gemma")
+    problems = []
+    ranked = {n: e for n, e in manifest.tensors.items() if e.rank is not None}
+
+    with Reader(src_dir) as reader:
+        for name, e in ranked.items():
+            spec = by_spec[name]
+            w = reader.read(spec).to(_quant_dtype(spec, manifest.defaults.get("dtype")).torch)
+            gamma = None
+            norm = norms.get(name)
+            if norm is not None and by_spec[norm].shape == (spec.shape[-1],):
+                gamma = reader.read(by_spec[norm]).float() + (1.0 if gemma else 0.0)
+            got = sensitivity.score(score_name, w, e.group_size, gamma, name=name, scale=scale)
+            if e.score is None or not math.isclose(got, e.score, rel_tol=1e-6, abs_tol=1e-12):
+                problems.append((name, f"budget score {e.score} recorded, {got:.6g} re-derived"))
+    if problems:
+        return problems
+    # Re-run the greedy on the recorded scores: the promoted units must be the ones it picks.
+    def bits_of(e, bits):
+        n, k = e.shape[-2:]
+        groups = 1 if e.group_size == -1 else k // e.group_size
+        lead = math.prod(e.shape[:-2])
+        return lead * (n * k * bits + n * groups * 16)
+
+    promoted = {n for n, e in ranked.items() if (e.rule or "").startswith("budget:")}
+    quantized = manifest.quantized()
+    base = sum(bits_of(e, 4 if n in promoted else e.bits) for n, e in quantized.items())
+    n_params = sum(math.prod(e.shape) for e in quantized.values())
+    units: dict[int, list[str]] = {}
+    for n, e in ranked.items():
+        units.setdefault(e.rank, []).append(n)
+    ordered = [knapsack.Unit(("rank", str(r)), tuple(m), sum(ranked[n].score for n in m),
+                             sum(bits_of(ranked[n], 8) - bits_of(ranked[n], 4) for n in m))
+               for r, m in sorted(units.items())]
+    try:
+        choice = knapsack.choose(ordered, base, n_params, float(budget))
+    except UsageError as err:
+        return [("defaults.budget", str(err))]
+    again = {n for u in ordered if u.key in choice.promoted for n in u.members}
+    return [(n, "promoted by the manifest, not by re-running the budget" if n in promoted
+             else "the budget re-run promotes it, the manifest does not") for n in sorted(promoted ^ again)]

@@ -33,13 +33,10 @@ def manifest_entry(item: Item, error: float | None, scored=None) -> mf.TensorEnt
         reason=None if q else d.reason,
         error=error,
         padded_shape=stored,
-        score=None if scored is None else _round(scored.scores.get(spec.name)),
+        score=None if scored is None else scored.scores.get(spec.name),  # unrounded: verify re-runs the choice on it
         rank=None if scored is None else scored.ranks.get(spec.name),
     )
 
-
-def _round(x: float | None) -> float | None:
-    return None if x is None else float(f"{x:.6g}")
 
 
 def totals(plan: ConvertPlan) -> dict:
