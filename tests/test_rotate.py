@@ -287,3 +287,19 @@ def test_norm_bias_and_unknown_and_expert_tensors(base):
 def test_shape_mismatch(base):
     specs, cfg = base
     assert "hidden_size 128" in _refused(specs, dict(cfg, hidden_size=128))
+
+
+def test_chunking_does_not_change_the_result(tmp_path, monkeypatch):
+    """Chunks along the dimension Q does not mix: the same values up to float32 summation order."""
+    from safetensors.torch import load_file
+
+    from rtnq.commands import rotate
+
+    src = synthetic.write_checkpoint(tmp_path / "src", SPECS["hidden192"])
+    rotate_dir(src, tmp_path / "a", dtype=torch.float32)
+    monkeypatch.setattr(rotate, "CHUNK_BYTES", 4 * 192 * 7)  # 7 rows / columns at a time
+    rotate_dir(src, tmp_path / "b", dtype=torch.float32)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in "ab")
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6)

@@ -240,26 +240,26 @@ class Rotation:
             return (tensor.to(self.compute_dtype) @ self.q).to(out_dtype)
         if a.kind in ("embed", "read", "head"):
             gamma = self._gamma(a.norm, fetch) if a.norm else None
-            return self._right(tensor, gamma).to(out_dtype)
-        return self._left(tensor).to(out_dtype)  # write: Q^T W
+            return self._right(tensor, gamma, out_dtype)
+        return self._left(tensor, out_dtype)  # write: Q^T W
 
     def _rows(self, width: int) -> int:
         return max(1, CHUNK_BYTES // (4 * max(1, width)))
 
-    def _right(self, w: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
-        """W diag(gamma) Q, a chunk of rows at a time."""
-        out = torch.empty(w.shape, dtype=self.compute_dtype)
+    def _right(self, w: torch.Tensor, gamma: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """W diag(gamma) Q, a chunk of rows at a time (only the chunk is held in compute_dtype)."""
+        out = torch.empty(w.shape, dtype=out_dtype)
         step = self._rows(w.shape[1])
         for i in range(0, w.shape[0], step):
             c = w[i:i + step].to(self.compute_dtype)
             if gamma is not None:
                 c = c * gamma
-            torch.matmul(c, self.q, out=out[i:i + step])
+            out[i:i + step] = c @ self.q
         return out
 
-    def _left(self, w: torch.Tensor) -> torch.Tensor:
+    def _left(self, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
         """Q^T W, a chunk of columns at a time."""
-        out = torch.empty(w.shape, dtype=self.compute_dtype)
+        out = torch.empty(w.shape, dtype=out_dtype)
         step = self._rows(w.shape[0])
         qt = self.q.t()
         for j in range(0, w.shape[1], step):
