@@ -13,7 +13,7 @@ BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128, -1)  # -1: one group per row ("channelwise")
 SCALES = ("absmax", "mse")  # --scale: the paper's absmax scale, or the per-group clipping search (rtn.py)
 # --budget-score: the data-free scores of rtnq.numerics.sensitivity, the default first
-BUDGET_SCORES = ("norm_error", "error", "relative", "kurtosis", "max_over_rms")
+BUDGET_SCORES = ("position", "norm_error", "error", "relative", "kurtosis", "max_over_rms")
 
 _ALLOWED = {  # option -> (accepted values, how the error says them)
     "--bits": (BITS, "4 or 8"),

@@ -116,7 +116,7 @@ def test_explicit_rules_win_and_every_format_makes_the_same_choice(src, tmp_path
     (("--budget", "3"), "--budget 3 is below the 4.1250 bits per weight"),
     (("--budget", "4.5", "--bits", "8"), "--budget promotes INT4 tensors to INT8, so it needs --bits 4"),
     (("--budget", "-1"), "must be a positive number of bits per weight"),
-    (("--budget", "4.5", "--budget-score", "luck"), "--budget-score: must be norm_error, error"),
+    (("--budget", "4.5", "--budget-score", "luck"), "--budget-score: must be position, norm_error, error"),
 ])
 def test_bad_budgets_are_one_line_usage_errors(src, tmp_path, flags, message):
     r = run("convert", src, tmp_path / "out", *flags)
@@ -124,7 +124,7 @@ def test_bad_budgets_are_one_line_usage_errors(src, tmp_path, flags, message):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("score", sensitivity.SCORES)
+@pytest.mark.parametrize("score", __import__("rtnq.params").params.BUDGET_SCORES)
 def test_every_score_chooses_within_the_budget(src, tmp_path, score):
     plan = _dry(src, tmp_path / "x", "--budget", "4.6", "--budget-score", score)
     assert plan["budget"]["score"] == score and 4.125 < plan["budget"]["after"] <= 4.6

@@ -20,7 +20,9 @@ import math
 import torch
 
 from rtnq.numerics import rtn
-from rtnq.params import BUDGET_SCORES as SCORES  # noqa: F401  (the one list, torch-free for the CLI)
+from rtnq.params import BUDGET_SCORES
+
+SCORES = BUDGET_SCORES[1:]  # the weight statistics; "position" (rtnq.selection.budget) reads no weight
 
 
 def scores(w: torch.Tensor, group_size: int, gamma: torch.Tensor | None = None, *, scale: str = "absmax",

@@ -75,8 +75,10 @@ def apply(src_dir: Path, specs: list[TensorSpec], selection: Selection, budget: 
     norms = _norm_names(by_spec, infos)
     gemma = layout.model_type(src_dir).startswith("gemma")  # Gemma's RMSNorm scales by (1 + weight)
     scores: dict[str, float] = {}
+    if score_name == "position":  # a prior per extra bit: no weight is read
+        scores = {n: knapsack.position_priority(infos[n]) * 1.0 for m in candidates.values() for n in m}
     with Reader(src_dir) as reader:
-        for members in candidates.values():
+        for members in candidates.values() if score_name != "position" else ():
             for name in members:
                 spec, d = by_spec[name], decisions[name]
                 w = reader.read(spec).to(quant_dtype(spec).torch)
@@ -84,11 +86,14 @@ def apply(src_dir: Path, specs: list[TensorSpec], selection: Selection, budget: 
                 norm = norms.get(name)
                 if norm is not None and by_spec[norm].shape == (spec.shape[-1],):
                     gamma = reader.read(by_spec[norm]).float() + (1.0 if gemma else 0.0)
-                scores[name] = sensitivity.score(score_name, w, d.group_size, gamma, name=name, scale=scale)
+                scores[name] = _extensive(score_name, spec, sensitivity.score(score_name, w, d.group_size, gamma,
+                                                                              name=name, scale=scale))
                 del w
-    ordered = [knapsack.Unit(k, tuple(m), sum(scores[n] for n in m),
-                             sum(_bits(by_spec[n], 8, decisions[n].group_size, quant_dtype)
-                                 - _bits(by_spec[n], 4, decisions[n].group_size, quant_dtype) for n in m))
+    extra = {n: _bits(by_spec[n], 8, decisions[n].group_size, quant_dtype)
+             - _bits(by_spec[n], 4, decisions[n].group_size, quant_dtype) for m in candidates.values() for n in m}
+    if score_name == "position":  # priority per extra bit whatever the unit's size
+        scores = {n: s * extra[n] for n, s in scores.items()}
+    ordered = [knapsack.Unit(k, tuple(m), sum(scores[n] for n in m), sum(extra[n] for n in m))
                for k, m in candidates.items()]
     choice = knapsack.choose(ordered, base_bits, n_params, budget)
     new = dict(decisions)
@@ -105,6 +110,15 @@ def apply(src_dir: Path, specs: list[TensorSpec], selection: Selection, budget: 
     sel = replace(selection, decisions=new, rules=rules)
     return Scored(sel, score_name, budget, choice.bits_per_weight, choice.floor, scores, ranks, promoted,
                   time.perf_counter() - t0)
+
+
+_INTENSIVE = ("relative", "kurtosis", "max_over_rms")
+
+
+def _extensive(kind: str, spec: TensorSpec, value: float) -> float:
+    """A per-tensor statistic (relative error, kurtosis, max/RMS) times the tensor's parameters, so that
+    score per extra bit ranks by the statistic itself rather than favouring the smallest units."""
+    return value * spec.numel if kind in _INTENSIVE else value
 
 
 def _quant_dtype(spec: TensorSpec, option: str | None) -> dtypes.DType:
@@ -155,26 +169,32 @@ def rederive(manifest, src_dir: Path, specs: list[TensorSpec], scale: str) -> li
     problems = []
     ranked = {n: e for n, e in manifest.tensors.items() if e.rank is not None}
 
-    with Reader(src_dir) as reader:
-        for name, e in ranked.items():
-            spec = by_spec[name]
-            w = reader.read(spec).to(_quant_dtype(spec, manifest.defaults.get("dtype")).torch)
-            gamma = None
-            norm = norms.get(name)
-            if norm is not None and by_spec[norm].shape == (spec.shape[-1],):
-                gamma = reader.read(by_spec[norm]).float() + (1.0 if gemma else 0.0)
-            got = sensitivity.score(score_name, w, e.group_size, gamma, name=name, scale=scale)
-            if e.score is None or not math.isclose(got, e.score, rel_tol=1e-6, abs_tol=1e-12):
-                problems.append((name, f"budget score {e.score} recorded, {got:.6g} re-derived"))
-    if problems:
-        return problems
-    # Re-run the greedy on the recorded scores: the promoted units must be the ones it picks.
     def bits_of(e, bits):
         n, k = e.shape[-2:]
         groups = 1 if e.group_size == -1 else k // e.group_size
         lead = math.prod(e.shape[:-2])
         return lead * (n * k * bits + n * groups * 16)
 
+    with Reader(src_dir) as reader:
+        for name, e in ranked.items():
+            spec = by_spec[name]
+            if score_name == "position":
+                got = knapsack.position_priority(infos[name]) * (bits_of(e, 8) - bits_of(e, 4))
+                if e.score is None or not math.isclose(got, e.score, rel_tol=1e-9):
+                    problems.append((name, f"budget score {e.score} recorded, {got:.6g} re-derived"))
+                continue
+            w = reader.read(spec).to(_quant_dtype(spec, manifest.defaults.get("dtype")).torch)
+            gamma = None
+            norm = norms.get(name)
+            if norm is not None and by_spec[norm].shape == (spec.shape[-1],):
+                gamma = reader.read(by_spec[norm]).float() + (1.0 if gemma else 0.0)
+            got = _extensive(score_name, spec, sensitivity.score(score_name, w, e.group_size, gamma, name=name,
+                                                                 scale=scale))
+            if e.score is None or not math.isclose(got, e.score, rel_tol=1e-6, abs_tol=1e-12):
+                problems.append((name, f"budget score {e.score} recorded, {got:.6g} re-derived"))
+    if problems:
+        return problems
+    # Re-run the greedy on the recorded scores: the promoted units must be the ones it picks.
     promoted = {n for n, e in ranked.items() if (e.rule or "").startswith("budget:")}
     quantized = manifest.quantized()
     base = sum(bits_of(e, 4 if n in promoted else e.bits) for n, e in quantized.items())
