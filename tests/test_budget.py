@@ -68,9 +68,9 @@ def _bpw(m: dict) -> float:
 def test_budget_promotes_whole_units_within_the_budget(src, tmp_path):
     m = _convert(src, tmp_path / "out", "--budget", "5")
     b = m["defaults"]["budget"]
-    assert b["score"] == "norm_error" and b["before"] == pytest.approx(4.125)
+    assert b["score"] == "position" and b["before"] == pytest.approx(4.125)
     assert _bpw(m) == pytest.approx(b["after"], abs=1e-4) and 4.5 < b["after"] <= 5.0
-    promoted = {n for n, e in m["tensors"].items() if (e.get("rule") or "").startswith("budget:norm_error #")}
+    promoted = {n for n, e in m["tensors"].items() if (e.get("rule") or "").startswith("budget:position #")}
     assert promoted and all(m["tensors"][n]["bits"] == 8 for n in promoted)
     # fused partners share a precision: q/k/v and gate/up are promoted together or not at all
     for layer in range(4):
@@ -80,16 +80,17 @@ def test_budget_promotes_whole_units_within_the_budget(src, tmp_path):
             assert len(bits) == 1
     ranked = [e for e in m["tensors"].values() if e.get("rank") is not None]
     assert len(ranked) == 4 * 7 and all(isinstance(e["score"], float) for e in ranked)
-    assert m["rules"][-1] == {"option": "budget", "selector": "5 bpw by norm_error", "matched": len(promoted)}
+    assert m["rules"][-1] == {"option": "budget", "selector": "5 bpw by position", "matched": len(promoted)}
     assert run("verify", tmp_path / "out", "--against", src).code == 0
     r = run("inspect", tmp_path / "out")
-    assert r.code == 0 and "budget 5.0 bits per weight by norm_error" in r.out
+    assert r.code == 0 and "budget 5.0 bits per weight by position" in r.out
 
 
 def test_scores_are_the_sensitivity_module_s_with_the_input_norm(src, tmp_path):
-    plan = _dry(src, tmp_path / "out", "--budget", "4.5")  # --dry-run scores too, and writes nothing
+    flags = ("--budget", "4.5", "--budget-score", "norm_error")
+    plan = _dry(src, tmp_path / "out", *flags)  # --dry-run scores too, and writes nothing
     assert not (tmp_path / "out").exists()
-    m = _convert(src, tmp_path / "out", "--budget", "4.5")
+    m = _convert(src, tmp_path / "out", *flags)
     assert sorted(plan["budget"]["promoted"]) == sorted(
         n for n, e in m["tensors"].items() if (e.get("rule") or "").startswith("budget:"))
     t = load_file(str(src / "model.safetensors"))
@@ -143,7 +144,7 @@ def test_verify_rederives_the_scores_and_the_choice(src, tmp_path):
     import shutil
 
     out = tmp_path / "out"
-    m = _convert(src, out, "--budget", "4.8", "--format", "compressed-tensors")
+    m = _convert(src, out, "--budget", "4.8", "--format", "compressed-tensors", "--budget-score", "error")
     r = run("verify", out, "--against", src)
     assert r.code == 0, r.out + r.err
     promoted = [n for n, e in m["tensors"].items() if (e.get("rule") or "").startswith("budget:")]
@@ -159,3 +160,19 @@ def test_verify_rederives_the_scores_and_the_choice(src, tmp_path):
         (bad / "rtnq_manifest.json").write_text(json.dumps(mm))
         r = run("verify", bad, "--against", src)
         assert r.code == 7 and expect in r.out + r.err, r.out + r.err
+
+
+def test_position_prior_ranks_the_ends_first_and_reads_no_weight(src, tmp_path):
+    from rtnq.selection import budget, names
+
+    infos = {i.name: i for i in names.analyse([f"model.layers.{b}.{m}.weight" for b in range(4)
+                                                for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj",
+                                                          "mlp.down_proj")])}
+    p = {n: budget.position_priority(i) for n, i in infos.items()}
+    assert p["model.layers.0.self_attn.q_proj.weight"] == p["model.layers.3.mlp.down_proj.weight"] == 1.0
+    assert p["model.layers.1.mlp.down_proj.weight"] == 0.5 == p["model.layers.0.self_attn.o_proj.weight"]
+    assert p["model.layers.0.mlp.up_proj.weight"] == 0.25
+    m = _convert(src, tmp_path / "out", "--budget", "4.6")
+    first = sorted((e["rank"], n) for n, e in m["tensors"].items() if e.get("rank"))[:3]
+    assert {n for _, n in first} == {f"model.layers.0.self_attn.{x}_proj.weight" for x in "qkv"}
+    assert run("verify", tmp_path / "out", "--against", src).code == 0

@@ -41,7 +41,7 @@ def convert(
     strict: Annotated[bool, typer.Option("--strict", help="Fail instead of passing linears whose shape the format cannot hold through.")] = False,
     budget: Annotated[Optional[float], typer.Option("--budget", callback=parse_budget, help="Promote the INT4 units whose data-free score per extra bit is highest to INT8, while the quantized linears average at most this many bits per weight (codes and scales), e.g. 4.5. Reads the weights once more before writing.")] = None,
     scale: Annotated[str, typer.Option("--scale", callback=parse_scale, help="absmax (the paper's RTN, default) or mse: per group, the clipping of the scale (1.00 to 0.80 of maxabs) with the smallest squared error.")] = "absmax",
-    budget_score: Annotated[str, typer.Option("--budget-score", callback=parse_budget_score, help="The score --budget ranks by: norm_error (default), error, relative, kurtosis, max_over_rms.")] = "norm_error",
+    budget_score: Annotated[str, typer.Option("--budget-score", callback=parse_budget_score, help="What --budget ranks units by: position (default: first and last blocks, q/k/v and down first; reads no weight), or a statistic of the weight's 4-bit error: norm_error, error, relative, kurtosis, max_over_rms.")] = "position",
     json_out: JsonOpt = False,
 ) -> None:
     """Quantize SRC with round-to-nearest into Marlin-packed INT4/INT8 and write OUT with a manifest."""

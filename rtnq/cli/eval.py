@@ -78,7 +78,7 @@ def eval_(
         convert_options = ConvertOptions(bits=bits, group_size=128 if group_size is None else group_size,
                                          keep_int8=split_list(keep_int8), skip=split_list(skip),
                                          format=fmt or "marlin", dry_run=True, budget=budget,
-                                         budget_score=budget_score or "norm_error", scale=scale or "absmax")
+                                         budget_score=budget_score or "position", scale=scale or "absmax")
     options = evaluate.EvalOptions(text=text, tokens=tokens, window=window, against=against,
                                    convert=convert_options, threads=threads)
     try:

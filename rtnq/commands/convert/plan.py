@@ -36,7 +36,7 @@ class ConvertOptions:
     format: str = "marlin"  # one of formats.FORMATS
     dry_run: bool = False  # plan only: OUT may exist, since nothing will be written
     budget: float | None = None  # --budget: bits per weight of the quantized linears; promotes units to INT8
-    budget_score: str = "norm_error"  # --budget-score: rtnq.numerics.sensitivity score that ranks them
+    budget_score: str = "position"  # --budget-score: what ranks them (params.BUDGET_SCORES; docs/PRECISION.md)
     scale: str = "absmax"  # --scale: rtn.quantize's scale rule ("absmax", the paper's, or "mse")
 
 
