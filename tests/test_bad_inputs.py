@@ -230,3 +230,19 @@ def test_verify_against_wrong_source(src, tmp_path):
 def test_inspect_on_a_plain_model_dir(src):
     r = run("inspect", src)
     assert r.code == 4 and "rtnq_manifest.json" in _one_line(r.err)
+
+
+@pytest.mark.parametrize("fmt", ["marlin", "gptq", "compressed-tensors"])
+def test_a_scale_that_overflows_fp16_is_refused_naming_the_tensor(tmp_path, fmt):
+    """2 * maxabs overflows fp16 from |w| ~ 32760: the scale would be inf and dequantize to NaN."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    w = torch.zeros(64, 128, dtype=torch.float16)
+    w[3, 5] = 40000.0
+    save_file({"model.layers.0.mlp.up_proj.weight": w}, str(src / "model.safetensors"))
+    r = run("convert", src, tmp_path / "out", "--format", fmt)
+    assert r.code == 5 and "model.layers.0.mlp.up_proj.weight" in r.err and "overflows" in r.err, r.err
+    assert len(r.err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    assert run("convert", src, tmp_path / "bf", "--format", fmt, "--dtype", "bf16").code == 0

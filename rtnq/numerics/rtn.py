@@ -99,6 +99,18 @@ def quantize(
     return codes.reshape(w.shape), s.squeeze(-1)
 
 
+def check_scales(scales: torch.Tensor, name: str) -> None:
+    """InvalidWeightError when a scale overflowed its 16-bit dtype: the reference's formula computes
+    2 * maxabs in that dtype, so |w| >= ~32760 in fp16 (~1.7e38 in bf16) gives an infinite scale, and
+    such an output would dequantize to NaN. `quantize` (and the fused kernel) keep the formula's inf, bit
+    for bit with the reference; the commands that write or evaluate a conversion call this and refuse."""
+    if not torch.isfinite(scales).all():
+        limit = torch.finfo(scales.dtype).max / 2
+        raise InvalidWeightError(
+            f"{name}: |w| reaches {limit:.4g} or more, so 2 * maxabs overflows the {scales.dtype} scale; "
+            + ("quantize in bf16 (--dtype bf16) or --skip it" if scales.dtype == torch.float16 else "--skip it"))
+
+
 def _scale(maxabs: torch.Tensor, bits: int) -> torch.Tensor:
     # Both operations round to the 16-bit dtype exactly as the reference does (torch evaluates a
     # 16-bit elementwise op in fp32 and rounds the result once).

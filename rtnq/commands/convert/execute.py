@@ -25,7 +25,7 @@ from rtnq.checkpoint.shards import sharded_output
 from rtnq.checkpoint.source import Reader
 from rtnq.commands.convert.outputs import build_manifest, write_config
 from rtnq.commands.convert.plan import ConvertPlan, Item
-from rtnq.numerics import fused
+from rtnq.numerics import fused, rtn
 
 CHUNK_BYTES = 8 * 1024 * 1024  # one read: large enough for few syscalls, small enough to stay in cache
 IN_FLIGHT = 8  # chunks mapped at once: read ahead of the quantizer, passthrough ones being written
@@ -83,6 +83,7 @@ def quantize_item(
         done += chunk.shape[0]
     if done != experts * n:
         raise ValueError(f"{spec.name}: got {done} rows, expected {experts * n}")
+    rtn.check_scales(scales, spec.name)  # the C kernel writes an overflowed scale as inf: refuse it here
     return qweight, scales, fused.relative_error(sums)
 
 

@@ -88,6 +88,7 @@ class WhatIf(Source):
         d = item.decision
         codes, scales = rtn.quantize(w.to(item.quant_dtype.torch), d.bits, d.group_size, name=name,
                                      scale=self.scale)
+        rtn.check_scales(scales, name)  # convert refuses it too: never evaluate what it would not write
         return rtn.dequantize(codes, scales, d.bits, d.group_size)
 
 
