@@ -246,3 +246,21 @@ def test_a_scale_that_overflows_fp16_is_refused_naming_the_tensor(tmp_path, fmt)
     assert r.code == 5 and "model.layers.0.mlp.up_proj.weight" in r.err and "overflows" in r.err, r.err
     assert len(r.err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
     assert run("convert", src, tmp_path / "bf", "--format", fmt, "--dtype", "bf16").code == 0
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda wm: {}, "weight_map lists no tensor"),
+    (lambda wm: {**wm, "model.layers.9.mlp.up_proj.weight": next(iter(wm.values()))}, "but no shard holds it"),
+    (lambda wm: {k: v for k, v in wm.items() if v.startswith("model-00001")}, "lists 1 of the 2 shards"),
+    (lambda wm: {k: ("model-00002-of-00002.safetensors" if v.startswith("model-00001") else
+                     "model-00001-of-00002.safetensors") for k, v in wm.items()}, "but it is in"),
+])
+def test_an_index_that_disagrees_with_its_shards_is_refused(tmp_path, edit, message):
+    src = synthetic.write_checkpoint(tmp_path / "src", synthetic.SampleSpec(shards=2))
+    path = src / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    index["weight_map"] = edit(index["weight_map"])
+    path.write_text(json.dumps(index))
+    r = run("convert", src, tmp_path / "out")
+    assert r.code == 4 and message in r.err and len(r.err.strip().splitlines()) == 1, r.err
+    assert not (tmp_path / "out").exists()

@@ -50,15 +50,32 @@ def resolve(src: str | Path) -> Path:
     raise UsageError(f"{src}: no such directory")
 
 
+def index_map(model_dir: Path) -> dict[str, str] | None:
+    """The index's weight_map (tensor -> shard file), or None when the directory has no index."""
+    index = model_dir / INDEX_NAME
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError,
+            RecursionError):
+        raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+    if not weight_map:
+        raise CheckpointError(f"{index}: its weight_map lists no tensor; the index is broken, fix or remove it")
+    return weight_map
+
+
+_SHARD_OF = re.compile(r"(.+)-(\d+)-of-(\d+)\.safetensors")
+
+
 def shard_files(model_dir: Path) -> list[str]:
     """The shard file names of a model directory, from its index or its single file."""
     index = model_dir / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+        weight_map = index_map(model_dir)
+        shards = sorted(set(weight_map.values()))
         for s in shards:
             if not isinstance(s, str) or "/" in s or s.startswith("."):
                 raise CheckpointError(f"{index}: invalid shard name {s!r}")
@@ -66,6 +83,15 @@ def shard_files(model_dir: Path) -> list[str]:
                 raise CheckpointError(
                     f"{index.name} lists shard {s}, which is missing from {model_dir}; download it again"
                 )
+        for s in shards:  # "-00001-of-00002": the numbering says which shards the index must list
+            m = _SHARD_OF.fullmatch(s)
+            if m:
+                width, total = len(m.group(2)), int(m.group(3))
+                expected = {f"{m.group(1)}-{i:0{width}d}-of-{m.group(3)}.safetensors" for i in range(1, total + 1)}
+                missing = sorted(expected - set(shards))
+                if missing:
+                    raise CheckpointError(f"{index.name} lists {len(shards)} of the {total} shards its names number "
+                                          f"(no tensor in {missing[0]}); the index is incomplete, fix it")
         return shards
     if (model_dir / SINGLE_NAME).is_file():
         return [SINGLE_NAME]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from rtnq import dtypes
-from rtnq.checkpoint.layout import resolve, shard_files
+from rtnq.checkpoint.layout import INDEX_NAME, index_map, resolve, shard_files
 from rtnq.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library enforces too
@@ -133,6 +133,13 @@ def scan(src: str | Path) -> list[TensorSpec]:
                 raise CheckpointError(f"tensor {spec.name} appears in both {seen[spec.name]} and {shard}")
             seen[spec.name] = shard
             specs.append(spec)
+    weight_map = index_map(model_dir)
+    if weight_map is not None:  # an index naming a tensor its shard lacks: refused, never dropped silently
+        for name, shard in weight_map.items():
+            if seen.get(name) != shard:
+                where = f"it is in {seen[name]}" if name in seen else "no shard holds it"
+                raise CheckpointError(f"{INDEX_NAME} places {name} in {shard}, but {where}; the index does not "
+                                      "match the shards, fix it")
     return specs
 
 
