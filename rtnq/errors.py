@@ -87,10 +87,21 @@ EXIT_CODES: dict[str, int] = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (what `timeout`, Slurm, `docker stop` and a closed ssh session send), raised in
+    the main thread like Ctrl-C so every `finally` and atomic_dir cleanup runs the same way."""
+
+    def __init__(self, signum: int, name: str):
+        super().__init__(name)
+        self.signum, self.name = signum, name
+
+
 def report(exc: BaseException) -> tuple[str, int] | None:
     """The error boundary's policy, shared by `rtnq` (rtnq.cli.main) and `python -m rtnq.bench`: the one
     line to print after "error: " and the exit code, or None when the caller must re-raise (RTNQ_DEBUG=1
     wants the traceback; an exception rtnq did not raise on purpose is a bug and keeps its traceback)."""
+    if isinstance(exc, Terminated):
+        return f"terminated by {exc.name}; nothing partial was left behind", 128 + exc.signum
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", Interrupted.exit_code
     if isinstance(exc, RtnqError) and not os.environ.get("RTNQ_DEBUG"):

@@ -264,3 +264,42 @@ def test_an_index_that_disagrees_with_its_shards_is_refused(tmp_path, edit, mess
     r = run("convert", src, tmp_path / "out")
     assert r.code == 4 and message in r.err and len(r.err.strip().splitlines()) == 1, r.err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_clean_up_like_ctrl_c(tmp_path, sig):
+    """What `timeout`, Slurm, `docker stop` and a closed ssh session send: the temporary output goes too."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = synthetic.write_checkpoint(tmp_path / "src", synthetic.SampleSpec(layers=6, hidden=1024,
+                                                                           intermediate=4096, vocab=256))
+    out = tmp_path / "out"
+    # a slow quantizer (the torch reference) keeps the run going long enough to be signalled mid-way
+    p = subprocess.Popen([sys.executable, "-m", "rtnq.cli", "convert", str(src), str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "RTNQ_FASTPATH": "0"})
+    deadline = time.monotonic() + 60
+    while not leftovers(tmp_path) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert leftovers(tmp_path), "the conversion finished before it could be signalled"
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + getattr(signal, sig), err
+    assert err.strip().splitlines()[-1] == f"error: terminated by {sig}; nothing partial was left behind"
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_a_stale_temporary_directory_is_reported(tmp_path):
+    """SIGKILL or a power loss leave .OUT.rtnq-tmp-*: the next run says where and how big, and never reuses it."""
+    src = synthetic.write_checkpoint(tmp_path / "src", synthetic.SampleSpec())
+    stale = tmp_path / ".out.rtnq-tmp-abc123"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 2_000_000)
+    r = run("convert", src, tmp_path / "out")
+    assert r.code == 0
+    assert f"warning: {stale} (2.0 MB) is left from an interrupted run for out" in r.err.replace("\n", " ")
+    assert stale.exists() and (tmp_path / "out" / "rtnq_manifest.json").exists()

@@ -30,6 +30,22 @@ def check_output_location(src: Path, out: Path, force: bool) -> None:
         raise UsageError(f"output {out} exists and is not a directory")
 
 
+def stale_temporaries(out: Path) -> list[str]:
+    """One line per temporary directory an earlier run for `out` left behind (killed with SIGKILL or by
+    a power loss, which no handler sees): where and how big, so it is reported rather than left to pile up."""
+    out = Path(out)
+    lines = []
+    try:
+        found = sorted(p for p in out.parent.glob(f".{out.name}.rtnq-*") if p.is_dir())
+    except OSError:
+        return []
+    for p in found:
+        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        lines.append(f"{p} ({size / 1e6:.1f} MB) is left from an interrupted run for {out.name}; rtnq does not "
+                     f"reuse it: remove it (rm -r '{p}')")
+    return lines
+
+
 @contextlib.contextmanager
 def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `out`; rename it to `out` only if the block completes.

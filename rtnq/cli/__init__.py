@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import signal
 import sys
 
 import typer
@@ -19,7 +20,7 @@ from rich.markup import escape
 # Importing a command module registers it on `app`; the order here is the order of `rtnq --help`.
 from rtnq.cli import convert, inspect, verify, dequantize, eval, sample, bench  # noqa: F401,E402
 from rtnq.cli.app import app, err, out  # noqa: F401  (rtnq.cli.err/out: the two consoles, for tests)
-from rtnq.errors import RtnqError, report
+from rtnq.errors import RtnqError, Terminated, report
 
 # click's exception classes, from wherever this typer takes click: recent typer vendors a copy
 # (typer._click), older typer uses the click package. typer.BadParameter is public in both.
@@ -32,6 +33,7 @@ def main() -> None:
     # Everything imported so far (torch, typer, rich) lives until exit: freezing it keeps the cyclic
     # GC from re-scanning it during the run and at interpreter shutdown (0.3-0.6 s with torch loaded).
     gc.freeze()
+    _terminate_like_ctrl_c()
     try:
         # standalone_mode=False: click raises its usage errors instead of printing a boxed panel, so
         # they get the same one-line style as rtnq's own; --help returns 0 through ctx.exit. (A reader
@@ -39,6 +41,8 @@ def main() -> None:
         # prog_name: `python -m rtnq.cli` is the same program; its messages say `rtnq`.
         code = app(standalone_mode=False, prog_name="rtnq")
     except (RtnqError, KeyboardInterrupt) as e:
+        if isinstance(getattr(e, "__context__", None), Terminated) and not isinstance(e, Terminated):
+            e = e.__context__  # a command turned the signal into its own "interrupted": keep the signal's code
         reported = report(e)
         if reported is None:
             raise
@@ -57,6 +61,19 @@ def main() -> None:
     if code == 130:
         _error("interrupted", 130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _terminate_like_ctrl_c() -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C (temporary output removed), with exit code 128 + signal."""
+    def handler(signum, frame):
+        raise Terminated(signum, signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, OSError):  # not the main thread (embedded use): leave the default
+                pass
 
 
 def _error(message: str, code: int) -> None:

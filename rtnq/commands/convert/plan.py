@@ -13,7 +13,7 @@ from typing import Sequence
 
 from rtnq import dtypes, formats, params
 from rtnq.checkpoint import layout
-from rtnq.checkpoint.outdir import check_output_location
+from rtnq.checkpoint.outdir import check_output_location, stale_temporaries
 from rtnq.checkpoint.source import TensorSpec, scan
 from rtnq.checkpoint.writer import Entry, shard_size
 from rtnq.errors import CheckpointError, UsageError
@@ -158,7 +158,7 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
     shapes = {spec.name: spec.shape for spec in specs}
     manifest_warnings = selection.warnings + engine_config.warnings(fmt, list(selection.decisions.values()),
                                                                     options.bits, shapes)
-    warnings = list(manifest_warnings)
+    warnings = list(manifest_warnings) + stale_temporaries(out_dir)  # about this disk, not the output
     if not options.dry_run:
         from rtnq.numerics import fused  # imports torch: only when the plan will run
 
