@@ -303,3 +303,24 @@ def test_a_stale_temporary_directory_is_reported(tmp_path):
     assert r.code == 0
     assert f"warning: {stale} (2.0 MB) is left from an interrupted run for out" in r.err.replace("\n", " ")
     assert stale.exists() and (tmp_path / "out" / "rtnq_manifest.json").exists()
+
+
+def test_ambiguous_sources_are_refused_not_resolved_silently(tmp_path):
+    import shutil
+
+    src = synthetic.write_checkpoint(tmp_path / "src", synthetic.SampleSpec(shards=2))
+    index = src / "model.safetensors.index.json"
+    # an index and a model.safetensors it does not list: two copies of the model?
+    shutil.copy(src / "model-00001-of-00002.safetensors", src / "model.safetensors")
+    r = run("convert", src, tmp_path / "a")
+    assert r.code == 4 and "holds both model.safetensors and" in r.err, r.err
+    (src / "model.safetensors").unlink()
+    # no index: the two numbered shards alone are one model, a consolidated file beside them is not
+    index.rename(tmp_path / "index.json")
+    assert run("convert", src, tmp_path / "b").code == 0
+    shutil.copy(src / "model-00002-of-00002.safetensors", src / "consolidated.safetensors")
+    r = run("convert", src, tmp_path / "c")
+    assert r.code == 4 and "cannot tell which form the model" in r.err and "consolidated.safetensors" in r.err
+    assert not (tmp_path / "c").exists()
+    (tmp_path / "index.json").rename(index)  # with the index, the extra file is simply not part of the model
+    assert run("convert", src, tmp_path / "d").code == 0

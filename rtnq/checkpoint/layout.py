@@ -70,12 +70,23 @@ def index_map(model_dir: Path) -> dict[str, str] | None:
 _SHARD_OF = re.compile(r"(.+)-(\d+)-of-(\d+)\.safetensors")
 
 
+def _one_numbered_set(names: list[str]) -> bool:
+    """All of `names` are the shards prefix-i-of-N of one complete numbered set."""
+    matches = [_SHARD_OF.fullmatch(n) for n in names]
+    if not all(matches) or len({(m.group(1), m.group(3)) for m in matches}) != 1:
+        return False
+    return len(names) == int(matches[0].group(3))
+
+
 def shard_files(model_dir: Path) -> list[str]:
     """The shard file names of a model directory, from its index or its single file."""
     index = model_dir / INDEX_NAME
     if index.is_file():
         weight_map = index_map(model_dir)
         shards = sorted(set(weight_map.values()))
+        if (model_dir / SINGLE_NAME).is_file() and SINGLE_NAME not in shards:
+            raise CheckpointError(f"{model_dir} holds both {SINGLE_NAME} and {INDEX_NAME} (which does not list it): "
+                                  "two copies of the model? Remove one so rtnq converts the one you mean")
         for s in shards:
             if not isinstance(s, str) or "/" in s or s.startswith("."):
                 raise CheckpointError(f"{index}: invalid shard name {s!r}")
@@ -96,6 +107,10 @@ def shard_files(model_dir: Path) -> list[str]:
     if (model_dir / SINGLE_NAME).is_file():
         return [SINGLE_NAME]
     found = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    if len(found) > 1 and not _one_numbered_set(found):
+        raise CheckpointError(f"{model_dir} holds {len(found)} .safetensors files and no {INDEX_NAME}: "
+                              f"{', '.join(found[:4])}{' ...' if len(found) > 4 else ''}; rtnq cannot tell which form "
+                              "the model (e.g. consolidated.safetensors beside shards). Add the index or remove the others")
     if found:
         return found
     pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
