@@ -61,3 +61,12 @@ def st_of_torch(dt) -> str | None:
     """safetensors spelling of a torch.dtype, None if it has none."""
     d = BY_NAME.get(str(dt).removeprefix("torch."))
     return d.st if d else None
+
+
+def quantized_in(source_st: str, option: str | None = None) -> DType:
+    """The 16-bit dtype RTN runs in for a tensor stored as `source_st`: --dtype (`option`, "bf16"/"fp16")
+    if given, else the source's own 16-bit dtype; other floats (fp32) are quantized in bf16."""
+    if option in SIXTEEN_BIT:
+        return BY_SHORT[option]
+    d = BY_ST[source_st]
+    return d if d.short in SIXTEEN_BIT else BY_SHORT["bf16"]

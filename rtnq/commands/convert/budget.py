@@ -19,14 +19,14 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from rtnq import dtypes, formats, params
+from rtnq import dtypes, params
 from rtnq.checkpoint import layout
 from rtnq.checkpoint.source import Reader, TensorSpec
 from rtnq.errors import UsageError
 from rtnq.numerics import sensitivity
 from rtnq.selection import budget as knapsack
 from rtnq.selection.names import NameInfo
-from rtnq.selection.precision import Decision, Selection, group_key
+from rtnq.selection.precision import Selection, group_key
 
 _FAMILY = {"q": "qkv", "k": "qkv", "v": "qkv", "qkv": "qkv", "gate": "gate_up", "up": "gate_up", "gate_up": "gate_up"}
 # The norm whose output a family reads, by the names models give it (the first present wins).
@@ -51,48 +51,27 @@ class Scored:
 
 
 def apply(src_dir: Path, specs: list[TensorSpec], selection: Selection, budget: float, score_name: str,
-          quant_dtype, scale: str = "absmax") -> Scored:
-    """Promote units of `selection` within `budget`; quant_dtype(spec) -> the DType it is quantized in."""
+          dtype: str | None = None, scale: str = "absmax") -> Scored:
+    """Promote units of `selection` within `budget`; dtype: --dtype ("bf16"/"fp16"), or None for the source's."""
     params.check(budget_score=score_name)
     if not math.isfinite(budget) or budget <= 0:
         raise UsageError(f"--budget takes a positive number of bits per weight, such as 4.5, got {budget}")
     t0 = time.perf_counter()
-    by_spec = {s.name: s for s in specs}
-    infos = {i.name: i for i in selection.infos}
     decisions = selection.decisions
-    base_bits = n_params = 0
-    for d in decisions.values():
-        if d.kind == "quantized":
-            base_bits += _bits(by_spec[d.name], d.bits, d.group_size, quant_dtype)
-            n_params += by_spec[d.name].numel
+    infos = {i.name: i for i in selection.infos}
+    quantized = {n: d for n, d in decisions.items() if d.kind == "quantized"}
+    shapes = {s.name: s.shape for s in specs if s.name in quantized}
+    base_bits = sum(_bits(shapes[n], d.bits, d.group_size) for n, d in quantized.items())
+    n_params = sum(math.prod(shape) for shape in shapes.values())
     # Candidates: units whose every member is quantized at 4 bits by the default rule.
     units: dict[tuple[str, str], list[str]] = {}
-    for name, d in decisions.items():
-        if d.kind == "quantized":
-            units.setdefault(group_key(infos[name]), []).append(name)
+    for name in quantized:
+        units.setdefault(group_key(infos[name]), []).append(name)
     candidates = {k: m for k, m in units.items()
                   if all(decisions[n].bits == 4 and decisions[n].rule == "default" for n in m)}
-    norms = _norm_names(by_spec, infos)
-    gemma = layout.model_type(src_dir).startswith("gemma")  # Gemma's RMSNorm scales by (1 + weight)
-    scores: dict[str, float] = {}
-    if score_name == "position":  # a prior per extra bit: no weight is read
-        scores = {n: knapsack.position_priority(infos[n]) * 1.0 for m in candidates.values() for n in m}
-    with Reader(src_dir) as reader:
-        for members in candidates.values() if score_name != "position" else ():
-            for name in members:
-                spec, d = by_spec[name], decisions[name]
-                w = reader.read(spec).to(quant_dtype(spec).torch)
-                gamma = None
-                norm = norms.get(name)
-                if norm is not None and by_spec[norm].shape == (spec.shape[-1],):
-                    gamma = reader.read(by_spec[norm]).float() + (1.0 if gemma else 0.0)
-                scores[name] = _extensive(score_name, spec, sensitivity.score(score_name, w, d.group_size, gamma,
-                                                                              name=name, scale=scale))
-                del w
-    extra = {n: _bits(by_spec[n], 8, decisions[n].group_size, quant_dtype)
-             - _bits(by_spec[n], 4, decisions[n].group_size, quant_dtype) for m in candidates.values() for n in m}
-    if score_name == "position":  # priority per extra bit whatever the unit's size
-        scores = {n: s * extra[n] for n, s in scores.items()}
+    extra = {n: _extra_bits(shapes[n], decisions[n].group_size) for m in candidates.values() for n in m}
+    with _Scorer(src_dir, specs, infos, score_name, dtype, scale) as scorer:
+        scores = {n: scorer.score(n, decisions[n].group_size, extra[n]) for m in candidates.values() for n in m}
     ordered = [knapsack.Unit(k, tuple(m), sum(scores[n] for n in m), sum(extra[n] for n in m))
                for k, m in candidates.items()]
     choice = knapsack.choose(ordered, base_bits, n_params, budget)
@@ -115,24 +94,51 @@ def apply(src_dir: Path, specs: list[TensorSpec], selection: Selection, budget: 
 _INTENSIVE = ("relative", "kurtosis", "max_over_rms")
 
 
-def _extensive(kind: str, spec: TensorSpec, value: float) -> float:
-    """A per-tensor statistic (relative error, kurtosis, max/RMS) times the tensor's parameters, so that
-    score per extra bit ranks by the statistic itself rather than favouring the smallest units."""
-    return value * spec.numel if kind in _INTENSIVE else value
+class _Scorer:
+    """One tensor's score, the same for convert (apply) and verify (rederive): `position` is its prior
+    times its extra bits (priority per bit, whatever the unit's size, and no weight read); a statistic
+    reads the weight in the dtype it is quantized in, with the norm weight that scales its input."""
+
+    def __init__(self, src_dir: Path, specs: list[TensorSpec], infos: dict[str, NameInfo], kind: str,
+                 dtype: str | None, scale: str):
+        self.by_spec = {s.name: s for s in specs}
+        self.infos, self.kind, self.dtype, self.scale = infos, kind, dtype, scale
+        self.norms = _norm_names(self.by_spec, infos)
+        self.gemma = layout.model_type(src_dir).startswith("gemma")  # Gemma's RMSNorm scales by (1 + weight)
+        self.reader = None if kind == "position" else Reader(src_dir)
+
+    def score(self, name: str, group_size: int, extra_bits: int) -> float:
+        if self.kind == "position":
+            return knapsack.position_priority(self.infos[name]) * extra_bits
+        spec = self.by_spec[name]
+        w = self.reader.read(spec).to(dtypes.quantized_in(spec.dtype, self.dtype).torch)
+        gamma = None
+        norm = self.norms.get(name)
+        if norm is not None and self.by_spec[norm].shape == (spec.shape[-1],):
+            gamma = self.reader.read(self.by_spec[norm]).float() + (1.0 if self.gemma else 0.0)
+        value = sensitivity.score(self.kind, w, group_size, gamma, name=name, scale=self.scale)
+        # A per-tensor ratio (relative error, kurtosis, max/RMS) times the parameters, so that score per
+        # extra bit ranks by the ratio itself rather than favouring the smallest units.
+        return value * spec.numel if self.kind in _INTENSIVE else value
+
+    def __enter__(self) -> "_Scorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.reader is not None:
+            self.reader.close()
 
 
-def _quant_dtype(spec: TensorSpec, option: str | None) -> dtypes.DType:
-    """The 16-bit dtype convert quantized `spec` in, from the manifest's defaults.dtype (plan.quant_dtype's rule)."""
-    if option in dtypes.SIXTEEN_BIT:
-        return dtypes.BY_SHORT[option]
-    d = dtypes.BY_ST[spec.dtype]
-    return d if d.short in dtypes.SIXTEEN_BIT else dtypes.BY_SHORT["bf16"]
+def _bits(shape: tuple[int, ...], bits: int, group_size: int) -> int:
+    """Bits of one quantized weight's codes and 16-bit scales at its logical shape."""
+    *lead, n, k = shape
+    groups = 1 if group_size == -1 else k // group_size
+    return math.prod(lead) * (n * k * bits + n * groups * 16)
 
 
-def _bits(spec: TensorSpec, bits: int, group_size: int, quant_dtype) -> int:
-    """Bits of one quantized weight's codes and scales at its logical shape."""
-    entries = formats.COMPRESSED_TENSORS.entries("p", spec.shape, bits, group_size, quant_dtype(spec).st)[:2]
-    return sum(8 * math.prod(shape) * dtypes.BY_ST[dt].itemsize for _, dt, shape in entries)
+def _extra_bits(shape: tuple[int, ...], group_size: int) -> int:
+    """What promoting a weight from INT4 to INT8 adds (the scales stay)."""
+    return _bits(shape, 8, group_size) - _bits(shape, 4, group_size)
 
 
 def _norm_names(by_spec: dict[str, TensorSpec], infos: dict[str, NameInfo]) -> dict[str, str]:
@@ -162,34 +168,14 @@ def rederive(manifest, src_dir: Path, specs: list[TensorSpec], scale: str) -> li
         return [("defaults.budget", f"names score {score_name!r} and budget {budget!r}, which this rtnq cannot re-derive")]
     from rtnq.selection.names import analyse
 
-    by_spec = {s.name: s for s in specs}
     infos = {i.name: i for i in analyse([s.name for s in specs])}
-    norms = _norm_names(by_spec, infos)
-    gemma = layout.model_type(src_dir).startswith("gemma")
-    problems = []
     ranked = {n: e for n, e in manifest.tensors.items() if e.rank is not None}
-
-    def bits_of(e, bits):
-        n, k = e.shape[-2:]
-        groups = 1 if e.group_size == -1 else k // e.group_size
-        lead = math.prod(e.shape[:-2])
-        return lead * (n * k * bits + n * groups * 16)
-
-    with Reader(src_dir) as reader:
+    option = manifest.defaults.get("dtype")  # "bf16"/"fp16" when --dtype was given
+    problems = []
+    with _Scorer(src_dir, specs, infos, score_name, option if option in dtypes.SIXTEEN_BIT else None,
+                 scale) as scorer:
         for name, e in ranked.items():
-            spec = by_spec[name]
-            if score_name == "position":
-                got = knapsack.position_priority(infos[name]) * (bits_of(e, 8) - bits_of(e, 4))
-                if e.score is None or not math.isclose(got, e.score, rel_tol=1e-9):
-                    problems.append((name, f"budget score {e.score} recorded, {got:.6g} re-derived"))
-                continue
-            w = reader.read(spec).to(_quant_dtype(spec, manifest.defaults.get("dtype")).torch)
-            gamma = None
-            norm = norms.get(name)
-            if norm is not None and by_spec[norm].shape == (spec.shape[-1],):
-                gamma = reader.read(by_spec[norm]).float() + (1.0 if gemma else 0.0)
-            got = _extensive(score_name, spec, sensitivity.score(score_name, w, e.group_size, gamma, name=name,
-                                                                 scale=scale))
+            got = scorer.score(name, e.group_size, _extra_bits(tuple(e.shape), e.group_size))
             if e.score is None or not math.isclose(got, e.score, rel_tol=1e-6, abs_tol=1e-12):
                 problems.append((name, f"budget score {e.score} recorded, {got:.6g} re-derived"))
     if problems:
@@ -197,13 +183,13 @@ def rederive(manifest, src_dir: Path, specs: list[TensorSpec], scale: str) -> li
     # Re-run the greedy on the recorded scores: the promoted units must be the ones it picks.
     promoted = {n for n, e in ranked.items() if (e.rule or "").startswith("budget:")}
     quantized = manifest.quantized()
-    base = sum(bits_of(e, 4 if n in promoted else e.bits) for n, e in quantized.items())
+    base = sum(_bits(tuple(e.shape), 4 if n in promoted else e.bits, e.group_size) for n, e in quantized.items())
     n_params = sum(math.prod(e.shape) for e in quantized.values())
     units: dict[int, list[str]] = {}
     for n, e in ranked.items():
         units.setdefault(e.rank, []).append(n)
     ordered = [knapsack.Unit(("rank", str(r)), tuple(m), sum(ranked[n].score for n in m),
-                             sum(bits_of(ranked[n], 8) - bits_of(ranked[n], 4) for n in m))
+                             sum(_extra_bits(tuple(ranked[n].shape), ranked[n].group_size) for n in m))
                for r, m in sorted(units.items())]
     try:
         choice = knapsack.choose(ordered, base, n_params, float(budget))

@@ -87,10 +87,7 @@ class ConvertPlan:
 
 def quant_dtype(spec: TensorSpec, options: ConvertOptions) -> dtypes.DType:
     """--dtype if given, else the source's 16-bit dtype; fp32 sources are quantized in bf16."""
-    if options.dtype is not None:
-        return dtypes.BY_SHORT[options.dtype]
-    d = dtypes.BY_ST[spec.dtype]
-    return d if d.short in dtypes.SIXTEEN_BIT else dtypes.BY_SHORT["bf16"]
+    return dtypes.quantized_in(spec.dtype, options.dtype)
 
 
 def output_entries(spec: TensorSpec, d: precision.Decision, qdt: dtypes.DType | None,
@@ -131,7 +128,7 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
         if options.bits != 4:
             raise UsageError("--budget promotes INT4 tensors to INT8, so it needs --bits 4")
         scored = budget.apply(src_dir, specs, selection, options.budget, options.budget_score,
-                              lambda spec: quant_dtype(spec, options), options.scale)
+                              options.dtype, options.scale)
         selection = scored.selection
     src_shards = list(dict.fromkeys(s.shard for s in specs))
     shard_names = {s: layout.shard_name(i, len(src_shards)) for i, s in enumerate(src_shards)}
