@@ -38,13 +38,15 @@ def run(*args: str | Path) -> Run:
     return Run(code, out.getvalue(), err.getvalue())
 
 
-def run_process(*args: str | Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`rtnq ARGS` as a separate process (the installed console script's module)."""
+def run_process(*args: str | Path, env: dict | None = None, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`rtnq ARGS` as a separate process (the installed console script's module); `timeout` bounds a
+    case that used to hang."""
     return subprocess.run(
         [sys.executable, "-m", "rtnq.cli", *map(str, args)],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
+        timeout=timeout,
     )
 
 

@@ -18,8 +18,18 @@ TMP_INFIX = ".rtnq-tmp-"  # .OUT.rtnq-tmp-XXXX: hidden, and named after OUT so a
 
 
 def check_output_location(src: Path, out: Path, force: bool) -> None:
-    """Refuse an OUT inside SRC (or equal to it), and an existing OUT unless forced."""
+    """Refuse an OUT inside SRC (or equal to it), an existing OUT unless forced, and OUTs that could only
+    fail after the whole conversion: a symbolic link (the rename would replace the link, not write where it
+    points), the current directory or one above it (a directory in use cannot be renamed away)."""
+    if out.is_symlink():
+        target = os.readlink(out)
+        state = "a dangling symbolic link" if not out.exists() else "a symbolic link"
+        raise UsageError(f"output {out} is {state} (to {target}); pass the directory itself, e.g. {out.resolve()}")
     src_r, out_r = src.resolve(), out.resolve()
+    cwd = Path.cwd().resolve()
+    if out_r == cwd or out_r in cwd.parents:
+        raise UsageError(f"output {out} is the current directory or contains it; rtnq replaces OUT as a whole, "
+                         "so run it from elsewhere or choose a new directory")
     if out_r == src_r or src_r in out_r.parents:
         raise UsageError(f"output {out} is inside the source {src}; choose a directory outside it")
     if out_r in src_r.parents:
@@ -54,10 +64,15 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
     or interrupted run leaves no OUT behind and an existing OUT (under --force) untouched.
     """
     out = Path(out)
+    created = _missing_parents(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_INFIX}", dir=out.parent))
+        # mkdtemp makes 0700 whatever the umask: a serving account could not read the model. OUT gets the
+        # mode `mkdir` would give it.
+        os.chmod(tmp, 0o777 & ~_umask())
     except OSError as e:
+        _remove_empty(created)
         raise_os(out.parent, e)
     try:
         yield tmp
@@ -66,11 +81,43 @@ def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
                 raise UsageError(f"output {out} already exists; pass --force to replace it")
             # Move the old output aside first so OUT is never missing a complete version for long.
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.rtnq-old-", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
+            _rename(out, old / "x")
+            _rename(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, out)
+            _rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
+
+
+def _rename(a: Path, b: Path) -> None:
+    try:
+        os.replace(a, b)
+    except OSError as e:
+        raise_os(b, e)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set back at once (rtnq starts no threads before this)
+    os.umask(mask)
+    return mask
+
+
+def _missing_parents(out: Path) -> list[Path]:
+    """OUT's ancestors that do not exist yet, deepest first: created for the run, removed if it fails."""
+    missing = []
+    p = out.absolute().parent
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in dirs:  # deepest first; rmdir leaves any a concurrent process put something in
+        try:
+            d.rmdir()
+        except OSError:
+            return

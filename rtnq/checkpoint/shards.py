@@ -22,7 +22,8 @@ from typing import Callable, Iterator, Sequence
 from rtnq.checkpoint import pipeline
 from rtnq.checkpoint.layout import INDEX_NAME
 from rtnq.checkpoint.outdir import atomic_dir
-from rtnq.checkpoint.writer import Entry, ShardWriter, write_index
+from rtnq.checkpoint.writer import Entry, ShardWriter, raise_os, write_index
+from rtnq.errors import CheckpointError
 
 
 class ShardedOutput:
@@ -74,4 +75,32 @@ def sharded_output(out: Path, force: bool, shards: list[tuple[str, list[Entry]]]
             raise
         write_index(tmp, shards, INDEX_NAME)
         for name in small_files:
-            shutil.copy2(src / name, tmp / name)
+            copy_small_file(src / name, tmp / name)
+
+
+def check_readable(src: Path, names: Sequence[str]) -> None:
+    """Open every small file to be copied before any weight is converted: an unreadable tokenizer must
+    stop the run at once, not after an hour of conversion."""
+    for name in names:
+        try:
+            with open(src / name, "rb"):
+                pass
+        except OSError as e:
+            raise CheckpointError(f"{src / name}: cannot read ({e.strerror or e}); rtnq copies it into OUT") from None
+
+
+def copy_small_file(a: Path, b: Path) -> None:
+    """Copy a tokenizer/generation-config file; a read failure is the source's, a write failure OUT's."""
+    try:
+        fin = open(a, "rb")
+    except OSError as e:
+        raise CheckpointError(f"{a}: cannot read ({e.strerror or e})") from None
+    with fin:
+        try:
+            with open(b, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+            shutil.copystat(a, b)
+        except OSError as e:
+            if e.filename == str(a):
+                raise CheckpointError(f"{a}: cannot read ({e.strerror or e})") from None
+            raise_os(b, e)

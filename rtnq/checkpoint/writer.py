@@ -211,7 +211,12 @@ def write_index(out_dir: Path, shards: list[tuple[str, list[Entry]]], name: str)
 
 
 def write_json(path: Path, obj: object) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """A small output file (config, manifest, index); a full disk or a permission is an OutputError."""
     try:
-        path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        path.write_text(text)
     except OSError as e:
         raise_os(path, e)

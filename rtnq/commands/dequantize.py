@@ -35,7 +35,7 @@ from rtnq import formats, params
 from rtnq.checkpoint import layout, pipeline
 from rtnq.checkpoint import manifest as mf
 from rtnq.checkpoint.outdir import check_output_location
-from rtnq.checkpoint.shards import sharded_output
+from rtnq.checkpoint.shards import check_readable, sharded_output
 from rtnq.checkpoint.source import Reader, TensorSpec, scan
 from rtnq.checkpoint.writer import Entry, write_json
 from rtnq.errors import CheckpointError
@@ -126,8 +126,10 @@ def make_plan(src: str | Path, out: str | Path, force: bool = False) -> Dequanti
         elif s.name not in consumed:
             shard_of_output.setdefault(s.shard, []).append(Entry(s.name, s.dtype, s.shape))
     dense_cfg = {k: v for k, v in cfg.items() if k not in ("quantization_config", "compression_config")}
+    small = layout.small_files(src_dir)
+    check_readable(src_dir, small)  # before any tensor is written, not after
     return DequantizePlan(src_dir, out_dir, method, modules, passthrough, list(shard_of_output.items()), dense_cfg,
-                          layout.small_files(src_dir), force)
+                          small, force)
 
 
 def read_modules(src_dir: Path) -> tuple[dict, str, list[TensorSpec], list[Module]]:

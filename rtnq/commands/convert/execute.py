@@ -22,9 +22,11 @@ from rtnq import dtypes
 from rtnq.checkpoint import manifest as mf
 from rtnq.checkpoint import pipeline
 from rtnq.checkpoint.shards import sharded_output
+from rtnq.checkpoint.writer import write_text
 from rtnq.checkpoint.source import Reader
 from rtnq.commands.convert.outputs import build_manifest, write_config
 from rtnq.commands.convert.plan import ConvertPlan, Item
+from rtnq.errors import InvalidWeightError
 from rtnq.numerics import fused, rtn
 
 CHUNK_BYTES = 8 * 1024 * 1024  # one read: large enough for few syscalls, small enough to stay in cache
@@ -47,6 +49,17 @@ class ConvertResult:
     manifest: mf.Manifest
     seconds: float
     warnings: list[str] = field(default_factory=list)
+
+
+def _raise_if_cast_overflow(chunk: torch.Tensor, qdt: torch.dtype, name: str) -> None:
+    """A finite fp32 weight beyond the 16-bit type's range becomes inf in the cast: say that, not "NaN or
+    Inf in the source" (which would send the user looking for a corruption that is not there)."""
+    if chunk.dtype == qdt or not torch.isfinite(chunk).all():
+        return
+    big = chunk.abs().max().item()
+    raise InvalidWeightError(f"{name}: a {chunk.dtype} value of magnitude {big:.4g} overflows {qdt} (largest "
+                             f"{torch.finfo(qdt).max:.4g}), the dtype it is quantized in; "
+                             + ("use --dtype bf16 or " if qdt == torch.float16 else "") + "--skip it")
 
 
 def quantize_item(
@@ -78,8 +91,12 @@ def quantize_item(
     done = 0  # rows of the (experts * n, k) weight quantized so far
     for chunk in w:
         e, row0 = divmod(done, n)
-        fused.quantize_rows(chunk.to(qdt), row0, q3[e], s3[e], d.bits, d.group_size, sums, name=spec.name,
-                            layout=layout, scale=scale)
+        try:
+            fused.quantize_rows(chunk.to(qdt), row0, q3[e], s3[e], d.bits, d.group_size, sums, name=spec.name,
+                                layout=layout, scale=scale)
+        except InvalidWeightError:
+            _raise_if_cast_overflow(chunk, qdt, spec.name)
+            raise
         done += chunk.shape[0]
     if done != experts * n:
         raise ValueError(f"{spec.name}: got {done} rows, expected {experts * n}")
@@ -158,5 +175,5 @@ def run(plan: ConvertPlan, progress: Callable[[Progress], None] | None = None) -
         prefetch.join()
         write_config(plan, so.tmp)
         m = build_manifest(plan, errors)
-        (so.tmp / mf.FILENAME).write_text(m.dumps())
+        write_text(so.tmp / mf.FILENAME, m.dumps())
     return ConvertResult(plan, m, time.perf_counter() - t0, m.warnings)

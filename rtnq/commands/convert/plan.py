@@ -14,6 +14,7 @@ from typing import Sequence
 from rtnq import dtypes, formats, params
 from rtnq.checkpoint import layout
 from rtnq.checkpoint.outdir import check_output_location, stale_temporaries
+from rtnq.checkpoint.shards import check_readable
 from rtnq.checkpoint.source import TensorSpec, scan
 from rtnq.checkpoint.writer import Entry, shard_size
 from rtnq.errors import CheckpointError, UsageError
@@ -156,6 +157,11 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
     manifest_warnings = selection.warnings + engine_config.warnings(fmt, list(selection.decisions.values()),
                                                                     options.bits, shapes)
     warnings = list(manifest_warnings) + stale_temporaries(out_dir)  # about this disk, not the output
+    if not (src_dir / layout.CONFIG_NAME).is_file():
+        warnings.append(f"{src_dir} has no {layout.CONFIG_NAME}: OUT's will hold only the quantization_config, "
+                        "and engines need the model's config to load it; copy the original config.json into OUT")
+    small = layout.small_files(src_dir)
+    check_readable(src_dir, small)
     if not options.dry_run:
         from rtnq.numerics import fused  # imports torch: only when the plan will run
 
@@ -163,4 +169,4 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
         if slow:
             warnings.append(slow)  # not in the manifest: it is about this machine, not the output
     return ConvertPlan(src_dir, out_dir, options, fmt, items, list(shards.items()), selection,
-                       layout.small_files(src_dir), warnings, manifest_warnings, scored)
+                       small, warnings, manifest_warnings, scored)
