@@ -103,6 +103,12 @@ def _conv1d_layout(specs: Sequence[TensorSpec], infos: list[NameInfo]) -> bool:
     )
 
 
+# Passthrough reasons of tensors that sit where a linear weight belongs (by name and rank) but cannot be
+# quantized as stored: convert refuses those sources (rtnq.checkpoint.refusals) rather than pass them through.
+DTYPE_REASON = "dtype "
+CONV1D_REASON = "GPT-2 Conv1D"
+
+
 def _default_reason(spec: TensorSpec, info: NameInfo, conv1d: bool) -> str | None:
     """Why this tensor is never quantized, whatever the rules say; None for a quantizable linear weight."""
     if spec.name.endswith(".bias"):
@@ -124,11 +130,11 @@ def _default_reason(spec: TensorSpec, info: NameInfo, conv1d: bool) -> str | Non
     if nd != 2 and not (nd == 3 and info.experts):
         return f"{nd}-D tensor is not a linear weight"
     if conv1d and info.leaf in _CONV1D:
-        return "GPT-2 Conv1D weight stored (in, out); not supported"
+        return CONV1D_REASON + " weight stored (in, out); not supported"
     if spec.dtype not in dtypes.FLOATS:
         if spec.dtype.startswith("F"):
-            return f"dtype {spec.dtype} is not quantized (only F16, BF16 and F32 are)"
-        return f"dtype {spec.dtype} is not a float"
+            return f"{DTYPE_REASON}{spec.dtype} is not quantized (only F16, BF16 and F32 are)"
+        return f"{DTYPE_REASON}{spec.dtype} is not a float"
     return None
 
 
@@ -313,7 +319,7 @@ def _warnings(options, matched, credit, skipped, int8, reason, gated, bits) -> l
     if partners:
         out.append(f"{len(partners)} tensors pass through in 16-bit because a fused partner's shape cannot be held, "
                    f"e.g. {partners[0]}")
-    conv = [n for n, r in reason.items() if r and r.startswith("GPT-2 Conv1D")]
+    conv = [n for n, r in reason.items() if r and r.startswith(CONV1D_REASON)]
     if conv:
         out.append(f"{len(conv)} GPT-2 Conv1D weights are stored (in, out) and pass through in 16-bit; "
                    "rtnq quantizes nn.Linear (out, in) weights only")

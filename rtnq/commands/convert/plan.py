@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rtnq import dtypes, formats, params
-from rtnq.checkpoint import layout
+from rtnq.checkpoint import layout, refusals
 from rtnq.checkpoint.outdir import check_output_location, stale_temporaries
 from rtnq.checkpoint.shards import check_readable
 from rtnq.checkpoint.source import TensorSpec, scan
@@ -111,6 +111,8 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
     out_dir = Path(out)
     check_output_location(src_dir, out_dir, options.force or options.dry_run)
     specs = scan(src_dir)
+    config_path = src_dir / layout.CONFIG_NAME
+    refusals.check_source(src_dir, layout.read_json_object(config_path) if config_path.is_file() else None, specs)
     selection = precision.select(
         specs,
         bits=options.bits,
@@ -122,6 +124,9 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
         kv_heads=layout.kv_heads(src_dir),
         layout=fmt.layout,
     )
+    reasons = {name: d.reason or "" for name, d in selection.decisions.items()}
+    refusals.check_linears([s for s in specs if reasons[s.name].startswith(precision.DTYPE_REASON)],
+                           [n for n, r in reasons.items() if r.startswith(precision.CONV1D_REASON)])
     scored = None
     if options.budget is not None:
         from rtnq.commands.convert import budget  # reads and scores the weights (imports torch)
