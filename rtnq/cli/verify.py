@@ -1,4 +1,4 @@
-"""`rtnq verify`: re-derive every output tensor from the source and compare bytes."""
+"""`rtnq verify`: check OUT loads as what `rtnq convert` writes from SRC (rtnq.commands.verify)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def verify(
     show_all: Annotated[bool, typer.Option("--all", help="List every tensor, not only the ones that differ.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Re-derive every output tensor from the source and check the bytes are identical."""
+    """Check OUT loads as what convert writes from SRC: config.json, shards and index, every tensor's bytes."""
     from rtnq.commands import verify as ver
     from rtnq.errors import VerifyMismatch
 
@@ -33,17 +33,39 @@ def verify(
         rows = checks if show_all else bad
         if rows:
             _print_table(rows, f"verify {out_dir} against {against}")
-        kinds = Counter(c.kind for c in checks)
+        # config/layout/manifest rows exist only where something failed: the counts are of tensors.
+        tensors = [c for c in checks if c.kind not in ver.FILE_KINDS]
+        kinds = Counter(c.kind for c in tensors)
         by_kind = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
         if bad:
             more = "" if show_all else "; --all lists every tensor"
-            _status("[red]FAILED:[/]", f"{len(bad)} of {len(checks)} tensors differ ({by_kind} checked){more}")
+            files = Counter(c.kind for c in checks if c.kind in ver.FILE_KINDS)
+            _status("[red]FAILED:[/]", _failed(tensors, files, by_kind) + more)
         else:
             _status("[green]ok:[/]", f"all {len(checks)} tensors match" + (f" ({by_kind})" if checks else ""))
     if bad:
-        # Every tensor differing, with names and shapes that matched, means "not this source's weights".
-        hint = f"; is {against} the checkpoint {out_dir} was converted from?" if len(bad) == len(checks) > 1 else ""
-        raise VerifyMismatch(f"{len(bad)} of {len(checks)} tensors differ, first: {bad[0].name} ({bad[0].detail}){hint}")
+        raise VerifyMismatch(_error_line(bad, checks, ver.FILE_KINDS, out_dir, against))
+
+
+def _failed(tensors, files: Counter, by_kind: str) -> str:
+    """The summary line: how many tensors differ, then the file problems (config, layout, manifest)."""
+    bad_tensors = [c for c in tensors if not c.ok]
+    text = f"{len(bad_tensors)} of {len(tensors)} tensors differ ({by_kind} checked)"
+    if files:
+        if not bad_tensors:
+            text = f"the bytes of all {len(tensors)} tensors match ({by_kind})"
+        text += "; " + ", ".join(f"{n} {k} problem{'s' * (n > 1)}" for k, n in sorted(files.items()))
+    return text
+
+
+def _error_line(bad, checks, file_kinds, out_dir: str, against: str) -> str:
+    first = f"first: {bad[0].name} ({bad[0].detail})"
+    if any(c.kind in file_kinds for c in bad):  # the output does not load as convert wrote it
+        more = f" (and {len(bad) - 1} more problems)" if len(bad) > 1 else ""
+        return f"{bad[0].name}: {bad[0].detail}{more}"
+    # Every tensor differing, with names and shapes that matched, means "not this source's weights".
+    hint = f"; is {against} the checkpoint {out_dir} was converted from?" if len(bad) == len(checks) > 1 else ""
+    return f"{len(bad)} of {len(checks)} tensors differ, {first}{hint}"
 
 
 def _status(label: str, text: str) -> None:
