@@ -12,10 +12,12 @@ Pickle weights (.bin, .pt, ...) are never copied and never unpickled.
 
 from __future__ import annotations
 
-import json
+import os
 import re
+import stat
 from pathlib import Path
 
+from rtnq.checkpoint import jsonfile
 from rtnq.errors import CheckpointError, UsageError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -53,18 +55,27 @@ def resolve(src: str | Path) -> Path:
 def index_map(model_dir: Path) -> dict[str, str] | None:
     """The index's weight_map (tensor -> shard file), or None when the directory has no index."""
     index = model_dir / INDEX_NAME
-    if not index.is_file():
+    if not os.path.lexists(index):  # present but a FIFO, a directory or a broken link: refused by jsonfile.read
         return None
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError,
-            RecursionError):
-        raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+    data = jsonfile.read(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)")
     if not weight_map:
         raise CheckpointError(f"{index}: its weight_map lists no tensor; the index is broken, fix or remove it")
     return weight_map
+
+
+def _regular_file(path: Path, what: str) -> None:
+    """Refuse anything but a regular file before anything opens it: opening a FIFO blocks forever, and a
+    directory or a device is not a shard. `what` says where the name came from."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a special file"
+        raise CheckpointError(f"{path}: {what} is {kind}, not a regular file; replace it with the real shard")
 
 
 _SHARD_OF = re.compile(r"(.+)-(\d+)-of-(\d+)\.safetensors")
@@ -80,20 +91,25 @@ def _one_numbered_set(names: list[str]) -> bool:
 
 def shard_files(model_dir: Path) -> list[str]:
     """The shard file names of a model directory, from its index or its single file."""
+    try:  # an unreadable directory would otherwise look empty ("no .safetensors files found")
+        names = set(os.listdir(model_dir))
+    except OSError as e:
+        raise CheckpointError(f"{model_dir}: cannot read the directory ({e.strerror or e})") from None
     index = model_dir / INDEX_NAME
-    if index.is_file():
+    if INDEX_NAME in names:
         weight_map = index_map(model_dir)
         shards = sorted(set(weight_map.values()))
-        if (model_dir / SINGLE_NAME).is_file() and SINGLE_NAME not in shards:
+        if SINGLE_NAME in names and SINGLE_NAME not in shards:
             raise CheckpointError(f"{model_dir} holds both {SINGLE_NAME} and {INDEX_NAME} (which does not list it): "
                                   "two copies of the model? Remove one so rtnq converts the one you mean")
         for s in shards:
-            if not isinstance(s, str) or "/" in s or s.startswith("."):
+            if not isinstance(s, str) or "/" in s or s.startswith(".") or not s.isprintable():
                 raise CheckpointError(f"{index}: invalid shard name {s!r}")
-            if not (model_dir / s).is_file():
+            if s not in names:
                 raise CheckpointError(
                     f"{index.name} lists shard {s}, which is missing from {model_dir}; download it again"
                 )
+            _regular_file(model_dir / s, f"the shard {index.name} lists")
         for s in shards:  # "-00001-of-00002": the numbering says which shards the index must list
             m = _SHARD_OF.fullmatch(s)
             if m:
@@ -104,13 +120,16 @@ def shard_files(model_dir: Path) -> list[str]:
                     raise CheckpointError(f"{index.name} lists {len(shards)} of the {total} shards its names number "
                                           f"(no tensor in {missing[0]}); the index is incomplete, fix it")
         return shards
-    if (model_dir / SINGLE_NAME).is_file():
+    if SINGLE_NAME in names:
+        _regular_file(model_dir / SINGLE_NAME, "the model file")
         return [SINGLE_NAME]
     found = sorted(p.name for p in model_dir.glob("*.safetensors"))
     if len(found) > 1 and not _one_numbered_set(found):
         raise CheckpointError(f"{model_dir} holds {len(found)} .safetensors files and no {INDEX_NAME}: "
                               f"{', '.join(found[:4])}{' ...' if len(found) > 4 else ''}; rtnq cannot tell which form "
                               "the model (e.g. consolidated.safetensors beside shards). Add the index or remove the others")
+    for name in found:
+        _regular_file(model_dir / name, "the shard")
     if found:
         return found
     pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -124,13 +143,7 @@ def shard_files(model_dir: Path) -> list[str]:
 
 def read_json_object(path: Path) -> dict:
     """A checkpoint's JSON file (config.json, quantize_config.json) as a dict; CheckpointError otherwise."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return data
+    return jsonfile.read_object(path)
 
 
 def small_files(src: Path) -> list[str]:
@@ -145,26 +158,25 @@ def small_files(src: Path) -> list[str]:
     return keep
 
 
+def _text_config(src: Path) -> dict:
+    """config.json (its text model's part where there is one), {} when absent or broken: the callers are best
+    effort, and a broken config.json is reported, with its reason, when convert rewrites it."""
+    try:
+        cfg = jsonfile.read_object(src / CONFIG_NAME)
+    except CheckpointError:
+        return {}
+    text = cfg.get("text_config")
+    return text if isinstance(text, dict) else cfg
+
+
 def model_type(src: Path) -> str:
     """config.json's model_type (of the text model where there is one), '' if unknown. Best effort."""
-    try:
-        cfg = json.loads((src / CONFIG_NAME).read_text())
-        cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
-        value = cfg.get("model_type", "")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return ""
+    value = _text_config(src).get("model_type", "")
     return value if isinstance(value, str) else ""
 
 
 def kv_heads(src: Path) -> int | None:
-    """num_key_value_heads (else num_attention_heads) from config.json, for the TP check; None if unknown.
-    Best effort: a broken config.json is reported when it is rewritten, not here."""
-    try:
-        cfg = json.loads((src / CONFIG_NAME).read_text())
-        cfg = cfg.get("text_config", cfg) if isinstance(cfg.get("text_config"), dict) else cfg
-        heads = cfg.get("num_key_value_heads", cfg.get("num_attention_heads"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return None
+    """num_key_value_heads (else num_attention_heads) from config.json, for the TP check; None if unknown."""
+    cfg = _text_config(src)
+    heads = cfg.get("num_key_value_heads", cfg.get("num_attention_heads"))
     return heads if isinstance(heads, int) and not isinstance(heads, bool) and heads > 0 else None
-
-

@@ -15,6 +15,8 @@ import functools
 import json
 import mmap
 import os
+import reprlib
+import stat
 import struct
 import threading
 from dataclasses import dataclass
@@ -23,10 +25,12 @@ from pathlib import Path
 import torch
 
 from rtnq import dtypes
+from rtnq.checkpoint import jsonfile
 from rtnq.checkpoint.layout import INDEX_NAME, index_map, resolve, shard_files
 from rtnq.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors library enforces too
+U64_MAX = 2**64 - 1  # safetensors reads shapes and offsets as 64-bit unsigned integers and refuses larger ones
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+; Python names it from 3.12
 
 
@@ -54,11 +58,51 @@ class TensorSpec:
         return n
 
 
-def _parse_header(path: Path) -> tuple[dict, int]:
-    """Return (header dict, data start offset) for one shard, checking sizes before trusting them."""
+class _NegativeZero(int):
+    """`-0` in a header: Python decodes it as the integer 0, the safetensors library as the float -0.0, which it
+    refuses as a shape or an offset. Marked so the strict integer check refuses it too."""
+
+    def __repr__(self) -> str:
+        return "-0"
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 4, 3, 40, 40
+
+
+def _brief(value) -> str:
+    """A header value for an error line: a repr (escapes newlines) bounded in length, however big the value."""
+    return _SHORT.repr(value)
+
+
+def _name(name: str) -> str:
+    """A tensor name or dtype for an error line: as is when printable, else escaped (one line stays one line)."""
+    shown = name if name.isprintable() else repr(name)[1:-1]
+    return shown if len(shown) <= 80 else shown[:77] + "..."
+
+
+def _parse_header(path: Path) -> tuple[dict, int, int]:
+    """Return (header dict, data start offset, file size) for one shard, checking sizes before trusting them."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait forever for a writer; fstat then refuses it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointError(f"{path}: {_kind(st.st_mode)}, not a safetensors file; replace it with the "
+                                      "shard it stands for")
+            size = st.st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{path.name}: truncated safetensors file ({size} bytes, no header)")
@@ -73,52 +117,94 @@ def _parse_header(path: Path) -> tuple[dict, int]:
                 )
             raw = f.read(n)
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path.name}: the safetensors header is not valid JSON; the file is corrupt") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path.name}: the safetensors header is not valid JSON (not UTF-8 at byte {e.start}); "
+                              "the file is corrupt") from None
+    header = jsonfile.loads(text, f"{path.name}: safetensors header")
+    if "-0" in text:  # rare (a name like "layers-0" matches too): decode again, marking negative zeros
+        header = json.loads(text, parse_int=lambda t: _NegativeZero(0) if t == "-0" else int(t))
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path.name}: the safetensors header is not a JSON object")
-    return header, 8 + n
+        raise CheckpointError(f"{path.name}: the safetensors header is not a JSON object; the file is corrupt")
+    return header, 8 + n, size
+
+
+def _u64(value) -> bool:
+    # type() rather than isinstance: True is an int to Python but not a number to safetensors (nor is -0)
+    return type(value) is int and 0 <= value <= U64_MAX
+
+
+def _numel(shape: list[int]) -> int | None:
+    """The element count, or None where safetensors' 64-bit running product overflows (it multiplies in order,
+    so [2**63, 2**63, 0] overflows before the 0 makes it empty, and the file is refused)."""
+    n = 1
+    for d in shape:
+        n *= d
+        if n > U64_MAX:
+            return None
+    return n
+
+
+def _spec(path: Path, name: str, info, start: int, data_size: int) -> TensorSpec:
+    """One header entry, validated by the rules the safetensors library applies (so rtnq never accepts a file
+    the library, and so every loader, refuses), then the ones rtnq adds (known dtypes)."""
+    where = f"{path.name}: tensor {_name(name)}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: its header entry is {_brief(info)}, not an object; the header is corrupt")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in info:
+            raise CheckpointError(f"{where}: its header entry has no {key!r}; the header is corrupt")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str):
+        raise CheckpointError(f"{where}: dtype {_brief(dtype)} is not a string; the header is corrupt")
+    if dtype not in dtypes.BY_ST:
+        raise CheckpointError(f"{where} has dtype {_name(dtype)}, which rtnq cannot read "
+                              f"(supported: {', '.join(dtypes.BY_ST)})")
+    if not isinstance(shape, list) or not all(_u64(d) for d in shape):
+        raise CheckpointError(f"{where}: shape {_brief(shape)} is not a list of integers >= 0; the header is corrupt")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_u64(o) for o in offsets):
+        raise CheckpointError(f"{where}: data_offsets {_brief(offsets)} is not a pair of integers >= 0; "
+                              "the header is corrupt")
+    numel = _numel(shape)
+    itemsize = dtypes.BY_ST[dtype].itemsize
+    if numel is None or numel * itemsize * 8 > U64_MAX:  # safetensors counts bits in 64 bits
+        raise CheckpointError(f"{where}: shape {_brief(shape)} has more elements than a 64-bit count holds; "
+                              "the header is corrupt")
+    begin, end = offsets
+    if begin > end or end - begin != numel * itemsize:
+        raise CheckpointError(f"{where} has data offsets [{begin}, {end}] that do not fit its shape "
+                              f"{_brief(shape)} and dtype {dtype}; the header is corrupt")
+    if end > data_size:
+        raise CheckpointError(f"{where} ends at byte {end} of the data but the file holds only {data_size}; "
+                              "the file is truncated")
+    return TensorSpec(name, dtype, tuple(shape), path.name, start + begin, end - begin)
 
 
 def scan_shard(path: Path) -> list[TensorSpec]:
     """Specs of every tensor in one shard, in file order; validates dtypes, shapes and offsets."""
-    header, start = _parse_header(path)
-    data_size = path.stat().st_size - start
-    specs = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            ok = all(isinstance(d, int) and d >= 0 for d in shape) and isinstance(begin, int) and isinstance(end, int)
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise CheckpointError(f"{path.name}: malformed header entry for tensor {name!r}")
-        if dtype not in dtypes.BY_ST:
-            raise CheckpointError(
-                f"{path.name}: tensor {name} has dtype {dtype}, which rtnq cannot read "
-                f"(supported: {', '.join(dtypes.BY_ST)})"
-            )
-        spec = TensorSpec(name, dtype, shape, path.name, start + begin, end - begin)
-        if not 0 <= begin <= end or end - begin != spec.numel * dtypes.BY_ST[dtype].itemsize:
-            raise CheckpointError(
-                f"{path.name}: tensor {name} has data offsets [{begin}, {end}] that do not fit "
-                f"its shape {list(shape)} and dtype {dtype}; the header is corrupt"
-            )
-        if end > data_size:
-            raise CheckpointError(
-                f"{path.name}: tensor {name} ends at byte {end} of the data but the file holds only "
-                f"{data_size}; the file is truncated"
-            )
-        specs.append(spec)
-    specs.sort(key=lambda s: s.offset)
-    for a, b in zip(specs, specs[1:]):
-        if b.offset < a.offset + a.nbytes:
-            raise CheckpointError(f"{path.name}: tensors {a.name} and {b.name} overlap; the header is corrupt")
+    header, start, size = _parse_header(path)
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path.name}: __metadata__ is {_brief(meta)}, not a map of strings to strings "
+                              "(safetensors refuses anything else); the header is corrupt")
+    specs = [_spec(path, name, info, start, size - start) for name, info in header.items() if name != "__metadata__"]
+    # The data must be exactly the tensors' bytes, back to back: safetensors refuses overlaps, gaps and bytes past
+    # the last tensor, and a reader that accepted them could hand a loader a file it cannot open.
+    specs.sort(key=lambda s: (s.offset, s.nbytes))
+    pos, prev = start, None
+    for s in specs:
+        if s.offset < pos:
+            raise CheckpointError(f"{path.name}: tensors {_name(prev.name)} and {_name(s.name)} "
+                                  "overlap; the header is corrupt")
+        if s.offset > pos:
+            raise CheckpointError(f"{path.name}: {s.offset - pos} byte(s) before tensor {_name(s.name)} belong "
+                                  "to no tensor (safetensors refuses gaps); the header is corrupt")
+        pos, prev = s.offset + s.nbytes, s
+    if pos != size:
+        raise CheckpointError(f"{path.name}: {size - pos} byte(s) after the last tensor belong to no tensor "
+                              "(safetensors refuses such files); the file is corrupt or was appended to")
     return specs
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from rtnq import dtypes, params
+from rtnq.checkpoint import jsonfile
 from rtnq.errors import RtnqError, UsageError
 
 VERSION = 1
@@ -91,10 +92,10 @@ def _check_values(small_m_max: Any, tensor_core_max: Any, where: str) -> None:
 def _read(path: Path) -> dict[str, Any]:
     if not path.exists():
         return {"version": VERSION, "entries": {}}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RtnqError(f"{path}: not a readable dispatch file ({e}); delete it or re-run `rtnq bench`") from None
+    try:  # jsonfile: deep nesting, huge integers, a FIFO in its place are one line too, never a traceback or a hang
+        data = jsonfile.read(path, f"{path}: not a readable dispatch file", error=RtnqError)
+    except RtnqError as e:
+        raise RtnqError(f"{e}; delete it or re-run `rtnq bench`") from None
     if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
         raise RtnqError(f"{path}: not a dispatch file (no 'entries' object); delete it or re-run `rtnq bench`")
     if data.get("version") != VERSION:
