@@ -216,7 +216,7 @@ def scan(src: str | Path) -> list[TensorSpec]:
     for shard in shard_files(model_dir):
         for spec in scan_shard(model_dir / shard):
             if spec.name in seen:
-                raise CheckpointError(f"tensor {spec.name} appears in both {seen[spec.name]} and {shard}")
+                raise CheckpointError(f"tensor {_name(spec.name)} appears in both {seen[spec.name]} and {shard}")
             seen[spec.name] = shard
             specs.append(spec)
     weight_map = index_map(model_dir)
@@ -224,7 +224,7 @@ def scan(src: str | Path) -> list[TensorSpec]:
         for name, shard in weight_map.items():
             if seen.get(name) != shard:
                 where = f"it is in {seen[name]}" if name in seen else "no shard holds it"
-                raise CheckpointError(f"{INDEX_NAME} places {name} in {shard}, but {where}; the index does not "
+                raise CheckpointError(f"{INDEX_NAME} places {_name(name)} in {_name(shard)}, but {where}; the index does not "
                                       "match the shards, fix it")
     return specs
 
