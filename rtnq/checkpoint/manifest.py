@@ -1,6 +1,6 @@
 """The precision manifest (`rtnq_manifest.json`): what happened to every source tensor.
 
-Schema version 3 (a contract: docs/FORMAT.md). Written with sorted keys. Readers refuse any version
+Schema version 4 (a contract: docs/FORMAT.md). Written with sorted keys. Readers refuse any version
 they do not know with a clear error instead of guessing, and read older ones as follows:
   1  rtnq 0.1 before the exports: format "rtnq-marlin";
   2  added the formats "gptq" and "compressed-tensors", whose quantized entries name that format's
@@ -10,6 +10,12 @@ they do not know with a clear error instead of guessing, and read older ones as 
   4  every linear is quantized whatever its shape: group_size is the tensor's own (a smaller one where
      k needs it), and a marlin tensor the kernels cannot tile is stored padded, its entry saying
      "padded_shape" (an older rtnq would read those words at the logical shape, so it must refuse).
+
+A readable version is then checked field by field (`from_json`, the tables after it): a tampered or
+corrupt manifest is one CheckpointError (exit 4) naming the file, the tensor and the field, before any
+command reads it. Fields added without a version bump (the totals' passthrough_reasons,
+model_bits_per_weight, linear_bits_per_weight, linear_parameters, tp_failures) may be absent, and the
+totals may be empty altogether (manifests built by hand, as the runtime's tests do).
 
     {
       "version": 4,
@@ -39,11 +45,13 @@ they do not know with a clear error instead of guessing, and read older ones as 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from rtnq import formats
+from rtnq.checkpoint import jsonfile
+from rtnq.checkpoint import manifest_schema as schema
 from rtnq.checkpoint.layout import MANIFEST_NAME
 from rtnq.errors import CheckpointError
 
@@ -54,6 +62,7 @@ FORMAT = formats.MARLIN.manifest_name  # the default format, and the only one of
 FORMATS = tuple(f.manifest_name for f in formats.ALL)
 SCALE_RULE = "rtn-absmax"  # the paper's rule: scale = 2 * maxabs / (2^bits - 1), 16-bit arithmetic
 SCALE_RULES = {"rtn-absmax": "absmax", "rtn-mse": "mse"}  # defaults.scale_rule -> rtn.quantize's scale
+KINDS = schema.KINDS
 
 
 def scale_rule(scale: str) -> str:
@@ -87,7 +96,12 @@ class TensorEntry:
     rank: int | None = None  # --budget: its unit's rank by score per extra bit (1 = first to promote)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        # Not dataclasses.asdict: it deep-copies every list and dict, which made writing the manifest of a
+        # checkpoint with 200k tensors take most of a minute. json.dumps only reads them.
+        return {f.name: v for f in _ENTRY_FIELDS if (v := getattr(self, f.name)) is not None}
+
+
+_ENTRY_FIELDS = fields(TensorEntry)
 
 
 @dataclass
@@ -121,33 +135,38 @@ class Manifest:
 
 
 def from_json(data: Any, where: str = FILENAME) -> Manifest:
+    """A Manifest from the decoded JSON, or CheckpointError (exit 4) with one line naming the file, the
+    tensor and the field that is wrong. Every reader (inspect, verify, dequantize, eval, the runtime,
+    bench) comes through here, so none of them has to guard against a hand-edited or corrupt file."""
     if not isinstance(data, dict):
         raise CheckpointError(f"{where}: not a JSON object")
     version = data.get("version")
-    if version not in READABLE_VERSIONS:
+    # is_int: `true` and `1.0` equal 1 in Python, and would pass for version 1.
+    if not schema.is_int(version) or version not in READABLE_VERSIONS:
         raise CheckpointError(
-            f"{where}: manifest version {version!r} is not supported by this rtnq (reads versions "
+            f"{where}: manifest version {schema.show(version)} is not supported by this rtnq (reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))}); upgrade rtnq or re-convert the checkpoint"
         )
     fmt = data.get("format", FORMAT) if version >= 2 else FORMAT
-    if fmt not in FORMATS:
-        raise CheckpointError(f"{where}: unknown format {fmt!r} (this rtnq knows {', '.join(FORMATS)})")
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise CheckpointError(f"{where}: unknown format {schema.show(fmt)} (this rtnq knows {', '.join(FORMATS)})")
     if version < 3:
         data = _upgrade_kinds(data)
     try:
-        tensors = {name: TensorEntry(**entry) for name, entry in data["tensors"].items()}
-        return Manifest(
-            defaults=data["defaults"],
-            tensors=tensors,
-            rules=data.get("rules", []),
-            totals=data.get("totals", {}),
-            warnings=data.get("warnings", []),
-            rtnq_version=data.get("rtnq_version", "?"),
-            version=version,
-            format=fmt,
-        )
-    except (KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{where}: malformed manifest ({e})") from None
+        schema.check_manifest(data, formats.BY_MANIFEST_NAME[fmt])
+    except schema.Invalid as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return Manifest(
+        defaults=data["defaults"],
+        tensors={name: TensorEntry(**{k: v for k, v in entry.items() if v is not None})
+                 for name, entry in data["tensors"].items()},
+        rules=data.get("rules") or [],
+        totals=data.get("totals") or {},
+        warnings=data.get("warnings") or [],
+        rtnq_version=data.get("rtnq_version") or "?",
+        version=version,
+        format=fmt,
+    )
 
 
 def _upgrade_kinds(data: dict) -> dict:
@@ -168,12 +187,8 @@ def _upgrade_kinds(data: dict) -> dict:
 
 
 def read(out_dir: str | Path) -> Manifest:
-    """Read and validate `OUT/rtnq_manifest.json`; CheckpointError if missing, corrupt or unknown."""
+    """Read and validate `OUT/rtnq_manifest.json`; CheckpointError if missing, corrupt, unknown or malformed."""
     path = Path(out_dir) / FILENAME
     if not path.is_file():
         raise CheckpointError(f"{out_dir}: no {FILENAME}; is this a directory written by `rtnq convert`?")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read the manifest ({e})") from None
-    return from_json(data, str(path))
+    return from_json(jsonfile.read(path), str(path))

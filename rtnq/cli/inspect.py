@@ -34,7 +34,10 @@ def inspect(
         _print_budget(m)
         for w in m.warnings:
             warn(w)
-        print_totals(m.totals)
+        if m.totals:  # a hand-made manifest may have none; the manifest check vouches for the rest
+            # Keys a later rtnq added (the manifest check allows them to be absent): print_totals reads them.
+            print_totals({"passthrough_reasons": {}, "bits_per_weight": None, "model_bits_per_weight": None,
+                          **m.totals})
         tp = m.totals.get("tp_failures")  # absent in manifests written before rtnq recorded it
         if tp:
             print_line(tp_summary({int(t): [None] * c for t, c in tp.items()}))
