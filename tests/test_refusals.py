@@ -48,7 +48,10 @@ def test_a_quantized_checkpoint_without_its_config_is_recognised_by_its_tensors(
 
 @pytest.mark.parametrize("qcfg,needles", [
     ({"quant_method": "awq", "bits": 4}, ("'awq'", "original 16-bit")),
-    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, ("'fp8'", "FP8 sources are not supported yet")),
+    # block-scaled "fp8" and compressed-tensors float-quantized FP8 convert now (tests/test_fp8.py); others do not
+    ({"quant_method": "fbgemm_fp8"}, ("'fbgemm_fp8'", "FP8 variant is not supported")),
+    ({"quant_method": "compressed-tensors", "format": "pack-quantized",
+      "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}}}}, ("'compressed-tensors'", "rtnq dequantize")),
     ({"load_in_4bit": True}, ("'bitsandbytes'",)),
 ])
 def test_other_quantization_configs_are_named(src, tmp_path, qcfg, needles):
@@ -99,3 +102,34 @@ def test_bigcode_linears_with_the_same_names_still_convert(tmp_path):
     assert r.code == 0, r.err
     m = json.loads((tmp_path / "out" / "rtnq_manifest.json").read_text())
     assert m["totals"]["tensors"]["int4"] == 8
+
+
+def test_an_fp8_config_over_16_bit_weights_converts_them(src, tmp_path):
+    """DeepSeek's fp8_cast_bf16.py writes bf16 weights but keeps the FP8 config.json: nothing is FP8, so the
+    weights convert as they are, with a note; the FP8 config does not reach OUT."""
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in src.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (other / "config.json").write_text(json.dumps(cfg))
+    r = run("convert", other, tmp_path / "out")
+    assert r.code == 0, r.err
+    assert "no weight is stored as F8_E4M3" in r.err
+    out_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out_cfg["quantization_config"]["quant_method"] == "rtnq"
+
+
+def test_fp8_config_with_a_stray_scale_is_refused(src, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in src.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (other / "config.json").write_text(json.dumps(cfg))
+    t = load_file(other / "model.safetensors")
+    t["model.layers.0.mlp.up_proj.weight_scale_inv"] = torch.ones(4, 2)
+    save_file(t, other / "model.safetensors")
+    _refused(other, tmp_path, "model.layers.0.mlp.up_proj.weight_scale_inv", "not an F8_E4M3 weight")

@@ -120,7 +120,7 @@ def _print_plan(plan, json_out: bool) -> None:
         table.add_column(col)
     for i in plan.items:
         d = i.decision
-        becomes = f"int{d.bits} g{d.group_size}" if d.kind == "quantized" else i.spec.dtype.lower()
+        becomes = f"int{d.bits} g{d.group_size}" if d.kind == "quantized" else i.outputs[0].dtype.lower()
         why = d.rule if d.kind == "quantized" else (d.reason or "")
         table.add_row(escape(i.spec.name), "x".join(map(str, i.spec.shape)), becomes, escape(why))
     results.print(table)

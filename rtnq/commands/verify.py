@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from rtnq import dtypes, formats
+from rtnq.checkpoint import fp8
 from rtnq.checkpoint import manifest as mf
 from rtnq.checkpoint.layout import resolve
 from rtnq.checkpoint.source import Reader, TensorSpec, scan
@@ -41,6 +42,12 @@ def verify(out: str | Path, src: str | Path, progress: Callable[[int, int], None
     scale = mf.scale_of(m)
     fmt = formats.BY_MANIFEST_NAME[m.format]
     src_order = scan(src_dir)
+    # An FP8 source: its scale tensors are consumed by convert (no manifest entry, no output), its FP8
+    # weights re-derived from their dequantized values, as convert quantizes them.
+    source_fp8 = fp8.for_source(src_dir, src_order)
+    fp8_weights = source_fp8.weights if source_fp8 else {}
+    if source_fp8:
+        src_order = [s for s in src_order if s.name not in source_fp8.consumed]
     src_specs = {s.name: s for s in src_order}
     differ = _name_shape_differences(m, src_specs)
     if differ:
@@ -60,7 +67,7 @@ def verify(out: str | Path, src: str | Path, progress: Callable[[int, int], None
         for i, (name, entry) in enumerate(m.tensors.items()):
             try:
                 checks.append(_check_one(name, entry, src_specs[name], output.specs, src_reader, out_reader, fmt,
-                                         scale, option))
+                                         scale, option, fp8_weights.get(name)))
             except (UsageError, ShapeError) as e:
                 # verify's only arguments are two directories, already resolved: a usage or shape error
                 # here comes from the manifest's numbers, i.e. OUT is not what convert writes (exit 7).
@@ -94,9 +101,9 @@ def _name_shape_differences(m: mf.Manifest, src_specs: dict[str, TensorSpec]) ->
 
 
 def _check_one(name, entry, spec, out_specs, src_reader: Reader, out_reader: Reader, fmt: formats.Format,
-               scale: str = "absmax", option: str | None = None) -> Check:
+               scale: str = "absmax", option: str | None = None, w8: fp8.Fp8Weight | None = None) -> Check:
     """One manifest entry's row: its outputs' names, dtypes, shapes (headers), then their bytes."""
-    want = vl.expected_outputs(name, entry, spec, fmt, option)
+    want = vl.expected_outputs(name, entry, spec, fmt, option, fp8=w8 is not None)
     if isinstance(want, str):
         return Check(name, entry.kind, False, want, None)
     for role, (oname, _, _) in want.items():
@@ -108,14 +115,17 @@ def _check_one(name, entry, spec, out_specs, src_reader: Reader, out_reader: Rea
     headers = [p for role, w in want.items() if (p := vl.header_problem(w, out_specs[w[0]]))]
     if headers:  # before the bytes: a reinterpreted header can hold the same bytes and still load wrong
         return Check(name, entry.kind, False, headers[0], None)
+    qdt = dtypes.quantized_in(spec.dtype, option).torch  # an FP8 weight's dense dtype too
     if entry.kind != "quantized":
-        same = torch.equal(src_reader.read_bytes(spec), out_reader.read_bytes(out_specs[name]))
+        src_bytes = (src_reader.read_bytes(spec) if w8 is None
+                     else fp8.read_dense(src_reader, w8, qdt).reshape(-1).view(torch.uint8))
+        same = torch.equal(src_bytes, out_reader.read_bytes(out_specs[name]))
         return Check(name, entry.kind, same, "identical" if same else "bytes differ from the source", None)
     stored = list(fmt.stored_shape(tuple(entry.shape)))
     if (entry.padded_shape or list(entry.shape)) != stored:
         return Check(name, entry.kind, False, f"the manifest's padded_shape {entry.padded_shape} is not the "
                      f"{fmt.name} format's {stored} for shape {list(entry.shape)}", None)
-    w16 = src_reader.read(spec).to(dtypes.quantized_in(spec.dtype, option).torch)
+    w16 = src_reader.read(spec).to(qdt) if w8 is None else fp8.read_dense(src_reader, w8, qdt)
     codes, scales = rtn.quantize(w16, entry.bits, entry.group_size, name=name, scale=scale)
     error = rtn.relative_error(w16, rtn.dequantize(codes, scales, entry.bits, entry.group_size))
     expected = fmt.reference(codes, scales, entry.bits, entry.group_size)

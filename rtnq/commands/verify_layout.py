@@ -92,7 +92,7 @@ def _header(path: Path) -> dict:
 
 
 def expected_outputs(name: str, entry: mf.TensorEntry, src: TensorSpec, fmt: formats.Format,
-                     dtype_option: str | None) -> dict[str, tuple[str, str, tuple[int, ...]]] | str:
+                     dtype_option: str | None, fp8: bool = False) -> dict[str, tuple[str, str, tuple[int, ...]]] | str:
     """role -> (name, safetensors dtype, shape) of each tensor convert writes for this entry, from the
     source header and the manifest's kind, bits and group size; or why the entry cannot be re-derived
     (a kind whose outputs are not the format's roles, bits or a group size convert never writes)."""
@@ -100,7 +100,9 @@ def expected_outputs(name: str, entry: mf.TensorEntry, src: TensorSpec, fmt: for
     if entry.kind == "passthrough":
         if entry.outputs != {"tensor": name}:
             return f"passthrough, but the manifest names the outputs {_names(entry.outputs)}, not {name}"
-        return {"tensor": (name, src.dtype, tuple(src.shape))}
+        # an FP8 weight passes through dequantized, in the dtype it is quantized in (rtnq.checkpoint.fp8)
+        dt = dtypes.quantized_in(src.dtype, dtype_option).st if fp8 else src.dtype
+        return {"tensor": (name, dt, tuple(src.shape))}
     if entry.kind != "quantized":
         return f"the manifest's kind {entry.kind!r} is neither quantized nor passthrough"
     missing = [r for r in fmt.roles if r not in roles]
@@ -108,7 +110,7 @@ def expected_outputs(name: str, entry: mf.TensorEntry, src: TensorSpec, fmt: for
         return f"the manifest names no {missing[0]} output ({fmt.name} format)"
     if roles != set(fmt.roles):
         return f"the manifest names outputs {_names(entry.outputs)}, not the {fmt.name} format's {', '.join(fmt.roles)}"
-    why = _unquantizable(entry, src, fmt)
+    why = _unquantizable(entry, src, fmt, fp8)
     if why:
         return why
     scale_st = dtypes.quantized_in(src.dtype, dtype_option).st
@@ -116,9 +118,9 @@ def expected_outputs(name: str, entry: mf.TensorEntry, src: TensorSpec, fmt: for
     return {role: (n, dt, tuple(shape)) for role, (n, dt, shape) in zip(fmt.roles, planned, strict=True)}
 
 
-def _unquantizable(entry: mf.TensorEntry, src: TensorSpec, fmt: formats.Format) -> str | None:
+def _unquantizable(entry: mf.TensorEntry, src: TensorSpec, fmt: formats.Format, fp8: bool = False) -> str | None:
     """Why convert could never have written this quantized entry (so re-deriving it would only raise)."""
-    if src.dtype not in dtypes.FLOATS:
+    if src.dtype not in dtypes.FLOATS and not fp8:
         return f"quantized, but the source tensor is {src.dtype}, which rtnq never quantizes"
     if len(src.shape) != 2 and not (len(src.shape) == 3 and fmt.stacked_experts):
         return f"quantized, but its shape {list(src.shape)} is no linear weight the {fmt.name} format holds"

@@ -6,6 +6,10 @@ is written; memory is a few chunks plus two quantized tensors' outputs, whatever
 
     source chunk (mapped) -> rows in the 16-bit dtype -> numerics.fused.quantize_rows -> codes + scales
     in the format's layout -> ShardWriter at the planned offset -> fsync -> rename
+
+An FP8 source weight (rtnq.checkpoint.fp8) is dequantized on the reader thread, a run of whole rows at a
+time, so the main thread gets the same 16-bit rows as from a 16-bit source, and an FP8 weight that
+passes through is written as those dense rows; its scale tensor is read whole once, and never written.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from typing import Callable, Iterable
 import torch
 
 from rtnq import dtypes
+from rtnq.checkpoint import fp8, pipeline
 from rtnq.checkpoint import manifest as mf
-from rtnq.checkpoint import pipeline
 from rtnq.checkpoint.shards import sharded_output
 from rtnq.checkpoint.writer import write_text
 from rtnq.checkpoint.source import Reader
@@ -109,15 +113,18 @@ def chunk_ranges(item: Item) -> list[tuple[int, int]]:
 
     A quantized weight comes in runs of whole 64-row Marlin blocks of one expert, a passthrough
     tensor in CHUNK_BYTES pieces; either way about CHUNK_BYTES at a time, whatever the model size.
+    An FP8 weight always comes in whole rows of one expert (each is dequantized on its own), sized so that
+    its dense rows, not its FP8 bytes, are about CHUNK_BYTES.
     """
     spec = item.spec
-    if not item.quantized:
+    if not item.quantized and item.fp8 is None:
         if spec.nbytes == 0:
             return [(0, 0)]
         return [(s, min(CHUNK_BYTES, spec.nbytes - s)) for s in range(0, spec.nbytes, CHUNK_BYTES)]
     *lead, n, k = spec.shape
     row_bytes = k * dtypes.BY_ST[spec.dtype].itemsize
-    rows = max(fused.ROW_ALIGN, CHUNK_BYTES // row_bytes // fused.ROW_ALIGN * fused.ROW_ALIGN)
+    dense_row = k * item.quant_dtype.itemsize if item.fp8 else row_bytes  # what a chunk holds in memory
+    rows = max(fused.ROW_ALIGN, CHUNK_BYTES // dense_row // fused.ROW_ALIGN * fused.ROW_ALIGN)
     return [((e * n + r) * row_bytes, min(rows, n - r) * row_bytes)
             for e in range(lead[0] if lead else 1) for r in range(0, n, rows)]
 
@@ -145,7 +152,9 @@ def run(plan: ConvertPlan, progress: Callable[[Progress], None] | None = None) -
     with Reader(plan.src) as reader, sharded_output(plan.out, plan.options.force, plan.shards, plan.shard_metadata,
                                                     stop=stop, src=plan.src, small_files=plan.small_files) as so:
         # The reader thread starts once the output directory exists, and is joined on any failure.
-        jobs = [(functools.partial(reader.map_range, item.spec), chunk_ranges(item)) for item in order]
+        dense = fp8.DenseFetch(reader, fp8.dense_dtype(plan.options.dtype).torch)
+        jobs = [(functools.partial(dense, item.fp8) if item.fp8 else functools.partial(reader.map_range, item.spec),
+                 chunk_ranges(item)) for item in order]
         prefetch = pipeline.Prefetcher(jobs, pipeline.Slots(IN_FLIGHT, stop), stop)
         so.on_abort(prefetch.join)
         out_pool = pipeline.Pool(OUT_BUFFERS, out_bytes, stop)
@@ -156,7 +165,9 @@ def run(plan: ConvertPlan, progress: Callable[[Progress], None] | None = None) -
                     q_entry, s_entry, *const_entries = item.outputs
                     buf, out = out_pool.get_tensors([(q_entry.shape, torch.int32, q_entry.nbytes),
                                                      (s_entry.shape, item.quant_dtype.torch, s_entry.nbytes)])
-                    rows = prefetch.rows(index, item.spec.torch_dtype, item.spec.shape[-1])
+                    # an FP8 weight's chunks arrive dense, in the dtype it is quantized in
+                    rows = prefetch.rows(index, item.quant_dtype.torch if item.fp8 else item.spec.torch_dtype,
+                                         item.spec.shape[-1])
                     qweight, scales, errors[item.spec.name] = quantize_item(item, rows, out, fmt.layout,
                                                                             plan.options.scale)
                     so.behind.submit(writer.write, q_entry.name, qweight)
@@ -169,7 +180,7 @@ def run(plan: ConvertPlan, progress: Callable[[Progress], None] | None = None) -
                         so.behind.submit(writer.write_part, item.outputs[0].name, chunk, release=prefetch.release)
                         del chunk
                 index += 1
-                done_bytes += item.spec.nbytes
+                done_bytes += item.bytes_read
                 if progress:
                     progress(Progress(item.spec.name, index, len(plan.items), done_bytes, plan.bytes_in))
         prefetch.join()

@@ -7,12 +7,12 @@ the source's grouping.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 from rtnq import dtypes, formats, params
-from rtnq.checkpoint import layout, refusals
+from rtnq.checkpoint import fp8, layout, refusals
 from rtnq.checkpoint.outdir import check_output_location, stale_temporaries
 from rtnq.checkpoint.shards import check_readable
 from rtnq.checkpoint.source import TensorSpec, scan
@@ -49,8 +49,15 @@ class Item:
     decision: precision.Decision
     outputs: list[Entry]  # quantized: the format's tensors, codes and scales first; else the tensor itself
     out_shard: str
-    quant_dtype: dtypes.DType | None = None  # the 16-bit dtype the RTN arithmetic runs in (quantized only)
+    quant_dtype: dtypes.DType | None = None  # the 16-bit dtype the RTN arithmetic runs in (quantized, and FP8
+    # weights, which are dequantized to it whether they are quantized or pass through)
     stored_shape: tuple[int, ...] = ()  # the weight shape the packed outputs hold (marlin: padded); quantized only
+    fp8: fp8.Fp8Weight | None = None  # an FP8 source weight: its scale; spec stays the F8 tensor read
+
+    @property
+    def bytes_read(self) -> int:
+        """Source bytes this item reads: the tensor, and an FP8 weight's scale."""
+        return self.spec.nbytes + (self.fp8.scale.nbytes if self.fp8 else 0)
 
     @property
     def quantized(self) -> bool:
@@ -70,10 +77,11 @@ class ConvertPlan:
     warnings: list[str] = field(default_factory=list)  # for the user: the selection's, the format's, the machine's
     manifest_warnings: list[str] = field(default_factory=list)  # the subset about the output itself
     budget: object | None = None  # commands.convert.budget.Scored under --budget
+    fp8: fp8.Fp8Source | None = None  # an FP8 source: its scheme and the scale tensors it consumes (not items)
 
     @property
     def bytes_in(self) -> int:
-        return sum(i.spec.nbytes for i in self.items)
+        return sum(i.bytes_read for i in self.items)
 
     @property
     def shard_metadata(self) -> dict[str, str]:
@@ -92,11 +100,12 @@ def quant_dtype(spec: TensorSpec, options: ConvertOptions) -> dtypes.DType:
 
 
 def output_entries(spec: TensorSpec, d: precision.Decision, qdt: dtypes.DType | None,
-                   fmt: formats.Format = formats.MARLIN) -> list[Entry]:
+                   fmt: formats.Format = formats.MARLIN, dense: bool = False) -> list[Entry]:
     """The planned outputs of one source tensor: itself, or the format's tensors for a quantized weight
-    (packed codes and scales first)."""
+    (packed codes and scales first). dense: an FP8 weight, which passes through dequantized to `qdt`
+    (raw FP8 without its scale would be a different weight)."""
     if d.kind != "quantized":
-        return [Entry(spec.name, spec.dtype, spec.shape)]
+        return [Entry(spec.name, qdt.st if dense else spec.dtype, spec.shape)]
     prefix = names.module_name(spec.name)  # stacked (E, n, k) experts have no .weight: their own prefix
     return [Entry(*e) for e in fmt.entries(prefix, spec.shape, d.bits, d.group_size, qdt.st)]
 
@@ -112,9 +121,20 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
     check_output_location(src_dir, out_dir, options.force or options.dry_run)
     specs = scan(src_dir)
     config_path = src_dir / layout.CONFIG_NAME
-    refusals.check_source(src_dir, layout.read_json_object(config_path) if config_path.is_file() else None, specs)
+    config = layout.read_json_object(config_path) if config_path.is_file() else None
+    source_fp8 = fp8.detect(config, specs)
+    refusals.check_source(src_dir, config, specs, source_fp8.consumed if source_fp8 else None)
+    fp8_weights = source_fp8.weights if source_fp8 else {}
+    if source_fp8:
+        specs = [s for s in specs if s.name not in source_fp8.consumed]
+        if options.budget is not None and options.budget_score != "position":
+            # budget's scorer reads weights as stored; an FP8 weight read that way is not the model's
+            raise UsageError(f"--budget-score {options.budget_score} reads the weights, which it cannot do for an FP8 "
+                             "source yet; use --budget-score position")
+    dense = fp8.dense_dtype(options.dtype)
+    # Selection sees an FP8 weight as the dense 16-bit weight it stands for (it would refuse F8_E4M3).
     selection = precision.select(
-        specs,
+        [replace(s, dtype=dense.st) if s.name in fp8_weights else s for s in specs],
         bits=options.bits,
         group_size=options.group_size,
         keep_int8=options.keep_int8,
@@ -146,9 +166,11 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
                 f"{spec.name} is a stacked (E, n, k) expert tensor; {fmt.name} stores each expert as its own "
                 "module, so it cannot hold it. Use --format marlin, or --skip experts"
             )
-        qdt = quant_dtype(spec, options) if d.kind == "quantized" else None
+        w8 = fp8_weights.get(spec.name)
+        qdt = quant_dtype(spec, options) if d.kind == "quantized" or w8 else None
         stored = fmt.stored_shape(spec.shape) if d.kind == "quantized" else ()
-        items.append(Item(spec, d, output_entries(spec, d, qdt, fmt), shard_names[spec.shard], qdt, stored))
+        items.append(Item(spec, d, output_entries(spec, d, qdt, fmt, dense=w8 is not None), shard_names[spec.shard],
+                          qdt, stored, w8))
     shards: dict[str, list[Entry]] = {}
     for item in items:
         shards.setdefault(item.out_shard, []).extend(item.outputs)
@@ -162,6 +184,8 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
     manifest_warnings = selection.warnings + engine_config.warnings(fmt, list(selection.decisions.values()),
                                                                     options.bits, shapes)
     warnings = list(manifest_warnings) + stale_temporaries(out_dir)  # about this disk, not the output
+    if source_fp8:  # about the source, not the output (whose manifest records the F8 dtypes)
+        warnings.insert(0, source_fp8.describe(dense.label))
     if not (src_dir / layout.CONFIG_NAME).is_file():
         warnings.append(f"{src_dir} has no {layout.CONFIG_NAME}: OUT's will hold only the quantization_config, "
                         "and engines need the model's config to load it; copy the original config.json into OUT")
@@ -174,4 +198,4 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
         if slow:
             warnings.append(slow)  # not in the manifest: it is about this machine, not the output
     return ConvertPlan(src_dir, out_dir, options, fmt, items, list(shards.items()), selection,
-                       small, warnings, manifest_warnings, scored)
+                       small, warnings, manifest_warnings, scored, source_fp8)

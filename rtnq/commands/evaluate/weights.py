@@ -18,16 +18,24 @@ from pathlib import Path
 
 import torch
 
-from rtnq.checkpoint import layout
+from rtnq.checkpoint import fp8, layout
 from rtnq.checkpoint.source import Reader, TensorSpec, scan
 from rtnq.errors import CheckpointError, UsageError
 from rtnq.numerics import rtn
 
 
 class Source:
-    def __init__(self, model_dir: Path, specs: list[TensorSpec] | None = None):
+    def __init__(self, model_dir: Path, specs: list[TensorSpec] | None = None,
+                 source_fp8: fp8.Fp8Source | None = None):
         self.dir = model_dir
-        self.specs = {s.name: s for s in (specs if specs is not None else scan(model_dir))}
+        if specs is None:
+            specs = scan(model_dir)
+            source_fp8 = fp8.for_source(model_dir, specs)
+        # An FP8 source (rtnq.checkpoint.fp8): its scales have no counterpart in OUT, its FP8 weights are
+        # read dense, in bf16 as convert dequantizes them by default.
+        self.fp8 = source_fp8
+        consumed = source_fp8.consumed if source_fp8 else frozenset()
+        self.specs = {s.name: s for s in specs if s.name not in consumed}
         self.reader = Reader(model_dir)
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -40,6 +48,9 @@ class Source:
         return spec
 
     def native(self, name: str) -> torch.Tensor:
+        w8 = self.fp8.weights.get(name) if self.fp8 else None
+        if w8 is not None:
+            return fp8.read_dense(self.reader, w8, fp8.dense_dtype(None).torch)
         return self.reader.read(self._spec(name))
 
     def get(self, name: str) -> torch.Tensor:
@@ -72,7 +83,7 @@ class Converted(Source):
 
 class WhatIf(Source):
     def __init__(self, src_dir: Path, plan):
-        super().__init__(src_dir, [item.spec for item in plan.items])
+        super().__init__(src_dir, [item.spec for item in plan.items], plan.fp8)
         self.items = {item.spec.name: item for item in plan.items}
         self.scale = plan.options.scale
         for name, item in self.items.items():
@@ -81,8 +92,9 @@ class WhatIf(Source):
                                  "quantizes 2-D linears only. Add --skip experts, or convert and eval OUT")
 
     def native(self, name: str) -> torch.Tensor:
-        w = super().native(name)
         item = self.items[name]
+        # an FP8 weight: dense in the dtype convert dequantizes it to (--dtype), as convert writes or quantizes it
+        w = fp8.read_dense(self.reader, item.fp8, item.quant_dtype.torch) if item.fp8 else super().native(name)
         if not item.quantized:
             return w
         d = item.decision
@@ -123,7 +135,7 @@ def check_pair(out: Source, src: Source) -> None:
 def source_dir(path: str | Path, option: str = "SRC") -> Path:
     """A dense 16-bit model directory: the reference every candidate is measured against."""
     d = model_dir(path)
-    if is_quantized(d):
+    if is_quantized(d) and fp8.for_source(d, scan(d)) is None:  # an FP8 source is read dense
         raise UsageError(f"{option} {path} is a quantized checkpoint; pass the 16-bit source it was converted from")
     return d
 
