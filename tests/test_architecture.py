@@ -23,16 +23,18 @@ ALLOWED = {
     "rtnq.formats": BASE | {"rtnq.numerics", "rtnq.selection"},
     "rtnq.checkpoint": BASE | {"rtnq.numerics", "rtnq.formats"},
     "rtnq.synthetic": BASE | {"rtnq.checkpoint"},
-    "rtnq.commands": BASE | {"rtnq.numerics", "rtnq.selection", "rtnq.formats", "rtnq.checkpoint"},
+    "rtnq.hub": BASE | {"rtnq.checkpoint"},
+    "rtnq.commands": BASE | {"rtnq.numerics", "rtnq.selection", "rtnq.formats", "rtnq.checkpoint", "rtnq.hub"},
     "rtnq.runtime": BASE | {"rtnq.numerics", "rtnq.selection", "rtnq.formats", "rtnq.checkpoint"},
     "rtnq.bench": BASE | {"rtnq.numerics", "rtnq.selection", "rtnq.formats", "rtnq.checkpoint", "rtnq.runtime",
                           "rtnq.synthetic"},
     "rtnq.cli": BASE | {"rtnq.numerics", "rtnq.selection", "rtnq.formats", "rtnq.checkpoint", "rtnq.commands",
-                        "rtnq.runtime", "rtnq.bench", "rtnq.synthetic"},
+                        "rtnq.runtime", "rtnq.bench", "rtnq.synthetic", "rtnq.hub"},
 }
 # Modules that must import without torch (planning, selection, the CLI's option checks).
 TORCH_FREE = ["rtnq.errors", "rtnq.dtypes", "rtnq.params", "rtnq.selection.precision", "rtnq.selection.tp",
               "rtnq.formats", "rtnq.formats.engine_config", "rtnq.checkpoint.layout",
+              "rtnq.hub.client", "rtnq.hub.repo", "rtnq.hub.staging",
               "rtnq.cli"]  # `rtnq --help` and the option checks: torch loads inside a command, when needed
 
 

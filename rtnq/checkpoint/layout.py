@@ -38,7 +38,8 @@ def shard_name(i: int, n: int) -> str:
 
 
 def resolve(src: str | Path) -> Path:
-    """A local model directory; a hub id is recognised and refused with the download command."""
+    """A local model directory; a hub id is recognised and refused with the download command (convert reads
+    hub ids itself, through rtnq.commands.convert.hub_source, before it calls this)."""
     path = Path(src)
     if path.is_dir():
         return path
@@ -46,8 +47,8 @@ def resolve(src: str | Path) -> Path:
         raise UsageError(f"{src} is a file; pass the model directory that contains it")
     if HUB_ID.match(str(src)):
         raise UsageError(
-            f"{src} looks like a Hugging Face hub id; hub downloads are not supported yet. Run "
-            f"`huggingface-cli download {src} --local-dir DIR` and pass DIR"
+            f"{src}: no such directory; it looks like a Hugging Face hub id, which `rtnq convert` reads directly "
+            f"but this command needs on disk: `hf download {src} --local-dir DIR`, then pass DIR"
         )
     raise UsageError(f"{src}: no such directory")
 

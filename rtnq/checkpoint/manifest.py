@@ -114,6 +114,7 @@ class Manifest:
     rtnq_version: str = "0.1.0"
     version: int = VERSION
     format: str = FORMAT
+    source: dict[str, str] | None = None  # a hub source: {"hub": ORG/NAME, "revision": as asked, "commit": sha}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -125,6 +126,8 @@ class Manifest:
             "totals": self.totals,
             "warnings": self.warnings,
             "tensors": {name: e.to_json() for name, e in self.tensors.items()},
+            # only for a hub source: a local conversion's manifest stays byte-identical to earlier ones
+            **({} if self.source is None else {"source": self.source}),
         }
 
     def dumps(self) -> str:
@@ -166,6 +169,7 @@ def from_json(data: Any, where: str = FILENAME) -> Manifest:
         rtnq_version=data.get("rtnq_version") or "?",
         version=version,
         format=fmt,
+        source=data.get("source"),
     )
 
 

@@ -122,6 +122,7 @@ _TOP = {
     "totals": (_object({}), False),  # its table depends on whether it is empty: _TOTALS
     "warnings": (_list_of(_STR, "strings"), False),
     "rtnq_version": (_STR, False),
+    "source": (_object({"hub": (_STR, True), "revision": (_STR, True), "commit": (_STR, True)}), False),
 }
 # What `rtnq inspect` prints. A hand-made manifest may leave the totals empty (the runtime's tests do);
 # one that has totals has the counts every rtnq version wrote. The rest came later and may be absent.

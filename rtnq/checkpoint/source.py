@@ -310,6 +310,14 @@ class Reader:
                 f = self._files[shard] = open(self.model_dir / shard, "rb", buffering=0)
             return f
 
+    def close_shard(self, shard: str) -> None:
+        """Close one shard's handle (a hub source deletes each staged shard once read; an open handle would
+        keep its blocks allocated). A later read opens it again."""
+        with self._lock:
+            f = self._files.pop(shard, None)
+        if f is not None:
+            f.close()
+
     def read(self, spec: TensorSpec) -> torch.Tensor:
         """The tensor with its dtype and shape."""
         return self.read_bytes(spec).view(spec.torch_dtype).reshape(spec.shape)

@@ -17,6 +17,8 @@ Examples:
 
   rtnq convert llama-3.1-8b/ llama-3.1-8b-rtnq/                      # INT4, group 128
 
+  rtnq convert HuggingFaceTB/SmolLM2-135M-Instruct smollm2-rtnq/     # from the hub, shard by shard
+
   rtnq convert model/ out/ --bits 4 --keep-int8 layers.0,layers.-1,down   # selective INT8
 
   rtnq convert model/ out/ --keep-int8 qkv --skip layers.-1 --dry-run  # print the plan only
@@ -27,7 +29,7 @@ Examples:
 
 @app.command(epilog=CONVERT_EXAMPLES)
 def convert(
-    src: Annotated[str, typer.Argument(help="Model directory with model.safetensors or shards + index.")],
+    src: Annotated[str, typer.Argument(help="Model directory with model.safetensors or shards + index, or a Hugging Face hub id ORG/NAME[@REVISION] (downloaded shard by shard, two on disk at most).")],
     out: Annotated[str, typer.Argument(help="Output directory (must not exist unless --force).")],
     bits: Annotated[int, typer.Option(callback=parse_bits, help="Default precision: 4 or 8.")] = 4,
     group_size: Annotated[int, typer.Option("--group-size", callback=parse_group, help="32, 64, 128 or -1 (channelwise).")] = 128,
@@ -54,12 +56,21 @@ def convert(
         budget=budget, budget_score=budget_score, scale=scale,
     )
     plan = conv.make_plan(src, out, options)
+    try:
+        _plan_and_run(conv, plan, dry_run, json_out, fmt)
+    finally:
+        plan.close()  # a hub source's temporary directory
+
+
+def _plan_and_run(conv, plan, dry_run: bool, json_out: bool, fmt: str) -> None:
     for w in plan.warnings:
         warn(w)
     # The TP line belongs to the summary (stdout), except under --json, where stdout is JSON only.
     summary_console = err if json_out else results
     if dry_run:
         _print_plan(plan, json_out)
+        if plan.hub is not None:
+            print_line(plan.hub.plan_line(), summary_console)
         # The plan just listed the failing tensors for the --tp degrees: no hint to run it again.
         listed = () if json_out else plan.options.tp
         print_line(tp_summary(plan.selection.tp_failures, listed), summary_console)
@@ -74,6 +85,8 @@ def convert(
                     **result.manifest.to_json()["totals"]})
     else:
         print_summary(result)
+    if plan.hub is not None:
+        print_line(plan.hub.run_line(), summary_console)
     print_line(tp_summary(plan.selection.tp_failures), summary_console)
 
 

@@ -14,6 +14,7 @@ passes through is written as those dense rows; its scale tensor is read whole on
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -150,11 +151,15 @@ def run(plan: ConvertPlan, progress: Callable[[Progress], None] | None = None) -
     done_bytes = 0
     stop = threading.Event()
     with Reader(plan.src) as reader, sharded_output(plan.out, plan.options.force, plan.shards, plan.shard_metadata,
-                                                    stop=stop, src=plan.src, small_files=plan.small_files) as so:
+                                                    stop=stop, src=plan.src, small_files=plan.small_files) as so, \
+            contextlib.ExitStack() as staging:
         # The reader thread starts once the output directory exists, and is joined on any failure.
         dense = fp8.DenseFetch(reader, fp8.dense_dtype(plan.options.dtype).torch)
         jobs = [(functools.partial(dense, item.fp8) if item.fp8 else functools.partial(reader.map_range, item.spec),
                  chunk_ranges(item)) for item in order]
+        if plan.hub is not None:  # shards downloaded as the reader reaches them, deleted after their last read
+            touches = [list(dict.fromkeys([i.spec.shard] + ([i.fp8.scale.shard] if i.fp8 else []))) for i in order]
+            jobs = staging.enter_context(plan.hub.staged(reader, jobs, touches))
         prefetch = pipeline.Prefetcher(jobs, pipeline.Slots(IN_FLIGHT, stop), stop)
         so.on_abort(prefetch.join)
         out_pool = pipeline.Pool(OUT_BUFFERS, out_bytes, stop)

@@ -96,6 +96,7 @@ def build_manifest(plan: ConvertPlan, errors: dict[str, float]) -> mf.Manifest:
         warnings=list(plan.manifest_warnings),
         rtnq_version=VERSION,
         format=plan.format.manifest_name,
+        source=None if plan.hub is None else plan.hub.repo.source_record,
     )
 
 

@@ -17,6 +17,7 @@ from rtnq.checkpoint.outdir import check_output_location, stale_temporaries
 from rtnq.checkpoint.shards import check_readable
 from rtnq.checkpoint.source import TensorSpec, scan
 from rtnq.checkpoint.writer import Entry, shard_size
+from rtnq.commands.convert import hub_source
 from rtnq.errors import CheckpointError, UsageError
 from rtnq.formats import engine_config
 from rtnq.selection import names, precision
@@ -78,6 +79,12 @@ class ConvertPlan:
     manifest_warnings: list[str] = field(default_factory=list)  # the subset about the output itself
     budget: object | None = None  # commands.convert.budget.Scored under --budget
     fp8: fp8.Fp8Source | None = None  # an FP8 source: its scheme and the scale tensors it consumes (not items)
+    hub: object | None = None  # commands.convert.hub_source.HubSource for ORG/NAME[@REV]; src is then its view
+
+    def close(self) -> None:
+        """Remove what the plan put on disk (a hub source's small files and staged shards)."""
+        if self.hub is not None:
+            self.hub.close()
 
     @property
     def bytes_in(self) -> int:
@@ -116,10 +123,25 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
     fmt = formats.BY_NAME.get(options.format)
     if fmt is None:
         raise UsageError(f"--format must be one of {', '.join(formats.FORMATS)}, got {options.format}")
-    src_dir = layout.resolve(src)
     out_dir = Path(out)
+    stale = stale_temporaries(out_dir)  # before a hub source puts its own temporary directory there
+    hub = hub_source.open_source(str(src), out_dir)
+    try:
+        plan = _make_plan(hub.view if hub else layout.resolve(src), out_dir, options, fmt, hub, stale)
+    except BaseException:
+        if hub is not None:
+            hub.close()
+        raise
+    plan.hub = hub
+    return plan
+
+
+def _make_plan(src_dir: Path, out_dir: Path, options: ConvertOptions, fmt: formats.Format, hub, stale: list[str]):
     check_output_location(src_dir, out_dir, options.force or options.dry_run)
-    specs = scan(src_dir)
+    specs = hub.specs if hub else scan(src_dir)
+    if hub is not None and options.budget is not None and options.budget_score != "position":
+        raise UsageError(f"--budget-score {options.budget_score} reads every weight before writing, which for a hub "
+                         "source is a second download; use --budget-score position, or download the model first")
     config_path = src_dir / layout.CONFIG_NAME
     config = layout.read_json_object(config_path) if config_path.is_file() else None
     source_fp8 = fp8.detect(config, specs)
@@ -183,7 +205,7 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
     shapes = {spec.name: spec.shape for spec in specs}
     manifest_warnings = selection.warnings + engine_config.warnings(fmt, list(selection.decisions.values()),
                                                                     options.bits, shapes)
-    warnings = list(manifest_warnings) + stale_temporaries(out_dir)  # about this disk, not the output
+    warnings = list(manifest_warnings) + stale  # about this disk, not the output
     if source_fp8:  # about the source, not the output (whose manifest records the F8 dtypes)
         warnings.insert(0, source_fp8.describe(dense.label))
     if not (src_dir / layout.CONFIG_NAME).is_file():
