@@ -336,3 +336,16 @@ def test_old_and_hand_made_manifests_stay_readable(cases):
     for args in (("inspect", case.out), ("verify", case.out, "--against", case.src)):
         r = run(*args)
         assert r.code == 0, r.err
+
+
+def test_a_manifest_shape_that_disagrees_with_the_stored_tensors_is_exit_4_in_dequantize(cases):
+    """Was exit 6 (a shape rtnq cannot hold, README) from marlin.unpack; it is a corrupt output (4)."""
+    case = cases[0]
+    doc = copy.deepcopy(case.manifest)
+    doc["tensors"][Q]["shape"] = [32, 96]
+    doc["tensors"][Q].pop("padded_shape", None)
+    case.write(doc)
+    r = run("dequantize", case.out, case.dest, "--force")
+    assert r.code == 4, r.err
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and "the output is corrupt or its manifest was edited" in lines[0], r.err

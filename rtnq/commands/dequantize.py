@@ -282,6 +282,16 @@ def _marlin_modules(manifest: mf.Manifest, by_name: dict[str, TensorSpec]) -> li
         sc = _need(by_name, e.outputs["scales"], f"the manifest names it for {name}")
         *_, n, k = e.shape
         prefix = names.module_name(name)
+        # The manifest's shape, bits and group size fix the stored tensors' shapes: a disagreement is a
+        # corrupt or edited output (exit 4), not a shape rtnq cannot hold (exit 6, which unpack would raise).
+        want = {n_: (dt, tuple(sh)) for n_, dt, sh in formats.MARLIN.entries(prefix, tuple(e.shape), e.bits,
+                                                                            e.group_size, sc.dtype)}
+        for spec in (qw, sc):
+            if want.get(spec.name) != (spec.dtype, tuple(spec.shape)):
+                dt, sh = want.get(spec.name, ("?", ()))
+                raise CheckpointError(f"{spec.name} is {spec.dtype} {list(spec.shape)}, but the manifest's entry for "
+                                      f"{name} (shape {list(e.shape)}, {e.bits}-bit, group {e.group_size}) means "
+                                      f"{dt} {list(sh)}; the output is corrupt or its manifest was edited")
         modules.append(Module(prefix, {"qweight": qw, "scales": sc}, e.bits, n, k,
                               Entry(name, sc.dtype, tuple(e.shape)), e.group_size))
     return modules
