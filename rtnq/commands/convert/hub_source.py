@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from rtnq.checkpoint.source import Reader, TensorSpec
-from rtnq.errors import CheckpointError
+from rtnq.errors import CheckpointError, RtnqError
 
 
 @dataclass
@@ -112,7 +112,10 @@ def open_source(src: str, out: Path) -> HubSource | None:
     from rtnq.hub.repo import resolve_repo
 
     disable_progress_bars()  # rtnq reports on its own lines; tqdm bars would interleave with them on stderr
-    repo = resolve_repo(str(src))
+    try:
+        repo = resolve_repo(str(src))
+    except RtnqError as e:  # a mistyped local path reads like ORG/NAME too: say both
+        raise type(e)(f"{src} is no local directory; as a hub id: {e}") from None
     view = Path(tempfile.mkdtemp(prefix=f".{Path(out).name}.rtnq-src-", dir=_existing_ancestor(Path(out))))
     try:
         headers.fetch_small_files(repo, view)
