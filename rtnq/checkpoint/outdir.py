@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from rtnq.checkpoint import journal
 from rtnq.checkpoint.writer import raise_os
 from rtnq.errors import UsageError
 
@@ -40,37 +41,68 @@ def check_output_location(src: Path, out: Path, force: bool) -> None:
         raise UsageError(f"output {out} exists and is not a directory")
 
 
-def stale_temporaries(out: Path) -> list[str]:
+def stale_temporaries(out: Path, exclude: Path | None = None) -> list[str]:
     """One line per temporary directory an earlier run for `out` left behind (killed with SIGKILL or by
-    a power loss, which no handler sees): where and how big, so it is reported rather than left to pile up."""
+    a power loss, which no handler sees): where and how big, and whether `--resume` can continue it, so
+    it is reported rather than left to pile up. `exclude`: the one being resumed now."""
     out = Path(out)
     lines = []
     try:
-        found = sorted(p for p in out.parent.glob(f".{out.name}.rtnq-*") if p.is_dir())
+        found = sorted(p for p in out.parent.glob(f".{out.name}.rtnq-*") if p.is_dir() and p != exclude)
     except OSError:
         return []
     for p in found:
         size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-        lines.append(f"{p} ({size / 1e6:.1f} MB) is left from an interrupted run for {out.name}; rtnq does not "
-                     f"reuse it: remove it (rm -r '{p}')")
+        head = f"{p} ({size / 1e6:.1f} MB) is left from an interrupted run for {out.name}; "
+        done = journal.completed_count(p) if TMP_INFIX in p.name else None
+        if done is None:
+            lines.append(head + f"rtnq does not reuse it: remove it (rm -r '{p}')")
+        else:
+            lines.append(head + f"`rtnq convert ... --resume` continues it ({journal.count(done)} complete), "
+                                f"or remove it (rm -r '{p}')")
     return lines
 
 
+def resumable(out: Path) -> Path:
+    """The one temporary directory of an interrupted run for `out` that holds a journal (--resume)."""
+    out = Path(out)
+    try:
+        found = sorted(p for p in out.parent.glob(f".{out.name}{TMP_INFIX}*")
+                       if p.is_dir() and journal.has_journal(p))
+    except OSError:
+        found = []
+    if not found:
+        raise UsageError(f"nothing to resume for {out}: no {out.parent / ('.' + out.name + TMP_INFIX)}* directory "
+                         f"holding a {journal.JOURNAL_NAME}; convert without --resume")
+    if len(found) > 1:
+        names = ", ".join(str(p) for p in found)
+        raise UsageError(f"several interrupted runs for {out} ({names}); remove all but the one to continue "
+                         f"(rm -r DIR), then --resume again")
+    if journal.in_use(found[0]):
+        raise UsageError(f"{found[0]} is in use by a running rtnq convert; wait for it or stop it first")
+    return found[0]
+
+
 @contextlib.contextmanager
-def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
+def atomic_dir(out: Path, force: bool = False, reuse: Path | None = None) -> Iterator[Path]:
     """Yield a temporary sibling of `out`; rename it to `out` only if the block completes.
 
     On any exception (including KeyboardInterrupt) the temporary directory is removed, so a failed
     or interrupted run leaves no OUT behind and an existing OUT (under --force) untouched.
+    reuse: an interrupted run's temporary directory to continue (--resume) instead of a new one; it is
+    removed on failure like a new one (Ctrl-C means "stop and clean up", as in any other run).
     """
     out = Path(out)
     created = _missing_parents(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_INFIX}", dir=out.parent))
-        # mkdtemp makes 0700 whatever the umask: a serving account could not read the model. OUT gets the
-        # mode `mkdir` would give it.
-        os.chmod(tmp, 0o777 & ~_umask())
+        if reuse is not None:
+            tmp = Path(reuse)
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_INFIX}", dir=out.parent))
+            # mkdtemp makes 0700 whatever the umask: a serving account could not read the model. OUT gets the
+            # mode `mkdir` would give it.
+            os.chmod(tmp, 0o777 & ~_umask())
     except OSError as e:
         _remove_empty(created)
         raise_os(out.parent, e)

@@ -5,7 +5,9 @@
             so.behind.submit(writer.write, ...)  # the command's tensors, written behind on a thread
         ...                                      # then config.json, the manifest: into so.tmp
 
-Shards are finished and fsynced on the write-behind threads (rtnq.checkpoint.pipeline). On success the
+Shards are finished and fsynced on the write-behind threads (rtnq.checkpoint.pipeline); with a journal
+(rtnq.checkpoint.journal, convert's), each is then recorded as complete, and the shards a resumed run's
+journal already holds are not yielded at all. On success the
 index and the small files are added and the temporary directory is renamed to OUT; on any error
 (Ctrl-C included) the writers stop, the callbacks given to `on_abort` run (e.g. joining a reader thread,
 so nothing touches the directory while it is removed) and the directory is deleted (rtnq.checkpoint.outdir).
@@ -14,12 +16,14 @@ so nothing touches the directory while it is removed) and the directory is delet
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import threading
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from rtnq.checkpoint import pipeline
+from rtnq.checkpoint.journal import Journal
 from rtnq.checkpoint.layout import INDEX_NAME
 from rtnq.checkpoint.outdir import atomic_dir
 from rtnq.checkpoint.writer import Entry, ShardWriter, raise_os, write_index
@@ -30,8 +34,10 @@ class ShardedOutput:
     """The shards being written into `tmp`, and the write-behind threads they go through."""
 
     def __init__(self, tmp: Path, shards: list[tuple[str, list[Entry]]], metadata: dict[str, str],
-                 stop: threading.Event):
+                 stop: threading.Event, journal: Journal | None = None):
         self.tmp = tmp
+        self.journal = journal
+        self.skipped = set(journal.completed) if journal else set()  # complete before this run started
         self.behind = pipeline.WriteBehind(stop)
         self._shards = shards
         self._metadata = metadata
@@ -43,15 +49,24 @@ class ShardedOutput:
         (e.g. joining a reader thread, so nothing still touches the files)."""
         self._cleanups.append(fn)
 
-    def shards(self) -> Iterator[tuple[str, ShardWriter]]:
-        """(file name, its writer) for each planned shard; once the caller moves on, the shard is
-        finished (every tensor checked as written) and fsynced behind."""
+    def shards(self, notes: Callable[[str], dict] | None = None) -> Iterator[tuple[str, ShardWriter]]:
+        """(file name, its writer) for each planned shard not complete already; once the caller moves on,
+        the shard is finished (every tensor checked as written) and fsynced behind, then journaled with
+        notes(file name) (taken now, on the caller's thread: e.g. the errors it measured for the shard)."""
         for fname, entries in self._shards:
+            if fname in self.skipped:
+                continue
+            # ShardWriter opens with "wb": a partial file of the interrupted run is truncated, not patched.
             writer = ShardWriter(self.tmp / fname, entries, self._metadata, writeback=self.behind.writeback)
             self._writers.append(writer)
             yield fname, writer
             self.behind.submit(writer.finish)
-            self.behind.sync_later(writer.sync_close)
+            self.behind.sync_later(functools.partial(self._synced, writer, fname, notes(fname) if notes else {}))
+
+    def _synced(self, writer: ShardWriter, fname: str, notes: dict) -> None:
+        writer.sync_close()
+        if self.journal is not None:  # only now: a shard the journal lists is on disk whatever happens next
+            self.journal.record(fname, notes)
 
     def close_files(self) -> None:
         """Close every shard file without finishing it (after an error)."""
@@ -61,21 +76,32 @@ class ShardedOutput:
 
 @contextlib.contextmanager
 def sharded_output(out: Path, force: bool, shards: list[tuple[str, list[Entry]]], metadata: dict[str, str], *,
-                   stop: threading.Event, src: Path, small_files: Sequence[str] = ()) -> Iterator[ShardedOutput]:
-    with atomic_dir(out, force) as tmp:
-        so = ShardedOutput(tmp, shards, metadata, stop)
+                   stop: threading.Event, src: Path, small_files: Sequence[str] = (),
+                   journal: Journal | None = None) -> Iterator[ShardedOutput]:
+    """journal: record completed shards in the temporary directory (a fresh journal), or continue the
+    directory a loaded one belongs to, skipping the shards it holds (--resume)."""
+    with atomic_dir(out, force, reuse=journal.directory if journal else None) as tmp:
+        complete = False
         try:
-            yield so
-            so.behind.finish()
-        except BaseException:
-            so.behind.abort()  # sets `stop`: every thread of the pipeline winds down
-            for fn in so._cleanups:
-                fn()
-            so.close_files()
-            raise
-        write_index(tmp, shards, INDEX_NAME)
-        for name in small_files:
-            copy_small_file(src / name, tmp / name)
+            if journal is not None:
+                journal.start(tmp)
+            so = ShardedOutput(tmp, shards, metadata, stop, journal)
+            try:
+                yield so
+                so.behind.finish()
+            except BaseException:
+                so.behind.abort()  # sets `stop`: every thread of the pipeline winds down
+                for fn in so._cleanups:
+                    fn()
+                so.close_files()
+                raise
+            write_index(tmp, shards, INDEX_NAME)
+            for name in small_files:
+                copy_small_file(src / name, tmp / name)
+            complete = True
+        finally:
+            if journal is not None:
+                journal.close(remove=complete)  # the journal is no part of OUT; on failure the directory goes
 
 
 def check_readable(src: Path, names: Sequence[str]) -> None:

@@ -24,6 +24,8 @@ Examples:
   rtnq convert model/ out/ --keep-int8 qkv --skip layers.-1 --dry-run  # print the plan only
 
   rtnq convert model/ out/ --format gptq --keep-int8 layers.0 --dry-run --tp 2,4,8   # for vLLM/SGLang
+
+  rtnq convert model/ out/ --resume       # continue a run that was killed (same SRC, OUT and options)
 """
 
 
@@ -44,6 +46,7 @@ def convert(
     budget: Annotated[Optional[float], typer.Option("--budget", callback=parse_budget, help="Promote the INT4 units whose data-free score per extra bit is highest to INT8, while the quantized linears average at most this many bits per weight (codes and scales), e.g. 4.5. Reads the weights once more before writing.")] = None,
     scale: Annotated[str, typer.Option("--scale", callback=parse_scale, help="absmax (the paper's RTN, default) or mse: per group, the clipping of the scale (1.00 to 0.80 of maxabs) with the smallest squared error.")] = "absmax",
     budget_score: Annotated[str, typer.Option("--budget-score", callback=parse_budget_score, help="What --budget ranks units by: position (default: first and last blocks, q/k/v and down first; reads no weight), or a statistic of the weight's 4-bit error: norm_error, error, relative, kurtosis, max_over_rms.")] = "position",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run for OUT that was killed (SIGKILL, power loss): keep the shards its .OUT.rtnq-tmp-* directory completed (re-hashed first), convert the rest; same SRC and options, or it is refused with what differs.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Quantize SRC with round-to-nearest into Marlin-packed INT4/INT8 and write OUT with a manifest."""
@@ -53,7 +56,7 @@ def convert(
     options = conv.ConvertOptions(
         bits=bits, group_size=group_size, keep_int8=split_list(keep_int8), skip=split_list(skip),
         dtype=dtype, strict=strict, force=force, tp=degrees, format=fmt, dry_run=dry_run,
-        budget=budget, budget_score=budget_score, scale=scale,
+        budget=budget, budget_score=budget_score, scale=scale, resume=resume,
     )
     plan = conv.make_plan(src, out, options)
     try:
@@ -67,6 +70,8 @@ def _plan_and_run(conv, plan, dry_run: bool, json_out: bool, fmt: str) -> None:
         warn(w)
     # The TP line belongs to the summary (stdout), except under --json, where stdout is JSON only.
     summary_console = err if json_out else results
+    if plan.resume is not None:  # what is kept and redone: a result line under --dry-run, progress otherwise
+        print_line(plan.resume.line(dry_run), summary_console if dry_run else err)
     if dry_run:
         _print_plan(plan, json_out)
         if plan.hub is not None:

@@ -26,9 +26,11 @@ import torch
 from rtnq import dtypes
 from rtnq.checkpoint import fp8, pipeline
 from rtnq.checkpoint import manifest as mf
+from rtnq.checkpoint.journal import Journal
 from rtnq.checkpoint.shards import sharded_output
 from rtnq.checkpoint.writer import write_text
 from rtnq.checkpoint.source import Reader
+from rtnq.commands.convert import resume
 from rtnq.commands.convert.outputs import build_manifest, write_config
 from rtnq.commands.convert.plan import ConvertPlan, Item
 from rtnq.errors import InvalidWeightError
@@ -141,30 +143,48 @@ def _processing_order(plan: ConvertPlan) -> dict[str, list[Item]]:
 
 
 def run(plan: ConvertPlan, progress: Callable[[Progress], None] | None = None) -> ConvertResult:
-    """Execute `plan`: stream every tensor into a temporary directory, then rename it to OUT."""
+    """Execute `plan`: stream every tensor into a temporary directory, then rename it to OUT.
+
+    The directory holds a journal of the shards completed (rtnq.checkpoint.journal). Under --resume
+    (plan.resume) it is the interrupted run's directory, and the items of the shards it completed are
+    skipped: not read, not downloaded, their errors taken from the journal."""
     t0 = time.perf_counter()
-    errors: dict[str, float] = {}
+    if plan.resume is not None:
+        journal = plan.resume.journal
+        errors: dict[str, float] = plan.resume.errors()
+    else:
+        journal = Journal(resume.plan_record(plan))
+        errors = {}
+    kept = set(journal.completed)
     by_shard = _processing_order(plan)
-    order = [item for fname, _ in plan.shards for item in by_shard[fname]]
+    order = [item for fname, _ in plan.shards if fname not in kept for item in by_shard[fname]]
     out_bytes = max((sum(e.nbytes for e in i.outputs[:2]) for i in order if i.quantized), default=1)
     fmt = plan.format
-    done_bytes = 0
+    skipped = [item for item in plan.items if item.out_shard in kept]
+    done_bytes = sum(item.bytes_read for item in skipped)
     stop = threading.Event()
     with Reader(plan.src) as reader, sharded_output(plan.out, plan.options.force, plan.shards, plan.shard_metadata,
-                                                    stop=stop, src=plan.src, small_files=plan.small_files) as so, \
+                                                    stop=stop, src=plan.src, small_files=plan.small_files,
+                                                    journal=journal) as so, \
             contextlib.ExitStack() as staging:
         # The reader thread starts once the output directory exists, and is joined on any failure.
         dense = fp8.DenseFetch(reader, fp8.dense_dtype(plan.options.dtype).torch)
         jobs = [(functools.partial(dense, item.fp8) if item.fp8 else functools.partial(reader.map_range, item.spec),
                  chunk_ranges(item)) for item in order]
-        if plan.hub is not None:  # shards downloaded as the reader reaches them, deleted after their last read
+        # A hub source's shards are downloaded as the reader reaches them and deleted after their last read;
+        # `order` holds no item of a shard completed before --resume, so its source is not downloaded again.
+        if plan.hub is not None:
             touches = [list(dict.fromkeys([i.spec.shard] + ([i.fp8.scale.shard] if i.fp8 else []))) for i in order]
             jobs = staging.enter_context(plan.hub.staged(reader, jobs, touches))
         prefetch = pipeline.Prefetcher(jobs, pipeline.Slots(IN_FLIGHT, stop), stop)
         so.on_abort(prefetch.join)
         out_pool = pipeline.Pool(OUT_BUFFERS, out_bytes, stop)
         index = 0
-        for fname, writer in so.shards():
+
+        def notes(fname: str) -> dict:  # what a resumed run needs of a shard it will not convert again
+            return {"errors": {i.spec.name: errors[i.spec.name] for i in by_shard[fname] if i.quantized}}
+
+        for fname, writer in so.shards(notes):
             for item in by_shard[fname]:
                 if item.quantized:
                     q_entry, s_entry, *const_entries = item.outputs
@@ -187,7 +207,8 @@ def run(plan: ConvertPlan, progress: Callable[[Progress], None] | None = None) -
                 index += 1
                 done_bytes += item.bytes_read
                 if progress:
-                    progress(Progress(item.spec.name, index, len(plan.items), done_bytes, plan.bytes_in))
+                    progress(Progress(item.spec.name, len(skipped) + index, len(plan.items), done_bytes,
+                                      plan.bytes_in))
         prefetch.join()
         write_config(plan, so.tmp)
         m = build_manifest(plan, errors)

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from rtnq import dtypes, formats, params
 from rtnq.checkpoint import fp8, layout, refusals
-from rtnq.checkpoint.outdir import check_output_location, stale_temporaries
+from rtnq.checkpoint.outdir import check_output_location, resumable, stale_temporaries
 from rtnq.checkpoint.shards import check_readable
 from rtnq.checkpoint.source import TensorSpec, scan
 from rtnq.checkpoint.writer import Entry, shard_size
@@ -40,6 +40,7 @@ class ConvertOptions:
     budget: float | None = None  # --budget: bits per weight of the quantized linears; promotes units to INT8
     budget_score: str = "position"  # --budget-score: what ranks them (params.BUDGET_SCORES; docs/PRECISION.md)
     scale: str = "absmax"  # --scale: rtn.quantize's scale rule ("absmax", the paper's, or "mse")
+    resume: bool = False  # --resume: continue the interrupted run's temporary directory (commands.convert.resume)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class ConvertPlan:
     budget: object | None = None  # commands.convert.budget.Scored under --budget
     fp8: fp8.Fp8Source | None = None  # an FP8 source: its scheme and the scale tensors it consumes (not items)
     hub: object | None = None  # commands.convert.hub_source.HubSource for ORG/NAME[@REV]; src is then its view
+    resume: object | None = None  # commands.convert.resume.Resume under --resume: the shards kept and redone
 
     def close(self) -> None:
         """Remove what the plan put on disk (a hub source's small files and staged shards)."""
@@ -124,10 +126,16 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
     if fmt is None:
         raise UsageError(f"--format must be one of {', '.join(formats.FORMATS)}, got {options.format}")
     out_dir = Path(out)
-    stale = stale_temporaries(out_dir)  # before a hub source puts its own temporary directory there
+    continued = resumable(out_dir) if options.resume else None  # a one-line usage error when there is none
+    stale = stale_temporaries(out_dir, exclude=continued)  # before a hub source puts its own temporary directory there
     hub = hub_source.open_source(str(src), out_dir)
     try:
         plan = _make_plan(hub.view if hub else layout.resolve(src), out_dir, options, fmt, hub, stale)
+        if continued is not None:
+            from rtnq.commands.convert import resume  # it imports this module
+
+            plan.hub = hub  # the source record needs it
+            plan.resume = resume.check(plan, continued)
     except BaseException:
         if hub is not None:
             hub.close()
