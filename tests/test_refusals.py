@@ -32,6 +32,17 @@ def _refused(source, tmp_path, *needles):
     return lines[0]
 
 
+def _with_quantization_config(src, other, qcfg):
+    """A copy of `src` whose config.json claims the quantization `qcfg`."""
+    other.mkdir()
+    for f in src.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["quantization_config"] = qcfg
+    (other / "config.json").write_text(json.dumps(cfg))
+    return other
+
+
 @pytest.mark.parametrize("fmt,method", [("marlin", "rtnq"), ("gptq", "gptq"), ("compressed-tensors", "compressed-tensors")])
 def test_reconverting_rtnq_output_is_refused_pointing_to_dequantize(src, tmp_path, fmt, method):
     q = tmp_path / "q"
@@ -55,13 +66,7 @@ def test_a_quantized_checkpoint_without_its_config_is_recognised_by_its_tensors(
     ({"load_in_4bit": True}, ("'bitsandbytes'",)),
 ])
 def test_other_quantization_configs_are_named(src, tmp_path, qcfg, needles):
-    other = tmp_path / "other"
-    other.mkdir()
-    for f in src.iterdir():
-        (other / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((other / "config.json").read_text())
-    cfg["quantization_config"] = qcfg
-    (other / "config.json").write_text(json.dumps(cfg))
+    other = _with_quantization_config(src, tmp_path / "other", qcfg)
     _refused(other, tmp_path, "already quantized", *needles)
 
 
@@ -107,13 +112,7 @@ def test_bigcode_linears_with_the_same_names_still_convert(tmp_path):
 def test_an_fp8_config_over_16_bit_weights_converts_them(src, tmp_path):
     """DeepSeek's fp8_cast_bf16.py writes bf16 weights but keeps the FP8 config.json: nothing is FP8, so the
     weights convert as they are, with a note; the FP8 config does not reach OUT."""
-    other = tmp_path / "other"
-    other.mkdir()
-    for f in src.iterdir():
-        (other / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((other / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
-    (other / "config.json").write_text(json.dumps(cfg))
+    other = _with_quantization_config(src, tmp_path / "other", {"quant_method": "fp8", "weight_block_size": [128, 128]})
     r = run("convert", other, tmp_path / "out")
     assert r.code == 0, r.err
     assert "no weight is stored as F8_E4M3" in r.err
@@ -122,13 +121,7 @@ def test_an_fp8_config_over_16_bit_weights_converts_them(src, tmp_path):
 
 
 def test_fp8_config_with_a_stray_scale_is_refused(src, tmp_path):
-    other = tmp_path / "other"
-    other.mkdir()
-    for f in src.iterdir():
-        (other / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((other / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
-    (other / "config.json").write_text(json.dumps(cfg))
+    other = _with_quantization_config(src, tmp_path / "other", {"quant_method": "fp8", "weight_block_size": [128, 128]})
     t = load_file(other / "model.safetensors")
     t["model.layers.0.mlp.up_proj.weight_scale_inv"] = torch.ones(4, 2)
     save_file(t, other / "model.safetensors")
