@@ -1,6 +1,7 @@
 """The one dtype table: safetensors, torch and CLI spellings of every dtype rtnq reads or writes.
 
-Torch-free at import (selection and planning never need torch); `DType.torch` imports it on first use.
+Torch-free at import (selection and planning never need torch); `DType.torch` imports it on first use,
+`DType.numpy` numpy (the type the torch-free conversion path holds the bytes in).
 
     safetensors  "BF16"        headers, TensorSpec.dtype, writer entries
     torch        "bfloat16"    manifests (TensorEntry.dtype), torch.bfloat16
@@ -27,6 +28,15 @@ class DType:
         return getattr(torch, self.name)
 
     @property
+    def numpy(self):
+        """The numpy dtype that holds this dtype's bytes (imports numpy): the same type where numpy has
+        it; bf16 as uint16 and the FP8 types as uint8 bit patterns, since numpy has no such types (the C
+        kernel and the writer only need the bytes)."""
+        import numpy as np
+
+        return np.dtype(_NUMPY_STORAGE.get(self.st, self.name))
+
+    @property
     def label(self) -> str:
         """Short display name: "bf16" where there is one, else the torch spelling."""
         return self.short or self.name
@@ -51,6 +61,7 @@ TABLE = (
     DType("F8_E5M2", 1, "float8_e5m2"),
 )
 BY_ST = {d.st: d for d in TABLE}
+_NUMPY_STORAGE = {"BF16": "uint16", "F8_E4M3": "uint8", "F8_E5M2": "uint8"}  # no numpy type of their own
 BY_NAME = {d.name: d for d in TABLE}
 BY_SHORT = {d.short: d for d in TABLE if d.short}
 FLOATS = ("F16", "BF16", "F32")  # the source dtypes rtnq quantizes

@@ -14,7 +14,12 @@ growth from 22 to 44 layers and the marginal rate (extra input bytes / extra wal
 
 Cases (a case whose tool is missing is skipped with the command that installs it):
   floor       scripts/io_floor.py: import torch + safetensors, read every tensor, write a quarter
-  rtnq4       rtnq convert --bits 4 (group 128, manifest, error statistics, all checks, fsync)
+  rtnq4       rtnq convert --bits 4 (group 128, manifest, error statistics, all checks, fsync): the
+              default path, torch-free with the C fast path built (issue 15)
+  rtnq4-torch the same with torch and safetensors' torch bindings imported first: what the conversion
+              cost before issue 15 made it torch-free (the same C kernel, torch's start-up added)
+  rtnq4-ref   RTNQ_FASTPATH=0: the torch reference quantizer instead of the C kernel (the fallback
+              when the library cannot be built; ~20x slower, not in the default cases)
   rtnq8       rtnq convert --bits 8
   rtnqkeep    rtnq convert --bits 4 --keep-int8 layers.0,mlp
   gptqkeep, ctkeep   the same with --format gptq / --format compressed-tensors
@@ -24,19 +29,22 @@ Cases (a case whose tool is missing is skipped with the command that installs it
               output is still in the page cache when they exit)
   torchnaive  a naive torch RTN-g128 loop + nibble pack over safetensors' loader (save_file per shard)
   gguf        gguf-py's numpy Q4_0 over the same shards, written as GGUF (pip install gguf)
-Peers run on the 22-layer model only unless --peers-deep.
+Peers run on the 22-layer model only unless --peers-deep. `--models sample` adds the built-in sample
+(`rtnq sample`, 3 MB: start-up dominates). The fsync share of a case is 1 - wall(case-nofsync) / wall(case)
+where both ran: the part of the wall time spent waiting for fsync (rtnq4-nofsync, rtnq8-nofsync: fsync
+alone stubbed out, the early writeback kept; diagnostics like the -nosync ones).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,10 +79,32 @@ for shard in sorted(src.glob("*.safetensors")):
 # page cache when they exit, and the disk writes it after the clock stops).
 RTNQ_NO_FSYNC = r'''
 import os, sys
-from rtnq.checkpoint import pipeline, writer
-writer.os = type("os_without_fsync", (), {"__getattr__": lambda self, n: getattr(os, n),
-                                          "fsync": staticmethod(lambda fd: None)})()
+from rtnq import cli  # first: it sets the environment the CLI runs in
+from rtnq.checkpoint import journal, pipeline, writer
+no_fsync = type("os_without_fsync", (), {"__getattr__": lambda self, n: getattr(os, n),
+                                         "fsync": staticmethod(lambda fd: None)})()
+writer.os = journal.os = no_fsync
 pipeline.start_writeback = lambda fd, offset, length: None
+sys.argv = ["rtnq"] + sys.argv[1:]
+cli.main()
+'''
+
+# Diagnostic: fsync alone stubbed out (the early writeback kept, which is about the page cache, not
+# durability): what waiting for the disk at the end of each shard costs. The "fsync share" column.
+RTNQ_NO_FSYNC_ONLY = r'''
+import os, sys
+from rtnq import cli
+from rtnq.checkpoint import journal, writer
+writer.os = journal.os = type("os_without_fsync", (), {"__getattr__": lambda self, n: getattr(os, n),
+                                                        "fsync": staticmethod(lambda fd: None)})()
+sys.argv = ["rtnq"] + sys.argv[1:]
+cli.main()
+'''
+
+# The conversion as it ran before issue 15: torch and safetensors' torch bindings loaded at start-up.
+RTNQ_WITH_TORCH = r'''
+import sys
+import torch, safetensors.torch  # noqa: F401
 from rtnq import cli
 sys.argv = ["rtnq"] + sys.argv[1:]
 cli.main()
@@ -104,6 +134,8 @@ def cases() -> dict[str, list[str] | None]:
     return {
         "floor": [PY, str(ROOT / "scripts" / "io_floor.py"), "{src}", "{out}"],
         "rtnq4": RTNQ + ["convert", "{src}", "{out}", "--bits", "4"],
+        "rtnq4-torch": [PY, "-c", RTNQ_WITH_TORCH, "convert", "{src}", "{out}", "--bits", "4"],
+        "rtnq4-ref": ["env", "RTNQ_FASTPATH=0"] + RTNQ + ["convert", "{src}", "{out}", "--bits", "4"],
         "rtnq8": RTNQ + ["convert", "{src}", "{out}", "--bits", "8"],
         "rtnqkeep": RTNQ + ["convert", "{src}", "{out}", "--bits", "4", "--keep-int8", "layers.0,mlp"],
         "gptqkeep": RTNQ + ["convert", "{src}", "{out}", "--bits", "4", "--keep-int8", "layers.0,mlp", "--format", "gptq"],
@@ -111,18 +143,23 @@ def cases() -> dict[str, list[str] | None]:
                           "--format", "compressed-tensors"],
         "rtnq4-nosync": [PY, "-c", RTNQ_NO_FSYNC, "convert", "{src}", "{out}", "--bits", "4"],
         "rtnq8-nosync": [PY, "-c", RTNQ_NO_FSYNC, "convert", "{src}", "{out}", "--bits", "8"],
+        "rtnq4-nofsync": [PY, "-c", RTNQ_NO_FSYNC_ONLY, "convert", "{src}", "{out}", "--bits", "4"],
+        "rtnq8-nofsync": [PY, "-c", RTNQ_NO_FSYNC_ONLY, "convert", "{src}", "{out}", "--bits", "8"],
         "torchnaive": [PY, "-c", TORCH_NAIVE, "{src}", "{out}"],
         "gguf": [PY, "-c", GGUF_Q4_0, "{src}", "{out}"] if have_gguf else None,
     }
 
 
-def models(cache: Path) -> dict[str, Path]:
+def models(cache: Path, wanted: list[str]) -> dict[str, Path]:
     from rtnq import synthetic
 
     out = {}
-    for label, layers, shards in (("l22", 22, 3), ("l44", 44, 6)):
+    for label, layers, shards in (("l22", 22, 3), ("l44", 44, 6), ("sample", None, None)):
+        if label not in wanted:
+            continue
         path = cache / f"llama-{label}"
-        spec = synthetic.SampleSpec(**{**synthetic.BENCH_1B, "layers": layers}, shards=shards)
+        spec = synthetic.SampleSpec() if layers is None else \
+            synthetic.SampleSpec(**{**synthetic.BENCH_1B, "layers": layers}, shards=shards)
         if not (path / "config.json").is_file():
             print(f"generating {path} ({layers} layers) ...", flush=True)
             tmp = path.with_name(path.name + ".tmp")
@@ -144,23 +181,32 @@ def warm(src: Path) -> None:
                 pass
 
 
+# Each case runs under this small launcher, which times it and reads its rusage. Not from this process:
+# Linux counts the memory of the process that forked a child into the child's peak RSS (exec records the
+# old image's high-water mark), and this one holds torch (~0.28 GiB), which would hide any smaller peak.
+LAUNCH = r'''
+import json, os, subprocess, sys, time
+t0 = time.perf_counter()
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+err = p.stderr.read().decode(errors="replace")
+_, status, ru = os.wait4(p.pid, 0)
+wall = time.perf_counter() - t0
+print(json.dumps({"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss": ru.ru_maxrss * 1024,
+                  "code": os.waitstatus_to_exitcode(status), "err": err[-2000:]}))
+'''
+
+
 def run_once(cmd: list[str], src: Path, out: Path) -> tuple[float, float, int]:
     """(wall s, CPU s, peak RSS bytes) of one child process."""
     shutil.rmtree(out, ignore_errors=True)
     warm(src)  # right before each run: a VM's proactive reclaim (DAMON) evicts idle page cache
     os.sync()
     argv = [a.replace("{src}", str(src)).replace("{out}", str(out)) for a in cmd]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    r = json.loads(subprocess.run([PY, "-c", LAUNCH, *argv], capture_output=True, text=True, check=True).stdout)
     shutil.rmtree(out, ignore_errors=True)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(argv[:4])} ... failed ({proc.returncode}):\n{err[-2000:]}")
-    return wall, ru.ru_utime + ru.ru_stime, ru.ru_maxrss * 1024
+    if r["code"]:
+        raise SystemExit(f"{' '.join(argv[:4])} ... failed ({r['code']}):\n{r['err']}")
+    return r["wall"], r["cpu"], r["rss"]
 
 
 def machine() -> str:
@@ -172,17 +218,17 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    import torch
+    from importlib.metadata import version
 
     mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    return (f"{cpu}, {os.cpu_count()} CPUs, {mem:.0f} GiB, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, {platform.system()} {platform.release()}")
+    return (f"{cpu}, {os.cpu_count()} CPUs, {mem:.0f} GiB, Python {platform.python_version()}, "
+            f"torch {version('torch')}, numpy {version('numpy')}, {platform.system()} {platform.release()}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--cases", default="floor,rtnq4,rtnq8,rtnqkeep,torchnaive,gguf")
+    ap.add_argument("--cases", default="floor,rtnq4,rtnq4-torch,rtnq8,rtnqkeep,torchnaive,gguf")
     ap.add_argument("--models", default="l22,l44")
     ap.add_argument("--peers-deep", action="store_true", help="also run the peers on the 44-layer model")
     ap.add_argument("--cache", type=Path, default=ROOT / "bench-cache")
@@ -198,7 +244,7 @@ def main() -> None:
             print(f"skipping {c}: install it with `{PY} -m pip install gguf`")
     wanted = [c for c in wanted if avail[c] is not None]
     args.cache.mkdir(exist_ok=True)
-    srcs = {k: v for k, v in models(args.cache).items() if k in args.models.split(",")}
+    srcs = {k: v for k, v in models(args.cache, args.models.split(",")).items()}
     free = shutil.disk_usage(args.cache).free
     if free < 3 * 2**30:
         raise SystemExit(f"only {free / 2**30:.1f} GiB free under {args.cache}; outputs need about 2 GiB")
@@ -216,8 +262,8 @@ def main() -> None:
                     continue
                 r = run_once(avail[case], src, out)
                 runs.setdefault((case, label), []).append(r)
-                print(f"  [{rep + 1}/{args.repeats}] {case:<10} {label}: {r[0]:6.2f} s wall, {r[1]:6.2f} s CPU, "
-                      f"{r[2] / 2**30:5.2f} GiB peak RSS", flush=True)
+                print(f"  [{rep + 1}/{args.repeats}] {case:<12} {label}: {r[0]:6.2f} s wall, {r[1]:6.2f} s CPU, "
+                      f"{r[2] / 2**20:5.0f} MiB peak RSS", flush=True)
 
     med = {key: tuple(statistics.median(x[i] for x in v) for i in range(3)) for key, v in runs.items()}
     size = {label: input_bytes(src) for label, src in srcs.items()}
@@ -234,9 +280,11 @@ def main() -> None:
                 w22, _, rss22 = med[(case, "l22")]
                 marginal = (size["l44"] - size["l22"]) / (wall - w22) / 1e9 if wall > w22 else float("inf")
                 extra = f"{marginal:.2f} GB/s marginal, RSS {100 * (rss / rss22 - 1):+.0f}% vs 22 layers"
-            rows.append((case, label, f"{wall:.2f}", f"{cpu:.2f}", f"{rss / 2**30:.2f}",
-                         f"{size[label] / wall / 1e9:.2f}", ratio, extra))
-    head = ("case", "model", "wall s", "CPU s", "peak RSS GiB", "GB/s in", "vs floor", "deep model")
+            nosync = med.get((f"{case}-nofsync", label))
+            share = f"{100 * (1 - nosync[0] / wall):.0f}%" if nosync else "-"
+            rows.append((case, label, f"{wall:.2f}", f"{cpu:.2f}", f"{rss / 2**20:.0f}",
+                         f"{size[label] / wall / 1e9:.2f}", ratio, share, extra))
+    head = ("case", "model", "wall s", "CPU s", "peak RSS MiB", "GB/s in", "vs floor", "fsync share", "deep model")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"\nmedian of {args.repeats}; input {', '.join(f'{k} {v / 1e9:.2f} GB' for k, v in size.items())}")
     if args.markdown:

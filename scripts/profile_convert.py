@@ -5,7 +5,8 @@
 Runs one conversion in this process (into a temporary directory next to SRC, removed afterwards)
 with timers around each pipeline stage and prints, per stage, wall seconds and thread CPU seconds
 (time.thread_time: user + system of that thread). Start-up (Python, torch import) is measured
-separately as the time to import rtnq.commands.convert. For a sampling profile of the whole process use
+separately as the time to import rtnq.commands.convert (no torch while the C fast path is built; issue 15).
+For a sampling profile of the whole process use
 py-spy (`pip install py-spy`): py-spy record -r 200 -f raw -o prof.txt -- rtnq convert SRC OUT.
 """
 
@@ -21,10 +22,12 @@ from pathlib import Path
 
 T_START = time.perf_counter()
 from rtnq.commands import convert  # noqa: E402  (the import time is what we measure)
-from rtnq.numerics import fused
+from rtnq.numerics import cpu as fused  # the C library's loader (torch-free; rtnq.numerics.fused re-exports it)
 from rtnq.checkpoint import pipeline
 from rtnq.checkpoint import source as run_mod
 from rtnq.checkpoint import writer as writer_mod
+from rtnq.checkpoint import journal as journal_mod
+from rtnq.commands.convert import execute
 
 T_IMPORT = time.perf_counter() - T_START
 STATS: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0])  # wall, cpu, calls
@@ -90,7 +93,8 @@ def main() -> None:
 
     pipeline.Prefetcher.chunks = waited_chunks
     pipeline.Pool.get = timed(lambda: f"pool.get [{threading.current_thread().name}]", pipeline.Pool.get)
-    convert.quantize_item = timed("main: quantize_item (incl. waits)", convert.quantize_item)
+    execute.quantize_item = timed("main: quantize_item (incl. waits)", execute.quantize_item)
+    journal_mod.Journal.record = timed("journal: sha256 of each shard (fsync thread)", journal_mod.Journal.record)
 
     keep = [s for s in args.keep_int8.split(",") if s]
     tmp = Path(tempfile.mkdtemp(dir=args.src.parent, prefix=".rtnq-profile-"))

@@ -29,8 +29,8 @@ def main() -> None:
     state = {"records": 0, "writes": 0}
     real_record = journal.Journal.record
 
-    def record(self, fname, notes):
-        real_record(self, fname, notes)
+    def record(self, fname, notes, digest=None):
+        real_record(self, fname, notes, digest)
         state["records"] += 1
         if point == "journaled" and state["records"] == int(args[0]):
             die()

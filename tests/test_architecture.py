@@ -35,6 +35,14 @@ ALLOWED = {
 TORCH_FREE = ["rtnq.errors", "rtnq.dtypes", "rtnq.params", "rtnq.selection.precision", "rtnq.selection.tp",
               "rtnq.formats", "rtnq.formats.engine_config", "rtnq.checkpoint.layout",
               "rtnq.hub.client", "rtnq.hub.repo", "rtnq.hub.staging",
+              # the convert path (issue 15): numpy around the C kernel; torch only for its reference
+              "rtnq.numerics.cpu", "rtnq.numerics.halfcast", "rtnq.numerics.buffers",
+              "rtnq.checkpoint.source", "rtnq.checkpoint.writer", "rtnq.checkpoint.pipeline",
+              "rtnq.checkpoint.shards", "rtnq.checkpoint.journal", "rtnq.checkpoint.fp8",
+              "rtnq.checkpoint.manifest", "rtnq.checkpoint.outdir", "rtnq.checkpoint.refusals",
+              "rtnq.commands.convert", "rtnq.commands.convert.plan", "rtnq.commands.convert.execute",
+              "rtnq.commands.convert.outputs", "rtnq.commands.convert.resume", "rtnq.commands.convert.hub_source",
+              "rtnq.commands.precision_map",
               "rtnq.cli"]  # `rtnq --help` and the option checks: torch loads inside a command, when needed
 
 
@@ -93,3 +101,32 @@ def test_the_rules_can_fail(tmp_path):
 def test_torch_free_modules(module):
     code = f"import sys, {module}; assert 'torch' not in sys.modules, 'imports torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+_NO_TORCH_AFTER = """
+import sys
+from rtnq import cli
+sys.argv = ["rtnq"] + sys.argv[1:]
+try:
+    cli.main()
+except SystemExit as e:
+    assert not e.code, e.code
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "safetensors"))
+assert not loaded, loaded
+"""
+
+
+@pytest.mark.parametrize("fmt", ["marlin", "gptq", "compressed-tensors"])
+def test_convert_with_the_c_library_never_imports_torch(tmp_path, fmt):
+    """Issue 15: `rtnq convert` of the built-in sample (and `rtnq inspect` of its output) load neither torch
+    nor safetensors when the C fast path is built. (`rtnq sample` draws its weights with torch's generator.)"""
+    from rtnq import synthetic
+    from rtnq.numerics import cpu
+
+    if cpu.library() is None:
+        pytest.skip("the C fast path is not built")
+    src, out = tmp_path / "src", tmp_path / "out"
+    synthetic.write_checkpoint(src, synthetic.SampleSpec())
+    for argv in (["convert", str(src), str(out), "--format", fmt, "--keep-int8", "layers.0"], ["inspect", str(out)]):
+        r = subprocess.run([sys.executable, "-c", _NO_TORCH_AFTER, *argv], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]

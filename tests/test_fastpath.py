@@ -17,7 +17,7 @@ import torch
 from rtnq import synthetic
 from rtnq.commands import convert
 from rtnq.errors import InvalidWeightError, ShapeError, UsageError
-from rtnq.numerics import fused, kpack, marlin, rtn
+from rtnq.numerics import cpu, fused, kpack, marlin, rtn
 
 HAVE_C = fused.library() is not None
 BACKENDS = ["torch"] + (["c", "c-scalar"] if HAVE_C else [])
@@ -273,20 +273,26 @@ def test_nan_and_inf_name_the_tensor(backend, bad, layout, group):
 
 
 def test_chunked_quantize_item_equals_whole_tensor_for_experts():
-    """A 3-D (experts, n, k) weight fed in 64-row chunks, fp32 source cast to bf16 per chunk."""
+    """A 3-D (experts, n, k) weight fed in 64-row chunks, fp32 source cast to bf16 per chunk (numpy, as
+    the converter's reader hands them over)."""
     g = torch.Generator().manual_seed(1)
     w = torch.randn(3, 128, 256, generator=g) * 0.02
     plan_item = _item(w.shape, "F32", bits=4, group=64)
-    chunks = [w[e, r : r + 64] for e in range(3) for r in range(0, 128, 64)]
+    chunks = [w[e, r : r + 64].numpy() for e in range(3) for r in range(0, 128, 64)]
     q, s, err = convert.quantize_item(plan_item, iter(chunks))
-    q_whole, s_whole, err_whole = convert.quantize_item(plan_item, w)
+    q_whole, s_whole, err_whole = convert.quantize_item(plan_item, w.numpy())
     w16 = w.to(torch.bfloat16)
     codes, scales = rtn.quantize(w16, 4, 64)
     q_ref, s_ref = marlin.pack(codes, scales, 4)
-    assert torch.equal(q, q_ref) and torch.equal(q_whole, q_ref)
-    assert torch.equal(s, s_ref) and torch.equal(s_whole, s_ref)
+    for qq, ss in ((q, s), (q_whole, s_whole)):
+        assert torch.equal(torch.from_numpy(qq), q_ref)
+        assert torch.equal(torch.from_numpy(ss).view(torch.bfloat16), s_ref)
     e_ref = rtn.relative_error(w16, rtn.dequantize(codes, scales, 4, 64))
     assert err == pytest.approx(e_ref) and err_whole == pytest.approx(e_ref)
+
+
+def test_the_torch_free_module_agrees_with_marlin_on_its_constants():
+    assert (cpu.TILE, cpu.ROW_ALIGN) == (marlin.TILE, marlin.BLOCK_N)
 
 
 def _item(shape, st_dtype, bits, group):
@@ -306,7 +312,7 @@ def test_conversion_bytes_identical_with_and_without_the_c_library(small_model, 
         return convert.run(plan).manifest
 
     fast = convert_to(tmp_path / "fast")
-    monkeypatch.setattr(fused, "library", lambda: None)
+    monkeypatch.setattr(cpu, "library", lambda: None)
     slow = convert_to(tmp_path / "slow")
     files = sorted(p.name for p in (tmp_path / "fast").glob("*.safetensors"))
     assert files and files == sorted(p.name for p in (tmp_path / "slow").glob("*.safetensors"))
@@ -338,10 +344,10 @@ def test_a_stale_library_is_reported_not_used(tmp_path, monkeypatch):
     so = tmp_path / "pkg" / f"_cpu{importlib.machinery.EXTENSION_SUFFIXES[0]}"
     so.parent.mkdir()
     subprocess.run(["cc", "-shared", "-fPIC", "-o", str(so), str(src)], check=True)
-    (so.parent / "fused.py").write_text("")
-    monkeypatch.setattr(fused, "__file__", str(so.parent / "fused.py"))
-    monkeypatch.setattr(fused, "_PROBLEM", [])
-    fused.library.cache_clear()
+    (so.parent / "cpu.py").write_text("")
+    monkeypatch.setattr(cpu, "__file__", str(so.parent / "cpu.py"))
+    monkeypatch.setattr(cpu, "_PROBLEM", [])
+    fused.library.cache_clear()  # the same function as cpu.library
     try:
         assert fused.library() is None and fused.implementation() == "torch-reference"
         assert "built for another rtnq version (ABI 1, this one needs 2)" in fused.problem()
@@ -353,6 +359,6 @@ def test_convert_warns_when_the_fast_path_is_unusable(tmp_path, monkeypatch):
     from cliutil import run
 
     synthetic.write_checkpoint(tmp_path / "src", synthetic.SampleSpec(layers=1))
-    monkeypatch.setattr(fused, "problem", lambda: "the C fast path _cpu.so was built for another rtnq")
+    monkeypatch.setattr(cpu, "problem", lambda: "the C fast path _cpu.so was built for another rtnq")
     r = run("convert", tmp_path / "src", tmp_path / "out")
     assert r.code == 0 and "warning: the C fast path _cpu.so was built for another rtnq" in r.err

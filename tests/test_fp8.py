@@ -170,6 +170,26 @@ def test_block_scaled_fp8_converts_to_rtn_of_the_dequantized_weight(ds, tmp_path
     assert v.code == 0, v.out + v.err
 
 
+def test_an_fp8_source_converts_without_torch(ds, tmp_path):
+    """Issue 15: the FP8 dequantization convert runs is numpy (fp8.dense_rows), so an FP8 source needs no
+    torch either when the C fast path is built; the bytes are those the torch reference verifies."""
+    import subprocess
+    import sys
+
+    from rtnq.numerics import cpu
+
+    if cpu.library() is None:
+        pytest.skip("the C fast path is not built")
+    out = tmp_path / "out"
+    code = ("import sys; from rtnq import cli; sys.argv = ['rtnq'] + sys.argv[1:]\n"
+            "try:\n    cli.main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code, "convert", str(ds), str(out), "--skip", "layers.0.self_attn.o_proj"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    check_output(ds, out)
+
+
 def test_chunks_that_start_inside_a_scale_block(ds, tmp_path, monkeypatch):
     """64-row chunks: the second starts at row 64 of the first 128-row block, the third on the second block."""
     monkeypatch.setattr(execute, "CHUNK_BYTES", 64 * H * 2)
@@ -234,6 +254,33 @@ def test_dequantize_rows_matches_the_documented_rule_for_any_row_range():
     for a, b in [(0, n), (0, 64), (64, 192), (100, 200), (127, 129)]:
         got = fp8.dequantize_rows(w8[a:b], s, a, (bn, bk), torch.bfloat16)
         assert torch.equal(got, ref[a:b]), (a, b)
+
+
+def test_the_numpy_lookup_table_is_torchs_conversion():
+    import numpy as np
+
+    want = fp8._lut().numpy()
+    got = fp8.lut()
+    assert np.isnan(want).sum() == 2 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+@pytest.mark.parametrize("block", [(128, 128), (1, 320), (200, 320), (1, 64), (64, 128)])
+def test_numpy_dense_rows_give_the_torch_references_bytes(dtype, block):
+    """What convert runs (numpy, torch-free) against the torch reference verify and eval use: NaN codes,
+    edge blocks, any row range, both 16-bit dtypes."""
+    import numpy as np
+
+    tdt = {"BF16": torch.bfloat16, "F16": torch.float16}[dtype]
+    n, k = 200, 320
+    w8 = _fp8((n, k), 11)
+    w8.view(torch.uint8)[3, :4] = torch.tensor([0x7F, 0xFF, 0x00, 0x80], dtype=torch.uint8)  # NaN, -NaN, +-0
+    bn, bk = block
+    s = (torch.rand(-(-n // bn), -(-k // bk), generator=torch.Generator().manual_seed(2)) + 0.5) * 1e-2
+    for a, b in [(0, n), (0, 64), (64, 192), (100, 200), (127, 129)]:
+        want = fp8.dequantize_rows(w8[a:b], s, a, block, tdt).view(torch.int16).numpy()
+        got = fp8.dense_rows(w8[a:b].view(torch.uint8).numpy(), s.numpy(), a, block, dtype).view(np.int16)
+        assert np.array_equal(got, want), (a, b)
 
 
 def test_compressed_tensors_library_reads_the_same_dense_weights():

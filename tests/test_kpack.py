@@ -61,3 +61,26 @@ def test_shape_errors():
         kpack.pack_rows(torch.zeros(1, 16, dtype=torch.uint8), 3)
     with pytest.raises(ShapeError, match="n=12"):
         kpack.qzeros(4, 1, 12)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors", "marlin"])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape,group", [((64, 256), 128), ((104, 72), -1), ((3, 128, 512), 32), ((8, 8), 8)])
+def test_numpy_constants_equal_the_torch_reference(fmt, bits, shape, group):
+    """convert writes `Format.constants` (numpy, torch-free); verify re-derives with the torch reference."""
+    from rtnq import formats
+
+    f = formats.BY_NAME[fmt]
+    got = f.constants(shape, bits, group)
+    want = f.reference_constants(shape, bits, group)
+    assert len(got) == len(want)
+    for a, t in zip(got, want):
+        assert a.dtype.name == str(t.dtype).removeprefix("torch.") and torch.equal(torch.from_numpy(a), t)
+
+
+def test_numpy_qzeros_refuse_what_the_reference_refuses():
+    from rtnq import formats
+    from rtnq.errors import ShapeError
+
+    with pytest.raises(ShapeError, match="n=12 is not a multiple of 8"):
+        formats.GPTQ.constants((12, 128), 4, 128)

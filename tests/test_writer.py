@@ -28,3 +28,47 @@ def test_shard_writer_takes_tensors_in_any_order_and_in_parts(tmp_path):
         w.write_part("a", data["a"][:1])
     w.close()
     assert (tmp_path / "in_order.safetensors").read_bytes() == (tmp_path / "shuffled.safetensors").read_bytes()
+
+
+def test_the_digest_computed_while_writing_is_the_files(tmp_path):
+    """The journal records the writer's parts_digest (no read-back); --resume recomputes it from the file, and
+    any changed byte (header or data) changes it."""
+    import hashlib
+
+    import numpy as np
+
+    from rtnq.checkpoint import journal
+
+    entries = [Entry("a", "U8", (5,)), Entry("b", "I32", (3,)), Entry("c", "U8", (0,)), Entry("d", "BF16", (2, 9))]
+    path = tmp_path / "x.safetensors"
+    w = ShardWriter(path, entries, {"format": "pt"}, digest=True)
+    d = np.arange(18, dtype=np.uint16).reshape(2, 9)
+    w.write("d", d)  # a numpy array: bf16 as its uint16 bit patterns
+    w.write_part("b", torch.arange(12, dtype=torch.uint8)[:5])
+    w.write_part("b", torch.arange(12, dtype=torch.uint8)[5:])
+    w.write_part("c", np.empty(0, dtype=np.uint8))
+    w.write("a", torch.arange(5, dtype=torch.uint8))
+    w.close()
+    raw = path.read_bytes()
+    head = 8 + int.from_bytes(raw[:8], "little")
+    parts = [raw[:head], raw[head : head + 5], raw[head + 5 : head + 17], b"", raw[head + 17 :]]
+    want = hashlib.sha256("".join(hashlib.sha256(p).hexdigest() for p in parts).encode()).hexdigest()
+    assert w.digest() == journal.parts_digest(path) == want
+    entry = {"file": path.name, "size": len(raw), "parts_digest": want}
+    assert journal.check(entry, tmp_path) is None
+    for at in (20, head + 3, len(raw) - 1):  # a header byte, a tensor byte, the last byte
+        bad = bytearray(raw)
+        bad[at] ^= 1
+        path.write_bytes(bytes(bad))
+        assert journal.check(entry, tmp_path) == "content differs", at
+    path.write_bytes(raw)
+    old = {"file": path.name, "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}  # an older journal's
+    assert journal.check(old, tmp_path) is None
+
+
+def test_a_numpy_array_of_the_wrong_type_is_refused(tmp_path):
+    import numpy as np
+
+    w = ShardWriter(tmp_path / "x.safetensors", [Entry("a", "BF16", (2,))])
+    with pytest.raises(ValueError, match=r"expected a BF16 \[2\], got \('a', 'float16', \(2,\)\)"):
+        w.write("a", np.zeros(2, dtype=np.float16))

@@ -23,7 +23,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
-import torch
+import numpy as np
 
 from rtnq.checkpoint.writer import start_writeback
 
@@ -35,23 +35,23 @@ class Stopped(Exception):
 
 
 class Pool:
-    """Up to `count` reusable byte buffers of `nbytes` each, allocated on first use."""
+    """Up to `count` reusable byte buffers (numpy) of `nbytes` each, allocated on first use."""
 
     def __init__(self, count: int, nbytes: int, stop: threading.Event):
         self.nbytes = nbytes
-        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        self._free: queue.Queue[np.ndarray] = queue.Queue()
         self._left = count
         self._lock = threading.Lock()
         self._stop = stop
 
-    def get(self, nbytes: int) -> torch.Tensor:
+    def get(self, nbytes: int) -> np.ndarray:
         """A buffer (its first `nbytes` bytes); waits for one to be returned when all are out."""
         if nbytes > self.nbytes:
             raise ValueError(f"buffer of {nbytes} bytes requested from a pool of {self.nbytes}-byte buffers")
         with self._lock:
             if self._free.empty() and self._left > 0:
                 self._left -= 1
-                return torch.empty(self.nbytes, dtype=torch.uint8)[:nbytes]
+                return np.empty(self.nbytes, dtype=np.uint8)[:nbytes]
         while True:
             try:
                 buf = self._free.get(timeout=_POLL)
@@ -61,19 +61,18 @@ class Pool:
                 continue
             return buf[:nbytes]
 
-    def get_tensors(self, parts: list[tuple[tuple[int, ...], torch.dtype, int]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One buffer cut into tensors of the given (shape, dtype, nbytes), back to back. Give the
+    def get_arrays(self, parts: list[tuple[tuple[int, ...], np.dtype, int]]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One buffer cut into arrays of the given (shape, dtype, nbytes), back to back. Give the
         buffer back with `put` once every one of them has been written."""
         buf = self.get(sum(nbytes for *_, nbytes in parts))
         out, at = [], 0
         for shape, dtype, nbytes in parts:
-            out.append(buf[at : at + nbytes].view(dtype).view(shape))
+            out.append(buf[at : at + nbytes].view(dtype).reshape(shape))
             at += nbytes
         return buf, out
 
-    def put(self, buf: torch.Tensor) -> None:
-        base = buf._base if buf._base is not None else buf
-        self._free.put(base)
+    def put(self, buf: np.ndarray) -> None:
+        self._free.put(buf.base if buf.base is not None else buf)
 
 
 class Slots:
@@ -93,12 +92,12 @@ class Slots:
 
 
 class Prefetcher:
-    """Fetches `jobs` in order on a thread: each job is (fetch(start, nbytes) -> tensor, [(start, nbytes), ...]).
+    """Fetches `jobs` in order on a thread: each job is (fetch(start, nbytes) -> uint8 array, [(start, nbytes), ...]).
 
     Each chunk holds one of `slots` until the consumer releases it.
     """
 
-    def __init__(self, jobs: list[tuple[Callable[[int, int], torch.Tensor], list[tuple[int, int]]]], slots: Slots,
+    def __init__(self, jobs: list[tuple[Callable[[int, int], np.ndarray], list[tuple[int, int]]]], slots: Slots,
                  stop: threading.Event):
         self._jobs = jobs
         self._slots = slots
@@ -134,13 +133,13 @@ class Prefetcher:
                 raise RuntimeError(f"reader out of order: got chunk of job {got}, expected {index}")
             yield payload
 
-    def rows(self, index: int, dtype: torch.dtype, k: int):
-        """The chunks of job `index` as (R, k) tensors of `dtype`, in order. Each chunk's slot is
+    def rows(self, index: int, dtype: np.dtype, k: int):
+        """The chunks of job `index` as (R, k) arrays of `dtype`, in order. Each chunk's slot is
         released when the consumer asks for the next one, so it must not keep references to a chunk
         (the mapping goes away with the last one)."""
         for chunk in self.chunks(index):
             try:
-                yield chunk.view(dtype).view(-1, k)
+                yield chunk.view(dtype).reshape(-1, k)
             finally:
                 del chunk
                 self._slots.release()

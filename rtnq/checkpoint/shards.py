@@ -57,7 +57,8 @@ class ShardedOutput:
             if fname in self.skipped:
                 continue
             # ShardWriter opens with "wb": a partial file of the interrupted run is truncated, not patched.
-            writer = ShardWriter(self.tmp / fname, entries, self._metadata, writeback=self.behind.writeback)
+            writer = ShardWriter(self.tmp / fname, entries, self._metadata, writeback=self.behind.writeback,
+                                 digest=self.journal is not None)
             self._writers.append(writer)
             yield fname, writer
             self.behind.submit(writer.finish)
@@ -66,7 +67,7 @@ class ShardedOutput:
     def _synced(self, writer: ShardWriter, fname: str, notes: dict) -> None:
         writer.sync_close()
         if self.journal is not None:  # only now: a shard the journal lists is on disk whatever happens next
-            self.journal.record(fname, notes)
+            self.journal.record(fname, notes, writer.digest())
 
     def close_files(self) -> None:
         """Close every shard file without finishing it (after an error)."""

@@ -1,11 +1,13 @@
 """Source checkpoints: parse safetensors headers, validate them, and read one tensor at a time.
 
 Nothing here maps or holds a whole shard. `scan` reads only the headers. `Reader.read` reads one
-tensor with plain file I/O into a fresh buffer (verify, tests); `Reader.read_into` reads part of one
-into a caller's reused buffer; `Reader.map_range` maps just one chunk of a tensor for as long as it is
-in use, which is what conversion does, a few chunks at a time. Mapped pages count towards RSS until
-unmapped, so chunks are unmapped as soon as the quantizer or writer drops them: peak memory stays at
-a few chunks regardless of the model size. Pickle checkpoints (`.bin`, `.pt`) are refused, never loaded.
+tensor with plain file I/O into a fresh torch tensor (verify, tests); `Reader.read_into` reads part of
+one into a caller's reused buffer; `Reader.map_array` maps just one chunk of a tensor for as long as it
+is in use, which is what conversion does, a few chunks at a time (numpy: conversion runs without torch;
+`map_range` is the same as a torch tensor); torch is imported only by the methods that return tensors.
+Mapped pages count towards RSS until unmapped, so chunks are unmapped as soon as the quantizer or
+writer drops them: peak memory stays at a few chunks regardless of the model size. Pickle checkpoints
+(`.bin`, `.pt`) are refused, never loaded.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from rtnq import dtypes
 from rtnq.checkpoint import jsonfile
@@ -47,7 +49,8 @@ class TensorSpec:
     nbytes: int
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self):
+        """The torch.dtype (imports torch)."""
         return dtypes.BY_ST[self.dtype].torch
 
     @property
@@ -256,23 +259,32 @@ class Reader:
         self._files: dict[str, object] = {}
         self._lock = threading.Lock()
 
-    def read_bytes(self, spec: TensorSpec) -> torch.Tensor:
-        """The tensor's raw bytes as a fresh uint8 tensor."""
+    def read_bytes(self, spec: TensorSpec):
+        """The tensor's raw bytes as a fresh uint8 torch tensor."""
+        import torch
+
         buf = torch.empty(spec.nbytes, dtype=torch.uint8)
         self.read_into(spec, buf)
         return buf
 
-    def read_into(self, spec: TensorSpec, buf: torch.Tensor, start: int = 0) -> None:
-        """Fill `buf` (contiguous uint8) with the tensor's bytes [start, start + len(buf)).
+    def read_array(self, spec: TensorSpec) -> np.ndarray:
+        """The tensor's raw bytes as a fresh uint8 numpy array."""
+        buf = np.empty(spec.nbytes, dtype=np.uint8)
+        self.read_into(spec, buf)
+        return buf
+
+    def read_into(self, spec: TensorSpec, buf, start: int = 0) -> None:
+        """Fill `buf` (contiguous uint8, a numpy array or torch tensor) with the tensor's bytes
+        [start, start + len(buf)).
 
         Plain preadv into the caller's buffer: no mapping, no fresh allocation, safe to call from
         another thread than the one that opened the file (the GIL is released while reading).
         """
-        nbytes = buf.numel()
+        view = memoryview(buf if isinstance(buf, np.ndarray) else buf.numpy())
+        nbytes = view.nbytes
         if start < 0 or start + nbytes > spec.nbytes:
             raise ValueError(f"{spec.name}: bytes [{start}, {start + nbytes}) outside its {spec.nbytes}")
         f = self._file(spec.shard)
-        view = memoryview(buf.numpy())
         got = 0
         while got < nbytes:
             n = os.preadv(f.fileno(), [view[got:]], spec.offset + start + got)
@@ -280,17 +292,17 @@ class Reader:
                 raise CheckpointError(f"{spec.shard}: file ended while reading tensor {spec.name}; it is truncated")
             got += n
 
-    def map_range(self, spec: TensorSpec, start: int, nbytes: int) -> torch.Tensor:
-        """Bytes [start, start + nbytes) of a tensor as uint8, mapped from the page cache (no copy).
+    def map_array(self, spec: TensorSpec, start: int, nbytes: int) -> np.ndarray:
+        """Bytes [start, start + nbytes) of a tensor as a uint8 array, mapped from the page cache (no copy).
 
         Only that range is mapped (from the page boundary below it), private and pre-faulted here
         (MADV_POPULATE_READ) so whoever reads it takes no page faults; it is unmapped when the
-        returned tensor and its views are gone, so the mapped bytes count towards RSS only while
+        returned array and its views are gone, so the mapped bytes count towards RSS only while
         they are in use: a few chunks, never a shard. The range is checked against the file's
         current size first (touching a mapping past the end of a file is a crash, not an error).
         """
         if nbytes == 0:
-            return torch.empty(0, dtype=torch.uint8)
+            return np.empty(0, dtype=np.uint8)
         f = self._file(spec.shard)
         pos = spec.offset + start
         if start < 0 or start + nbytes > spec.nbytes or pos + nbytes > os.fstat(f.fileno()).st_size:
@@ -299,9 +311,15 @@ class Reader:
             os.posix_fadvise(f.fileno(), pos, nbytes, os.POSIX_FADV_WILLNEED)
         base = pos - pos % mmap.ALLOCATIONGRANULARITY
         mm = mmap.mmap(f.fileno(), pos + nbytes - base, access=mmap.ACCESS_COPY, offset=base)
-        t = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=pos - base)
-        _populate(t.data_ptr() - (pos - base), pos + nbytes - base)
-        return t
+        a = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=pos - base)
+        _populate(a.__array_interface__["data"][0] - (pos - base), pos + nbytes - base)
+        return a
+
+    def map_range(self, spec: TensorSpec, start: int, nbytes: int):
+        """`map_array` as a uint8 torch tensor (the same mapping, no copy)."""
+        import torch
+
+        return torch.from_numpy(self.map_array(spec, start, nbytes))
 
     def _file(self, shard: str):
         with self._lock:
@@ -318,8 +336,8 @@ class Reader:
         if f is not None:
             f.close()
 
-    def read(self, spec: TensorSpec) -> torch.Tensor:
-        """The tensor with its dtype and shape."""
+    def read(self, spec: TensorSpec):
+        """The tensor with its dtype and shape (a torch tensor)."""
         return self.read_bytes(spec).view(spec.torch_dtype).reshape(spec.shape)
 
     def close(self) -> None:

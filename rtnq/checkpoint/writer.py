@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import hashlib
 import json
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from rtnq.errors import OutputError
 from rtnq import dtypes
+from rtnq.numerics import buffers
 
 HEADER_ALIGN = 8
 WRITEBACK_BYTES = 32 * 1024 * 1024  # eager writeback: start the disk after this many new bytes
@@ -83,10 +85,14 @@ class ShardWriter:
     """
 
     def __init__(self, path: Path, entries: list[Entry], metadata: dict[str, str] | None = None, *,
-                 writeback: Callable[[int, int, int], None] | None = None):
+                 writeback: Callable[[int, int, int], None] | None = None, digest: bool = False):
         self.path = Path(path)
         self.entries = entries
         head = header_bytes(entries, metadata)
+        # digest: hash every tensor's bytes as they are written (parts arrive in order), so the journal gets the
+        # file's `parts_digest` without reading the file back from the disk after its fsync.
+        self._hashes = {e.name: hashlib.sha256() for e in entries} if digest else None
+        self._head_hash = hashlib.sha256(head).hexdigest() if digest else None
         self._by_name = {e.name: e for e in entries}
         self._where: dict[str, tuple[int, int]] = {}  # name -> (file offset, nbytes)
         offset = len(head)
@@ -104,16 +110,17 @@ class ShardWriter:
         except OSError as e:
             raise_os(self.path, e)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write a planned tensor whole; its name, dtype and shape must match the plan."""
+    def write(self, name: str, tensor) -> None:
+        """Write a planned tensor whole (a torch tensor, or a numpy array of the dtype's storage type,
+        dtypes.DType.numpy); its name, dtype and shape must match the plan."""
         e = self._entry(name)
-        got = (name, dtypes.st_of_torch(tensor.dtype), tuple(tensor.shape))
-        if got != (e.name, e.dtype, e.shape):
+        if not buffers.holds(tensor, e.dtype) or tuple(tensor.shape) != e.shape:
+            got = (name, buffers.dtype_of(tensor), tuple(tensor.shape))
             raise ValueError(f"{self.path.name}: expected {e.name} {e.dtype} {list(e.shape)}, got {got}")
-        self.write_part(name, tensor.contiguous().view(torch.uint8).reshape(-1), whole=True)
+        self.write_part(name, buffers.raw_bytes(tensor), whole=True)
 
-    def write_part(self, name: str, data: torch.Tensor, *, whole: bool = False) -> None:
-        """Append raw bytes (uint8) to tensor `name`, right after its bytes written so far.
+    def write_part(self, name: str, data, *, whole: bool = False) -> None:
+        """Append raw bytes (a uint8 array or tensor) to tensor `name`, right after its bytes written so far.
 
         Lets a large passthrough tensor stream through in chunks; whole=True requires `data` to be
         the entire tensor. A zero-length part of a zero-size tensor completes it.
@@ -121,15 +128,23 @@ class ShardWriter:
         self._entry(name)
         start, nbytes = self._where[name]
         done = self._written.get(name, 0)
-        n = data.numel()
+        data = buffers.raw_bytes(data)
+        n = data.size
         if (whole and (done or n != nbytes)) or done + n > nbytes or (done == nbytes and nbytes):
             raise ValueError(f"{self.path.name}: {name} needs {nbytes} bytes, got {done} + {n}")
         pos = start + done
         try:
             if n:
-                if pos != self._pos:
-                    self._f.seek(pos)
-                self._f.write(memoryview(data.numpy()))
+                # the hash runs on another thread while this one writes (both release the GIL): the write
+                # often waits for the disk, and hashing after it would add its time to every piece's
+                hashed = _hasher().submit(self._hashes[name].update, data) if self._hashes is not None else None
+                try:
+                    if pos != self._pos:
+                        self._f.seek(pos)
+                    self._f.write(memoryview(data))
+                finally:
+                    if hashed is not None:
+                        hashed.result()
                 self._pos = pos + n
                 if self._writeback is not None:
                     self._unkicked += n
@@ -152,6 +167,10 @@ class ShardWriter:
         self._f.flush()
         self._writeback(self._f.fileno(), 0, self._end)
         self._unkicked = 0
+
+    def digest(self) -> str:
+        """`parts_digest` of the finished file, from the bytes as written (needs digest=True)."""
+        return combine(self._head_hash, [self._hashes[e.name].hexdigest() for e in self.entries])
 
     def close(self, sync: bool = True) -> None:
         """Finish the file; every planned tensor must have been written."""
@@ -186,6 +205,19 @@ class ShardWriter:
     def abort(self) -> None:
         with contextlib.suppress(OSError):
             self._f.close()
+
+
+@functools.cache
+def _hasher() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="rtnq-hash")
+
+
+def combine(header: str, tensors: list[str]) -> str:
+    """A safetensors file's `parts_digest`: sha256 of the sha256 of its header (length prefix and JSON) and of
+    each tensor's bytes, in file order. Any changed byte changes it, like a sha256 of the whole file, but it
+    can be computed while the tensors are written in any order (rtnq.checkpoint.journal.parts_digest reads
+    it back from a file)."""
+    return hashlib.sha256("".join([header, *tensors]).encode()).hexdigest()
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:

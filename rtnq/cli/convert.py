@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Optional
 
 import typer
@@ -51,6 +52,10 @@ def convert(
 ) -> None:
     """Quantize SRC with round-to-nearest into Marlin-packed INT4/INT8 and write OUT with a manifest."""
     degrees = parse_tp(tp)  # a usage error before torch is imported
+    # convert never multiplies matrices with numpy, whose OpenBLAS otherwise starts a thread per CPU when numpy
+    # is imported: 0.1 s of start-up on a 2-CPU machine (issue 15). Only here: eval's torch may use OpenBLAS
+    # (aarch64 wheels), and a process-wide setting would make its matmuls single-threaded. A user's setting wins.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from rtnq.commands import convert as conv
 
     options = conv.ConvertOptions(

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from rtnq.errors import ShapeError
 from rtnq.numerics.shape_rule import padded
 from rtnq.params import effective_group
 
@@ -73,9 +74,27 @@ class Format:
             shapes = [("I32", (n, k // pf)), (sdt, (n, k // g)), ("I64", (2,))]
         return [(f"{prefix}.{role}", dt, s) for role, (dt, s) in zip(self.roles, shapes)]
 
-    def constants(self, shape: tuple[int, ...], bits: int, group_size: int) -> list[torch.Tensor]:
-        """The outputs after codes and scales, which depend only on the shape: GPTQ's qzeros and g_idx,
-        compressed-tensors' weight_shape."""
+    def constants(self, shape: tuple[int, ...], bits: int, group_size: int) -> list:
+        """The outputs after codes and scales, which depend only on the shape, as numpy arrays (conversion
+        writes them without torch): GPTQ's qzeros and g_idx, compressed-tensors' weight_shape. The same
+        values as the torch reference's (kpack.qzeros, kpack.g_idx; `reference`)."""
+        import numpy as np
+
+        n, k = shape[-2:]
+        g = effective_group(k, group_size)
+        if self.name == "gptq":
+            pf = 32 // bits
+            if n % pf:
+                raise ShapeError(f"n={n} is not a multiple of {pf} ({bits}-bit zeros per int32 word)")
+            field = (1 << (bits - 1)) - 1  # v1 zero points: bias - 1 in every field (kpack.qzeros)
+            word = sum(field << (bits * s) for s in range(pf))  # 0x77777777 / 0x7F7F7F7F, both < 2^31
+            return [np.full((k // g, n // pf), word, dtype=np.int32), np.arange(k, dtype=np.int32) // g]
+        if self.name == "compressed-tensors":
+            return [np.array([n, k], dtype=np.int64)]
+        return []
+
+    def reference_constants(self, shape: tuple[int, ...], bits: int, group_size: int) -> list[torch.Tensor]:
+        """`constants` by the torch reference (kpack), as tensors."""
         import torch
 
         from rtnq.numerics import kpack
@@ -99,7 +118,7 @@ class Format:
             packed = [kpack.pack_cols(codes, bits), scales_ng.t().contiguous()]
         else:
             packed = [kpack.pack_rows(codes, bits), scales_ng.contiguous()]
-        return packed + self.constants(tuple(codes.shape), bits, group_size)
+        return packed + self.reference_constants(tuple(codes.shape), bits, group_size)
 
     def unpack(self, packed: torch.Tensor, scales: torch.Tensor, bits: int, n: int, k: int):
         """The packed codes and scales outputs of a logical (n, k) weight -> (codes uint8 (..., n, k),

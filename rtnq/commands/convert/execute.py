@@ -4,8 +4,12 @@ Never prints: progress goes to a callback. Reading, quantizing and writing overl
 (rtnq.checkpoint.pipeline): the next chunk is read while this one is quantized and the previous tensor
 is written; memory is a few chunks plus two quantized tensors' outputs, whatever the number of layers.
 
-    source chunk (mapped) -> rows in the 16-bit dtype -> numerics.fused.quantize_rows -> codes + scales
+    source chunk (mapped) -> rows in the 16-bit dtype -> numerics.cpu.quantize_rows -> codes + scales
     in the format's layout -> ShardWriter at the planned offset -> fsync -> rename
+
+Torch-free: chunks and outputs are numpy arrays (bf16 as uint16 bit patterns) around the C kernel
+(rtnq.numerics.cpu). Torch is imported only where its reference quantizer stands in for the kernel:
+the library is not built, RTNQ_FASTPATH=0, or --scale mse (rtnq.numerics.fused.torch_tile).
 
 An FP8 source weight (rtnq.checkpoint.fp8) is dequantized on the reader thread, a run of whole rows at a
 time, so the main thread gets the same 16-bit rows as from a 16-bit source, and an FP8 weight that
@@ -21,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-import torch
+import numpy as np
 
 from rtnq import dtypes
 from rtnq.checkpoint import fp8, pipeline
@@ -34,10 +38,11 @@ from rtnq.commands.convert import resume
 from rtnq.commands.convert.outputs import build_manifest, write_config
 from rtnq.commands.convert.plan import ConvertPlan, Item
 from rtnq.errors import InvalidWeightError
-from rtnq.numerics import fused, rtn
+from rtnq.numerics import cpu, halfcast
 
 CHUNK_BYTES = 8 * 1024 * 1024  # one read: large enough for few syscalls, small enough to stay in cache
-IN_FLIGHT = 8  # chunks mapped at once: read ahead of the quantizer, passthrough ones being written
+IN_FLIGHT = 4  # chunks mapped at once: read ahead of the quantizer, passthrough ones being written (each
+# counts towards RSS while mapped: 4 keep the peak under 128 MiB, issue 15, at no measurable cost in time)
 OUT_BUFFERS = 2  # quantized tensors in flight: one being filled, one being written
 
 
@@ -58,57 +63,59 @@ class ConvertResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _raise_if_cast_overflow(chunk: torch.Tensor, qdt: torch.dtype, name: str) -> None:
-    """A finite fp32 weight beyond the 16-bit type's range becomes inf in the cast: say that, not "NaN or
-    Inf in the source" (which would send the user looking for a corruption that is not there)."""
-    if chunk.dtype == qdt or not torch.isfinite(chunk).all():
-        return
-    big = chunk.abs().max().item()
-    raise InvalidWeightError(f"{name}: a {chunk.dtype} value of magnitude {big:.4g} overflows {qdt} (largest "
-                             f"{torch.finfo(qdt).max:.4g}), the dtype it is quantized in; "
-                             + ("use --dtype bf16 or " if qdt == torch.float16 else "") + "--skip it")
+def _tile(scale: str):
+    """The chunk kernel: None for the C library, else the torch reference (imports torch)."""
+    if scale == "absmax" and cpu.library() is not None:
+        return None
+    from rtnq.numerics import fused
+
+    return fused.torch_tile(scale)
 
 
 def quantize_item(
     item: Item,
-    w: torch.Tensor | Iterable[torch.Tensor],
-    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    w: np.ndarray | Iterable[np.ndarray],
+    out: tuple[np.ndarray, np.ndarray] | None = None,
     layout: str = "marlin",
     scale: str = "absmax",
-) -> tuple[torch.Tensor, torch.Tensor, float]:
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Source weight -> (packed codes, scales, relative error of the dequantized weight) in `layout`.
 
     w: the whole weight, or its rows in order as (R, k) chunks (R a multiple of 64, within one
-    expert of a 3-D weight), in the source dtype; each chunk is cast to the item's 16-bit dtype.
-    out: preallocated (codes, scales) with the planned shapes, filled in place.
+    expert of a 3-D weight), numpy arrays in the source dtype's storage (dtypes.DType.numpy; an FP8
+    weight's chunks come dense in the item's 16-bit dtype); each chunk is cast to that 16-bit dtype.
+    out: preallocated (codes int32, scales) with the planned shapes, filled in place.
     Same bytes as the format's reference packing of rtn.quantize(w16, ...); the error is rtn.relative_error's.
     """
     d, spec = item.decision, item.spec
-    qdt = item.quant_dtype.torch
+    qst = item.quant_dtype.st
+    src = qst if item.fp8 else spec.dtype
     *lead, n, k = spec.shape
     experts = lead[0] if lead else 1
-    if isinstance(w, torch.Tensor):
+    if isinstance(w, np.ndarray):
         w = list(w.reshape(experts, n, k))
     if out is None:
-        out = (torch.empty(item.outputs[0].shape, dtype=torch.int32), torch.empty(item.outputs[1].shape, dtype=qdt))
+        out = (np.empty(item.outputs[0].shape, dtype=np.int32), np.empty(item.outputs[1].shape,
+                                                                           dtype=item.quant_dtype.numpy))
     qweight, scales = out
-    q3 = qweight.view(experts, *qweight.shape[-2:])
-    s3 = scales.view(experts, *scales.shape[-2:])
+    q3 = qweight.reshape(experts, *qweight.shape[-2:])
+    s3 = scales.reshape(experts, *scales.shape[-2:])
+    tile = _tile(scale)
     sums = [0.0, 0.0]
     done = 0  # rows of the (experts * n, k) weight quantized so far
     for chunk in w:
         e, row0 = divmod(done, n)
         try:
-            fused.quantize_rows(chunk.to(qdt), row0, q3[e], s3[e], d.bits, d.group_size, sums, name=spec.name,
-                                layout=layout, scale=scale)
+            cpu.quantize_rows(halfcast.cast(chunk, src, qst), row0, q3[e], s3[e], d.bits, d.group_size, sums,
+                              name=spec.name, layout=layout, tile=tile)
         except InvalidWeightError:
-            _raise_if_cast_overflow(chunk, qdt, spec.name)
+            halfcast.raise_if_cast_overflow(chunk, src, qst, spec.name)
             raise
         done += chunk.shape[0]
     if done != experts * n:
         raise ValueError(f"{spec.name}: got {done} rows, expected {experts * n}")
-    rtn.check_scales(scales, spec.name)  # the C kernel writes an overflowed scale as inf: refuse it here
-    return qweight, scales, fused.relative_error(sums)
+    cpu.check_scales(scales, spec.name)  # the C kernel writes an overflowed scale as inf: refuse it here
+    return qweight, scales, cpu.relative_error(sums)
 
 
 def chunk_ranges(item: Item) -> list[tuple[int, int]]:
@@ -127,7 +134,7 @@ def chunk_ranges(item: Item) -> list[tuple[int, int]]:
     *lead, n, k = spec.shape
     row_bytes = k * dtypes.BY_ST[spec.dtype].itemsize
     dense_row = k * item.quant_dtype.itemsize if item.fp8 else row_bytes  # what a chunk holds in memory
-    rows = max(fused.ROW_ALIGN, CHUNK_BYTES // dense_row // fused.ROW_ALIGN * fused.ROW_ALIGN)
+    rows = max(cpu.ROW_ALIGN, CHUNK_BYTES // dense_row // cpu.ROW_ALIGN * cpu.ROW_ALIGN)
     return [((e * n + r) * row_bytes, min(rows, n - r) * row_bytes)
             for e in range(lead[0] if lead else 1) for r in range(0, n, rows)]
 
@@ -168,8 +175,8 @@ def run(plan: ConvertPlan, progress: Callable[[Progress], None] | None = None) -
                                                     journal=journal) as so, \
             contextlib.ExitStack() as staging:
         # The reader thread starts once the output directory exists, and is joined on any failure.
-        dense = fp8.DenseFetch(reader, fp8.dense_dtype(plan.options.dtype).torch)
-        jobs = [(functools.partial(dense, item.fp8) if item.fp8 else functools.partial(reader.map_range, item.spec),
+        dense = fp8.DenseFetch(reader, fp8.dense_dtype(plan.options.dtype).st)
+        jobs = [(functools.partial(dense, item.fp8) if item.fp8 else functools.partial(reader.map_array, item.spec),
                  chunk_ranges(item)) for item in order]
         # A hub source's shards are downloaded as the reader reaches them and deleted after their last read;
         # `order` holds no item of a shard completed before --resume, so its source is not downloaded again.
@@ -188,10 +195,10 @@ def run(plan: ConvertPlan, progress: Callable[[Progress], None] | None = None) -
             for item in by_shard[fname]:
                 if item.quantized:
                     q_entry, s_entry, *const_entries = item.outputs
-                    buf, out = out_pool.get_tensors([(q_entry.shape, torch.int32, q_entry.nbytes),
-                                                     (s_entry.shape, item.quant_dtype.torch, s_entry.nbytes)])
+                    buf, out = out_pool.get_arrays([(q_entry.shape, np.int32, q_entry.nbytes),
+                                                    (s_entry.shape, item.quant_dtype.numpy, s_entry.nbytes)])
                     # an FP8 weight's chunks arrive dense, in the dtype it is quantized in
-                    rows = prefetch.rows(index, item.quant_dtype.torch if item.fp8 else item.spec.torch_dtype,
+                    rows = prefetch.rows(index, (item.quant_dtype if item.fp8 else dtypes.BY_ST[item.spec.dtype]).numpy,
                                          item.spec.shape[-1])
                     qweight, scales, errors[item.spec.name] = quantize_item(item, rows, out, fmt.layout,
                                                                             plan.options.scale)

@@ -222,9 +222,9 @@ def _make_plan(src_dir: Path, out_dir: Path, options: ConvertOptions, fmt: forma
     small = layout.small_files(src_dir)
     check_readable(src_dir, small)
     if not options.dry_run:
-        from rtnq.numerics import fused  # imports torch: only when the plan will run
+        from rtnq.numerics import cpu  # loads the C library: only when the plan will run
 
-        slow = fused.problem()
+        slow = cpu.problem()
         if slow:
             warnings.append(slow)  # not in the manifest: it is about this machine, not the output
     return ConvertPlan(src_dir, out_dir, options, fmt, items, list(shards.items()), selection,
