@@ -27,7 +27,9 @@ For the chosen model the script
   4. writes model.safetensors + config.json + tokenizer files to OUT (via OUT.tmp, renamed when
      complete, so an interrupted run never leaves a directory that looks finished),
   5. checks the result: architecture and shapes, whether the tokenizer adds BOS, and the float32
-     perplexity of the first --tokens tokens of --text in non-overlapping windows of --window.
+     perplexity of --text over the windows `rtnq eval --tokens N --window W` scores (N // W windows of
+     W tokens, each starting with the tokenizer's BOS if it adds one), so that with eval's --tokens and
+     --window it cross-checks eval's source perplexity.
 
 Results go to stdout as `key: value` lines (out, sha256 of model.safetensors, config facts,
 perplexity); progress goes to stderr. Re-running with OUT complete skips steps 1-4.
@@ -236,26 +238,36 @@ def build(model: str, spec: dict, out: Path) -> None:
 
 
 def perplexity(out: Path, text: Path, n_tokens: int, window: int) -> dict:
-    """Plain float32 forward over non-overlapping windows; each window scores window-1 positions."""
+    """Plain float32 forward over the windows `rtnq eval` scores; each window scores window-1 positions.
+
+    Those windows are the first n_tokens // window rows of `window` tokens, each the tokenizer's special
+    prefix (a BOS, when it adds one: Gemma does, SmolLM2 does not) followed by the next text tokens, so
+    with the same --tokens/--window this perplexity equals eval's source perplexity. A model that
+    expects a BOS (Gemma) reads a window without one badly.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(out))
-    ids = tok(text.read_text(), return_tensors="pt").input_ids[0][:n_tokens]
+    plain = tok("a", add_special_tokens=False).input_ids
+    full = tok("a").input_ids
+    prefix = next((full[:i] for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), [])
+    body = window - len(prefix)
+    ids = tok(text.read_text(), add_special_tokens=False).input_ids
+    rows = [prefix + ids[i * body:(i + 1) * body] for i in range(min(n_tokens // window, len(ids) // body))]
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     model.eval()
     nll, count = 0.0, 0
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for start in range(0, len(ids) - 1, window):
-            chunk = ids[start : start + window].unsqueeze(0)
-            if chunk.shape[1] < 2:
-                break
+        for row in rows:
+            chunk = torch.tensor([row])
             logits = model(chunk).logits[0, :-1].float()
             nll += torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum").item()
             count += chunk.shape[1] - 1
     seconds = time.perf_counter() - t0
-    return {"tokens": len(ids), "positions": count, "perplexity": math.exp(nll / count), "seconds": seconds}
+    return {"tokens": len(rows) * window, "windows": len(rows), "prefix": prefix, "positions": count,
+            "perplexity": math.exp(nll / count), "seconds": seconds}
 
 
 def check(spec: dict, out: Path, args: argparse.Namespace) -> None:
@@ -279,10 +291,11 @@ def check(spec: dict, out: Path, args: argparse.Namespace) -> None:
     print(f"tokenizer_adds_bos: {adds_bos} ('Hello world' -> {probe})")
 
     if args.text.exists():
-        log(f"perplexity of the first {args.tokens} tokens of {args.text}, float32, windows of {args.window}")
+        log(f"perplexity of {args.text}: {args.tokens} // {args.window} windows of {args.window} tokens, float32")
         r = perplexity(out, args.text, args.tokens, args.window)
         print(f"perplexity: {r['perplexity']:.3f} over {r['positions']} positions "
-              f"({r['tokens']} tokens of {args.text}, windows of {args.window}, float32)")
+              f"({r['windows']} windows of {args.window} tokens of {args.text}, each starting with "
+              f"{r['prefix'] or 'no special token'}, float32)")
         print(f"perplexity_seconds: {r['seconds']:.2f}")
     else:
         log(f"skipping perplexity: {args.text} not found")
