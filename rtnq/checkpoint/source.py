@@ -187,6 +187,11 @@ def _spec(path: Path, name: str, info, start: int, data_size: int) -> TensorSpec
 
 def scan_shard(path: Path) -> list[TensorSpec]:
     """Specs of every tensor in one shard, in file order; validates dtypes, shapes and offsets."""
+    return scan_shard_metadata(path)[0]
+
+
+def scan_shard_metadata(path: Path) -> tuple[list[TensorSpec], dict[str, str] | None]:
+    """`scan_shard`, and the header's `__metadata__` (None when it has none), from one read of the header."""
     header, start, size = _parse_header(path)
     meta = header.get("__metadata__")
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
@@ -208,7 +213,7 @@ def scan_shard(path: Path) -> list[TensorSpec]:
     if pos != size:
         raise CheckpointError(f"{path.name}: {size - pos} byte(s) after the last tensor belong to no tensor "
                               "(safetensors refuses such files); the file is corrupt or was appended to")
-    return specs
+    return specs, meta
 
 
 def scan(src: str | Path) -> list[TensorSpec]:

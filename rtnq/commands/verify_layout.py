@@ -19,14 +19,13 @@ marlin config and the shard metadata), the same contract as the bytes.
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from rtnq import dtypes, formats, params
 from rtnq.checkpoint import jsonfile, layout
 from rtnq.checkpoint import manifest as mf
-from rtnq.checkpoint.source import TensorSpec, scan_shard
+from rtnq.checkpoint.source import TensorSpec, scan_shard_metadata
 from rtnq.errors import CheckpointError
 from rtnq.numerics import shape_rule
 from rtnq.selection import names
@@ -64,31 +63,20 @@ def read_output(out_dir: Path) -> Output:
     refuses such a directory as a source (rtnq.checkpoint.source.scan). The same holds for a name listed
     twice in the index (jsonfile refuses the repeated key) or twice in one shard's header.
     """
-    index = None
-    if (out_dir / layout.INDEX_NAME).is_file():
-        index = jsonfile.read_object(out_dir / layout.INDEX_NAME)
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointError(f"{out_dir / layout.INDEX_NAME}: not a valid safetensors index "
-                                  "(needs a 'weight_map' object of shard names)")
+    shards = layout.shard_files(out_dir)  # validates the index's weight_map (layout.index_map)
+    index_path = out_dir / layout.INDEX_NAME
+    index = jsonfile.read_object(index_path) if index_path.is_file() else None  # its metadata too
     specs: dict[str, TensorSpec] = {}
     metadata: dict[str, object] = {}
-    for shard in layout.shard_files(out_dir):
-        shard_specs = scan_shard(out_dir / shard)  # sizes and offsets validated before the header is re-read
-        metadata[shard] = _header(out_dir / shard).get("__metadata__")
+    for shard in shards:
+        # one header read: jsonfile refuses a tensor named twice in it, scan its sizes and offsets
+        shard_specs, metadata[shard] = scan_shard_metadata(out_dir / shard)
         for s in shard_specs:
             if s.name in specs:
                 raise CheckpointError(f"{out_dir}: tensor {s.name} is stored in both {specs[s.name].shard} and "
                                       f"{shard}; an engine would load either copy, so the output is not loadable")
             specs[s.name] = s
     return Output(specs, index, metadata)
-
-
-def _header(path: Path) -> dict:
-    """A shard's JSON header through the validating reader (a tensor named twice in it is refused)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return jsonfile.loads(f.read(n), f"{path.name}'s safetensors header")
 
 
 def expected_outputs(name: str, entry: mf.TensorEntry, src: TensorSpec, fmt: formats.Format,
