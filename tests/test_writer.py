@@ -31,9 +31,10 @@ def test_shard_writer_takes_tensors_in_any_order_and_in_parts(tmp_path):
 
 
 def test_the_digest_computed_while_writing_is_the_files(tmp_path):
-    """The journal records the writer's parts_digest (no read-back); --resume recomputes it from the file, and
-    any changed byte (header or data) changes it."""
+    """The journal records the writer's parts_crc32 (no read-back); --resume recomputes it from the file, and
+    any changed byte (header or data) changes it. Older journals' sha256 kinds are still checked."""
     import hashlib
+    import zlib
 
     import numpy as np
 
@@ -52,18 +53,27 @@ def test_the_digest_computed_while_writing_is_the_files(tmp_path):
     raw = path.read_bytes()
     head = 8 + int.from_bytes(raw[:8], "little")
     parts = [raw[:head], raw[head : head + 5], raw[head + 5 : head + 17], b"", raw[head + 17 :]]
-    want = hashlib.sha256("".join(hashlib.sha256(p).hexdigest() for p in parts).encode()).hexdigest()
+
+    def combined(part_hex):
+        return hashlib.sha256("".join(part_hex(p) for p in parts).encode()).hexdigest()
+
+    want = combined(lambda p: f"{zlib.crc32(p):08x}")
     assert w.digest() == journal.parts_digest(path) == want
-    entry = {"file": path.name, "size": len(raw), "parts_digest": want}
-    assert journal.check(entry, tmp_path) is None
+    sha_parts = combined(lambda p: hashlib.sha256(p).hexdigest())
+    assert journal.parts_digest(path, "parts_digest") == sha_parts != want
+    entries_ = [{"file": path.name, "size": len(raw), "parts_crc32": want},
+                {"file": path.name, "size": len(raw), "parts_digest": sha_parts},  # older journals'
+                {"file": path.name, "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}]
+    for entry in entries_:
+        assert journal.check(entry, tmp_path) is None, entry
     for at in (20, head + 3, len(raw) - 1):  # a header byte, a tensor byte, the last byte
         bad = bytearray(raw)
         bad[at] ^= 1
         path.write_bytes(bytes(bad))
-        assert journal.check(entry, tmp_path) == "content differs", at
+        for entry in entries_:
+            assert journal.check(entry, tmp_path) == "content differs", (at, entry)
     path.write_bytes(raw)
-    old = {"file": path.name, "size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}  # an older journal's
-    assert journal.check(old, tmp_path) is None
+    assert all(journal.check(entry, tmp_path) is None for entry in entries_)
 
 
 def test_a_numpy_array_of_the_wrong_type_is_refused(tmp_path):

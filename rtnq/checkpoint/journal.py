@@ -6,14 +6,15 @@ A run killed where no handler runs (SIGKILL, power loss, the OOM killer) leaves 
     {"journal": 1,
      "fingerprint": "<sha256 of the canonical JSON of plan>",
      "plan": {...},                      # what the output depends on (rtnq.commands.convert.resume)
-     "shards": [{"file": "model-00001-of-00003.safetensors", "size": 123, "parts_digest": "<of its bytes>",
+     "shards": [{"file": "model-00001-of-00003.safetensors", "size": 123, "parts_crc32": "<of its bytes>",
                  ...notes, e.g. "errors": {tensor: the manifest's error}}, ...]}   # in completion order
 
-`parts_digest` (rtnq.checkpoint.writer.combine) is a sha256 of the sha256 of the shard's header and of each
+`parts_crc32` (rtnq.checkpoint.writer.combine) is a sha256 of the CRC-32s of the shard's header and of each
 tensor's bytes: the writer computes it as it writes, in whatever order the tensors come, so recording a
 shard reads nothing back from the disk (issue 15: re-reading and hashing every shard cost a quarter of a
-conversion's CPU). `--resume` recomputes it from the file (`parts_digest`). Entries with a plain "sha256"
-of the whole file (journals written before) are checked as such.
+conversion's CPU; writer.Crc32 says why CRC-32 is enough). `--resume` recomputes it from the file
+(`parts_digest`). Entries of older journals, with sha256 parts ("parts_digest") or a plain "sha256" of the
+whole file, are checked as such.
 
 A shard is recorded only after it was finished and fsynced, from the fsync thread, so a recorded shard
 is on disk whatever happens next; the journal itself is replaced atomically (temporary name, fsync,
@@ -35,7 +36,7 @@ import threading
 from pathlib import Path
 
 from rtnq.checkpoint import jsonfile
-from rtnq.checkpoint.writer import combine, raise_os, start_writeback
+from rtnq.checkpoint.writer import DIGEST_KEY, PART_HASHES, combine, raise_os, start_writeback
 from rtnq.errors import CheckpointError, UsageError
 
 JOURNAL_NAME = "rtnq_journal.json"
@@ -92,11 +93,11 @@ class Journal:
 
     def record(self, fname: str, notes: dict, digest: str | None = None) -> None:
         """Shard `fname` is finished and fsynced: add it (called on the fsync thread, in completion order).
-        digest: its parts_digest as the writer computed it; None: computed from the file."""
+        digest: its DIGEST_KEY digest as the writer computed it; None: computed from the file."""
         path = self.directory / fname
         try:
             entry = {"file": fname, "size": path.stat().st_size,
-                     "parts_digest": digest if digest is not None else parts_digest(path), **notes}
+                     DIGEST_KEY: digest if digest is not None else parts_digest(path), **notes}
         except OSError as e:
             raise_os(path, e)
         with self._lock:
@@ -138,7 +139,7 @@ def load(tmp: Path) -> Journal:
         raise UsageError(bad)
     for e in shards:
         if not (isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("size"), int)
-                and (isinstance(e.get("parts_digest"), str) or isinstance(e.get("sha256"), str))):
+                and any(isinstance(e.get(key), str) for key in (*PART_HASHES, "sha256"))):
             raise UsageError(bad)
     j = Journal(data["plan"], shards, Path(tmp))
     if j.fingerprint != data.get("fingerprint"):  # the plan record was edited or damaged
@@ -154,8 +155,9 @@ def check(entry: dict, directory: Path) -> str | None:
             return "missing"
         if path.stat().st_size != entry["size"]:
             return "size differs"
-        if ("parts_digest" in entry and parts_digest(path) != entry["parts_digest"]) \
-                or ("parts_digest" not in entry and file_sha256(path) != entry["sha256"]):
+        key = next((k for k in PART_HASHES if isinstance(entry.get(k), str)), None)
+        if (key is not None and parts_digest(path, key) != entry[key]) \
+                or (key is None and file_sha256(path) != entry["sha256"]):
             return "content differs"
     except OSError as e:
         return f"unreadable ({e.strerror or e})"
@@ -164,17 +166,19 @@ def check(entry: dict, directory: Path) -> str | None:
     return None
 
 
-def parts_digest(path: Path) -> str:
-    """The parts_digest (writer.combine) of a safetensors file on disk, a chunk at a time; its pages are
-    dropped after, as in `file_sha256`. CheckpointError when its header is not a valid one."""
+def parts_digest(path: Path, key: str = DIGEST_KEY) -> str:
+    """The parts digest (writer.combine, with the part hash PART_HASHES[key]) of a safetensors file on disk, a
+    chunk at a time; its pages are dropped after, as in `file_sha256`. CheckpointError when its header is not
+    a valid one."""
     from rtnq.checkpoint.source import scan_shard
 
     specs = scan_shard(Path(path))  # file order; validated: the tensors cover the data exactly
     with open(path, "rb", buffering=0) as f:
         start = specs[0].offset if specs else os.fstat(f.fileno()).st_size
-        hashes = [hashlib.sha256(os.pread(f.fileno(), start, 0)).hexdigest()]
+        part_hash = PART_HASHES[key]
+        hashes = [part_hash(os.pread(f.fileno(), start, 0)).hexdigest()]
         for spec in specs:
-            h = hashlib.sha256()
+            h = part_hash()
             for at in range(spec.offset, spec.offset + spec.nbytes, _HASH_CHUNK):
                 h.update(os.pread(f.fileno(), min(_HASH_CHUNK, spec.offset + spec.nbytes - at), at))
             hashes.append(h.hexdigest())
