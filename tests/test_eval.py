@@ -257,3 +257,16 @@ def test_peak_rss_does_not_grow_with_depth(tmp_path):
     assert 14 * per_layer_fp32 > allowance
     assert big["peak_rss_bytes"] - small["peak_rss_bytes"] < allowance, (small["peak_rss_bytes"],
                                                                         big["peak_rss_bytes"])
+
+
+def test_what_if_budget_groups_equals_its_written_checkpoint(env, tmp_path):
+    """--budget-groups plans the same in eval's what-if mode as in convert (the scores read SRC alike)."""
+    root, src, text, outs = env
+    flags = ("--bits", "4", "--budget", "4.4", "--budget-groups", "--format", "compressed-tensors")
+    r = run("convert", src, tmp_path / "ct", *flags)
+    assert r.code == 0, r.err
+    m = json.loads((tmp_path / "ct" / "rtnq_manifest.json").read_text())
+    assert any(e.get("group_size") == 32 for e in m["tensors"].values())  # the groups were used
+    written = _ok(tmp_path / "ct", "--against", src, "--text", text, *FLAGS)
+    what_if = _ok(src, *flags, "--text", text, *FLAGS)
+    assert what_if["kl"] == pytest.approx(written["kl"], rel=1e-6) and written["kl"] > 0

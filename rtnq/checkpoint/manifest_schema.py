@@ -111,6 +111,7 @@ _TOP = {
         "budget": (_object({  # convert --budget; verify re-runs the choice from these
             "bits_per_weight": (_Rule("a number > 0", lambda v: _is_finite(v) and v > 0), True),
             "score": (_STR, True),
+            "groups": (_Rule("true or false", lambda v: isinstance(v, bool)), False),  # --budget-groups
             "before": (_NUMBER, False),
             "after": (_NUMBER, False),
             "seconds": (_NUMBER, False),

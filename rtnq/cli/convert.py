@@ -46,6 +46,7 @@ def convert(
     strict: Annotated[bool, typer.Option("--strict", help="Fail instead of passing linears whose shape the format cannot hold through.")] = False,
     budget: Annotated[Optional[float], typer.Option("--budget", callback=parse_budget, help="Promote the INT4 units whose data-free score per extra bit is highest to INT8, while the quantized linears average at most this many bits per weight (codes and scales), e.g. 4.5. Reads the weights once more before writing.")] = None,
     scale: Annotated[str, typer.Option("--scale", callback=parse_scale, help="absmax (the paper's RTN, default) or mse: per group, the clipping of the scale (1.00 to 0.80 of maxabs) with the smallest squared error.")] = "absmax",
+    budget_groups: Annotated[bool, typer.Option("--budget-groups", help="Let --budget also give INT4 units groups of 64 or 32 (0.125 or 0.375 more bits per weight than 128), not only INT8; each option is weighed by the weight error it leaves (--budget-score position, error or norm_error). Reads every quantized weight before writing.")] = False,
     budget_score: Annotated[str, typer.Option("--budget-score", callback=parse_budget_score, help="What --budget ranks units by: position (default: first and last blocks, q/k/v and down first; reads no weight), or a statistic of the weight's 4-bit error: norm_error, error, relative, kurtosis, max_over_rms.")] = "position",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run for OUT that was killed (SIGKILL, power loss): keep the shards its .OUT.rtnq-tmp-* directory completed (re-hashed first), convert the rest; same SRC and options, or it is refused with what differs.")] = False,
     json_out: JsonOpt = False,
@@ -61,7 +62,7 @@ def convert(
     options = conv.ConvertOptions(
         bits=bits, group_size=group_size, keep_int8=split_list(keep_int8), skip=split_list(skip),
         dtype=dtype, strict=strict, force=force, tp=degrees, format=fmt, dry_run=dry_run,
-        budget=budget, budget_score=budget_score, scale=scale, resume=resume,
+        budget=budget, budget_score=budget_score, budget_groups=budget_groups, scale=scale, resume=resume,
     )
     plan = conv.make_plan(src, out, options)
     try:
@@ -128,7 +129,8 @@ def _print_plan(plan, json_out: bool) -> None:
         tp = {str(d): [{"name": n, "why": why} for n, why in plan.selection.tp_failures[d]]
               for d in plan.options.tp}
         budget = None if plan.budget is None else {
-            "bits_per_weight": plan.options.budget, "score": plan.budget.score_name, "before": plan.budget.floor,
+            "bits_per_weight": plan.options.budget, "score": plan.budget.score_name, "groups": plan.budget.groups,
+            "before": plan.budget.floor,
             "after": plan.budget.bits_per_weight, "promoted": sorted(plan.budget.promoted), "seconds": plan.budget.seconds}
         emit_json({"dry_run": True, "format": plan.options.format, "totals": t, "rules": plan.selection.rules,
                     "warnings": plan.manifest_warnings, "tensors": tensors, "tp": tp, "budget": budget})

@@ -55,6 +55,7 @@ def eval_(
     skip: Annotated[Optional[list[str]], typer.Option("--skip", help="What-if: selectors kept in 16-bit.")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", callback=_format, help="What-if: the format whose rules decide (default marlin).")] = None,
     budget: Annotated[Optional[float], typer.Option("--budget", callback=parse_budget, help="What-if: promote units to INT8 within this many bits per weight (see convert --budget).")] = None,
+    budget_groups: Annotated[bool, typer.Option("--budget-groups", help="What-if: --budget may also choose groups of 64 or 32 (see convert --budget-groups).")] = False,
     budget_score: Annotated[Optional[str], typer.Option("--budget-score", callback=parse_budget_score, help="What-if: the score --budget ranks by.")] = None,
     scale: Annotated[Optional[str], typer.Option("--scale", callback=parse_scale, help="What-if: absmax or mse (see convert --scale).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's).")] = None,
@@ -62,7 +63,7 @@ def eval_(
 ) -> None:
     """Score a candidate against its source on text: perplexity of both, mean KL(source || candidate), top-1."""
     what_if = {"--bits": bits, "--group-size": group_size, "--keep-int8": keep_int8, "--skip": skip, "--format": fmt,
-               "--budget": budget, "--budget-score": budget_score, "--scale": scale}
+               "--budget": budget, "--budget-score": budget_score, "--budget-groups": budget_groups, "--scale": scale}
     given = [k for k, v in what_if.items() if v]
     if against is not None and given:
         raise UsageError(f"{given[0]} describes a what-if conversion of SRC; with --against OUT is already converted")
@@ -78,7 +79,8 @@ def eval_(
         convert_options = ConvertOptions(bits=bits, group_size=128 if group_size is None else group_size,
                                          keep_int8=split_list(keep_int8), skip=split_list(skip),
                                          format=fmt or "marlin", dry_run=True, budget=budget,
-                                         budget_score=budget_score or "position", scale=scale or "absmax")
+                                         budget_score=budget_score or "position", budget_groups=budget_groups,
+                                         scale=scale or "absmax")
     options = evaluate.EvalOptions(text=text, tokens=tokens, window=window, against=against,
                                    convert=convert_options, threads=threads)
     try:

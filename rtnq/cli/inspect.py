@@ -86,11 +86,12 @@ def _print_budget(m, shown: int = 12) -> None:
 
     promoted = sum(r.promoted for r in rows)
     table = Table(title=escape(f"budget {b.get('bits_per_weight')} bits per weight by {b.get('score')}: "
-                               f"{promoted} of {len(rows)} units promoted ({b.get('before')} -> {b.get('after')})"))
-    for col in ("rank", "unit", "score", "promoted"):
+                               f"{promoted} of {len(rows)} units {'moved' if b.get('groups') else 'promoted'} "
+                               f"({b.get('before')} -> {b.get('after')})"))
+    for col in ("rank", "unit", "score", "became"):
         table.add_column(col, overflow="fold")
     for r in rows[:shown]:
-        table.add_row(str(r.rank), escape(", ".join(r.modules)), f"{r.score:.4g}", "int8" if r.promoted else "")
+        table.add_row(str(r.rank), escape(", ".join(r.modules)), f"{r.score:.4g}", r.became)
     out.print(table)
     if len(rows) > shown:
         print_line(f"({len(rows) - shown} more units ranked; rtnq inspect --json lists every tensor's score and rank)")

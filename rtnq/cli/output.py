@@ -52,8 +52,16 @@ def parse_budget(value: Optional[float]) -> Optional[float]:
 def budget_line(scored) -> str:
     """One line on what --budget chose (stdout, with the summary)."""
     units = len(set(scored.promoted.values()))
+    moved = "promoted to INT8"
+    if scored.groups:  # "moved: 8 to INT8, 34 to groups of 32, ..." by the rule each took
+        counts: dict[str, set] = {}
+        for name, rank in scored.promoted.items():
+            label = scored.selection.decisions[name].rule.split()[1]
+            counts.setdefault(label, set()).add(rank)
+        words = {"int8": "INT8", "g64": "groups of 64", "g32": "groups of 32"}
+        moved = "moved (" + ", ".join(f"{len(counts[k])} to {words[k]}" for k in words if k in counts) + ")"
     return (f"budget {scored.budget:g} bits per weight by {scored.score_name}: {units} units "
-            f"({len(scored.promoted)} tensors) promoted to INT8, {scored.floor:.4f} -> {scored.bits_per_weight:.4f} "
+            f"({len(scored.promoted)} tensors) {moved}, {scored.floor:.4f} -> {scored.bits_per_weight:.4f} "
             f"bits per weight of the quantized linears (codes and scales); scoring read the weights in "
             f"{scored.seconds:.1f} s")
 

@@ -103,6 +103,7 @@ class BudgetRow:
     modules: list[str]  # the unit's members (module names)
     score: float  # the unit's score (sum of its members')
     promoted: bool
+    became: str = ""  # what --budget made it: "int8", or "int4 g32"/"int4 g64" under --budget-groups; "" if nothing
 
 
 def budget_ranking(m: Manifest) -> list[BudgetRow]:
@@ -112,5 +113,13 @@ def budget_ranking(m: Manifest) -> list[BudgetRow]:
         if e.rank is not None:
             units.setdefault(e.rank, []).append((name, e))
     return [BudgetRow(rank, [names.module_name(n) for n, _ in members], sum(e.score or 0.0 for _, e in members),
-                      any((e.rule or "").startswith("budget:") for _, e in members))
+                      any((e.rule or "").startswith("budget:") for _, e in members), _became(members))
             for rank, members in sorted(units.items())]
+
+
+def _became(members: list[tuple[str, TensorEntry]]) -> str:
+    moved = [e for _, e in members if (e.rule or "").startswith("budget:")]
+    if not moved:
+        return ""
+    e = moved[0]
+    return "int8" if e.bits == 8 else f"int{e.bits} g{e.group_size}"

@@ -76,3 +76,20 @@ def scores_stats(w: torch.Tensor) -> dict[str, float]:
     ms = float((w64 * w64).mean())
     return {"kurtosis": float(((w64 - mean) ** 4).mean()) / var**2 if var else 0.0,
             "max_over_rms": float(w64.abs().max()) / math.sqrt(ms) if ms else 0.0}
+
+
+def option_errors(w: torch.Tensor, settings, gamma: torch.Tensor | None = None, *, name: str = "weight",
+                  scale: str = "absmax") -> list[float]:
+    """The squared error sum((W - W_q)^2) of a 16-bit (n, k) or (E, n, k) weight quantized with each
+    (bits, group_size) of `settings`, what `--budget-groups` weighs its options by; with gamma (k,), each
+    input channel's error is weighted by gamma_j^2 (norm_error's model). Summed in float64 per channel."""
+    w32 = w.float()
+    g2 = None if gamma is None else gamma.double().reshape(-1) ** 2
+    out = []
+    for bits, group_size in settings:
+        codes, s = rtn.quantize(w, bits, group_size, name=name, scale=scale)
+        d = w32 - rtn.dequantize(codes, s, bits, group_size).float()
+        col = (d * d).reshape(-1, w.shape[-1]).double().sum(0)
+        out.append(float(col.sum()) if g2 is None else float((col * g2).sum()))
+        del codes, s, d
+    return out

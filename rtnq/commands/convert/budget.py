@@ -23,7 +23,7 @@ from rtnq import dtypes, params
 from rtnq.checkpoint import layout
 from rtnq.checkpoint.source import Reader, TensorSpec
 from rtnq.errors import UsageError
-from rtnq.numerics import sensitivity
+from rtnq.numerics import sensitivity, shape_rule
 from rtnq.selection import budget as knapsack
 from rtnq.selection.names import NameInfo
 from rtnq.selection.precision import Selection, group_key
@@ -48,14 +48,19 @@ class Scored:
     ranks: dict[str, int] = field(default_factory=dict)  # tensor -> its unit's rank by score per extra bit
     promoted: dict[str, int] = field(default_factory=dict)  # tensor -> its unit's promotion order
     seconds: float = 0.0
+    groups: bool = False  # --budget-groups: units may also have taken groups of 64 or 32
 
 
 def apply(src_dir: Path, specs: list[TensorSpec], selection: Selection, budget: float, score_name: str,
-          dtype: str | None = None, scale: str = "absmax") -> Scored:
-    """Promote units of `selection` within `budget`; dtype: --dtype ("bf16"/"fp16"), or None for the source's."""
+          dtype: str | None = None, scale: str = "absmax", groups: bool = False, layout_: str = "marlin") -> Scored:
+    """Promote units of `selection` within `budget`; dtype: --dtype ("bf16"/"fp16"), or None for the source's.
+    groups (--budget-groups): units may also take groups of 64 or 32 (`_apply_groups`); layout_: the format's
+    (shape_rule.problem), which decides whether a finer group can be stored."""
     params.check(budget_score=score_name)
     if not math.isfinite(budget) or budget <= 0:
         raise UsageError(f"--budget takes a positive number of bits per weight, such as 4.5, got {budget}")
+    if groups:
+        return _apply_groups(src_dir, specs, selection, budget, score_name, dtype, scale, layout_)
     t0 = time.perf_counter()
     decisions = selection.decisions
     infos = {i.name: i for i in selection.infos}
@@ -92,6 +97,90 @@ def apply(src_dir: Path, specs: list[TensorSpec], selection: Selection, budget: 
 
 
 _INTENSIVE = ("relative", "kurtosis", "max_over_rms")
+GROUP_SCORES = ("position", "error", "norm_error")  # the scores that model a loss per option (--budget-groups)
+FINER_GROUPS = (64, 32)  # the group sizes --budget-groups may give an INT4 unit, besides its own
+
+
+def _apply_groups(src_dir: Path, specs: list[TensorSpec], selection: Selection, budget: float, score_name: str,
+                  dtype: str | None, scale: str, layout_: str) -> Scored:
+    """--budget-groups: each candidate unit may stay as it is, take groups of 64 or 32 (still INT4), or go to
+    INT8 (rtnq.selection.budget.choose_options). Its modelled loss under each option is the squared weight
+    error of its members there, times the position prior for `position`, with the input norm's gamma^2 per
+    channel for `norm_error`. Every candidate's weights are read once (all options computed from one read)."""
+    if score_name not in GROUP_SCORES:
+        raise UsageError(f"--budget-groups weighs each option by the weight error it leaves, which --budget-score "
+                         f"{score_name} does not measure; use one of {', '.join(GROUP_SCORES)}")
+    t0 = time.perf_counter()
+    decisions = selection.decisions
+    infos = {i.name: i for i in selection.infos}
+    quantized = {n: d for n, d in decisions.items() if d.kind == "quantized"}
+    shapes = {s.name: s.shape for s in specs if s.name in quantized}
+    base_bits = sum(_bits(shapes[n], d.bits, d.group_size) for n, d in quantized.items())
+    n_params = sum(math.prod(shape) for shape in shapes.values())
+    units: dict[tuple[str, str], list[str]] = {}
+    for name in quantized:
+        units.setdefault(group_key(infos[name]), []).append(name)
+    candidates = {k: m for k, m in units.items()
+                  if all(decisions[n].bits == 4 and decisions[n].rule == "default" for n in m)}
+    settings = {k: _unit_settings(m, decisions, shapes, layout_) for k, m in candidates.items()}
+    losses: dict[str, dict[str, float]] = {}  # tensor -> option label ("" = base) -> its modelled loss
+    with _Scorer(src_dir, specs, infos, "error" if score_name == "position" else score_name, dtype, scale) as scorer:
+        for k, m in candidates.items():
+            for n in m:
+                labels = list(settings[k])
+                errors = scorer.errors(n, [settings[k][label][n] for label in labels])
+                prior = knapsack.position_priority(infos[n]) if score_name == "position" else 1.0
+                losses[n] = {label: prior * e for label, e in zip(labels, errors)}
+    ordered = [knapsack.Choices(
+        k, tuple(m), sum(losses[n][""] for n in m),
+        tuple(knapsack.Option(label, sum(_bits(shapes[n], *settings[k][label][n]) for n in m) -
+                              sum(_bits(shapes[n], 4, decisions[n].group_size) for n in m),
+                              sum(losses[n][label] for n in m))
+              for label in settings[k] if label))
+        for k, m in candidates.items()]
+    choice = knapsack.choose_options(ordered, base_bits, n_params, budget)
+    new = dict(decisions)
+    moved: dict[str, int] = {}
+    ranks: dict[str, int] = {}
+    for u in ordered:
+        label = choice.taken.get(u.key)
+        for n in u.members:
+            ranks[n] = choice.ranks[u.key]
+            if label:
+                bits, group = settings[u.key][label][n]
+                moved[n] = choice.ranks[u.key]
+                new[n] = replace(decisions[n], bits=bits, group_size=group,
+                                 rule=f"budget:{score_name} {label} #{choice.ranks[u.key]}")
+    rules = selection.rules + [{"option": "budget", "selector": f"{budget:g} bpw by {score_name}, groups",
+                                "matched": len(moved)}]
+    sel = replace(selection, decisions=new, rules=rules)
+    scores = {n: per[""] for n, per in losses.items()}  # each candidate's modelled loss as it was planned
+    return Scored(sel, score_name, budget, choice.bits_per_weight, choice.floor, scores, ranks, moved,
+                  time.perf_counter() - t0, groups=True)
+
+
+def _unit_settings(members: list[str], decisions, shapes, layout_: str) -> dict[str, dict[str, tuple[int, int]]]:
+    """A unit's options: label ("" = as planned) -> member -> (bits, group_size). A finer group is offered
+    when every member's k holds it and the format can store it, and it changes some member's group; a
+    member already at or below it keeps its own (engines load a fused unit with one scheme, and q/k/v or
+    gate/up share k, so in practice they all move together)."""
+    out = {"": {n: (4, decisions[n].group_size) for n in members}}
+    for g in FINER_GROUPS:
+        option = {}
+        for n in members:
+            *_, rows, k = shapes[n]
+            own = decisions[n].group_size
+            if g >= (k if own == -1 else own):
+                option[n] = (4, own)
+                continue
+            if k % g or shape_rule.problem(rows, k, g, layout_):
+                break
+            option[n] = (4, g)
+        else:
+            if any(option[n] != out[""][n] for n in members):
+                out[f"g{g}"] = option
+    out["int8"] = {n: (8, decisions[n].group_size) for n in members}
+    return out
 
 
 class _Scorer:
@@ -107,15 +196,26 @@ class _Scorer:
         self.gemma = layout.model_type(src_dir).startswith("gemma")  # Gemma's RMSNorm scales by (1 + weight)
         self.reader = None if kind == "position" else Reader(src_dir)
 
+    def errors(self, name: str, settings: list[tuple[int, int]]) -> list[float]:
+        """sensitivity.option_errors of one tensor under each (bits, group_size), gamma^2-weighted for
+        norm_error."""
+        spec = self.by_spec[name]
+        w = self.reader.read(spec).to(dtypes.quantized_in(spec.dtype, self.dtype).torch)
+        gamma = self._gamma(name, spec) if self.kind == "norm_error" else None
+        return sensitivity.option_errors(w, settings, gamma, name=name, scale=self.scale)
+
+    def _gamma(self, name: str, spec: TensorSpec):
+        norm = self.norms.get(name)
+        if norm is None or self.by_spec[norm].shape != (spec.shape[-1],):
+            return None
+        return self.reader.read(self.by_spec[norm]).float() + (1.0 if self.gemma else 0.0)
+
     def score(self, name: str, group_size: int, extra_bits: int) -> float:
         if self.kind == "position":
             return knapsack.position_priority(self.infos[name]) * extra_bits
         spec = self.by_spec[name]
         w = self.reader.read(spec).to(dtypes.quantized_in(spec.dtype, self.dtype).torch)
-        gamma = None
-        norm = self.norms.get(name)
-        if norm is not None and self.by_spec[norm].shape == (spec.shape[-1],):
-            gamma = self.reader.read(self.by_spec[norm]).float() + (1.0 if self.gemma else 0.0)
+        gamma = self._gamma(name, spec)
         value = sensitivity.score(self.kind, w, group_size, gamma, name=name, scale=self.scale)
         # A per-tensor ratio (relative error, kurtosis, max/RMS) times the parameters, so that score per
         # extra bit ranks by the ratio itself rather than favouring the smallest units.
@@ -166,6 +266,8 @@ def rederive(manifest, src_dir: Path, specs: list[TensorSpec], scale: str) -> li
     score_name, budget = b.get("score"), b.get("bits_per_weight")
     if score_name not in params.BUDGET_SCORES or not isinstance(budget, (int, float)):
         return [("defaults.budget", f"names score {score_name!r} and budget {budget!r}, which this rtnq cannot re-derive")]
+    if b.get("groups") is True:
+        return _rederive_groups(manifest, src_dir, specs, scale, score_name, float(budget))
     from rtnq.selection.names import analyse
 
     infos = {i.name: i for i in analyse([s.name for s in specs])}
@@ -198,3 +300,47 @@ def rederive(manifest, src_dir: Path, specs: list[TensorSpec], scale: str) -> li
     again = {n for u in ordered if u.key in choice.promoted for n in u.members}
     return [(n, "promoted by the manifest, not by re-running the budget" if n in promoted
              else "the budget re-run promotes it, the manifest does not") for n in sorted(promoted ^ again)]
+
+
+def _rederive_groups(manifest, src_dir: Path, specs: list[TensorSpec], scale: str, score_name: str,
+                     budget: float) -> list[tuple[str, str]]:
+    """verify of a --budget-groups output: undo every budget move the manifest records (back to INT4 at the
+    default rule's group), plan the budget again from SRC, and compare each tensor's bits, group size, rule
+    and modelled loss with the manifest's."""
+    from rtnq import formats
+    from rtnq.selection.names import analyse
+    from rtnq.selection.precision import Decision
+
+    default_group = manifest.defaults.get("group_size", 128)
+    option = manifest.defaults.get("dtype")
+    decisions = {}
+    for name, e in manifest.tensors.items():
+        if e.kind != "quantized":
+            decisions[name] = Decision(name, "passthrough", reason=e.reason)
+        elif (e.rule or "").startswith("budget:"):
+            decisions[name] = Decision(name, "quantized", 4, shape_rule.group_for(e.shape[-1], default_group),
+                                       "default")
+        else:
+            decisions[name] = Decision(name, "quantized", e.bits, e.group_size, e.rule)
+    order = [s.name for s in specs]
+    selection = Selection({n: decisions[n] for n in order if n in decisions}, [], [],
+                          infos=[i for i in analyse(order) if i.name in decisions])
+    try:
+        again = _apply_groups(src_dir, specs, selection, budget, score_name,
+                              option if option in dtypes.SIXTEEN_BIT else None, scale,
+                              formats.BY_MANIFEST_NAME[manifest.format].layout)
+    except UsageError as err:
+        return [("defaults.budget", str(err))]
+    problems = []
+    for name, e in manifest.tensors.items():
+        d = again.selection.decisions.get(name)
+        if e.kind != "quantized" or d is None:
+            continue
+        if (e.bits, e.group_size, e.rule) != (d.bits, d.group_size, d.rule):
+            problems.append((name, f"the manifest has {e.bits} bits, group {e.group_size} ({e.rule}); the budget "
+                                   f"re-run gives {d.bits} bits, group {d.group_size} ({d.rule})"))
+        got = again.scores.get(name)
+        if (got is None) != (e.score is None) or (got is not None and not math.isclose(
+                got, e.score, rel_tol=1e-6, abs_tol=1e-12)):
+            problems.append((name, f"budget score {e.score} recorded, {got} re-derived"))
+    return problems

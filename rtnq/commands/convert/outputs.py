@@ -87,6 +87,7 @@ def build_manifest(plan: ConvertPlan, errors: dict[str, float]) -> mf.Manifest:
             "dtype": o.dtype or "source (fp32 -> bf16)",
             **({} if plan.budget is None else {"budget": {
                 "bits_per_weight": o.budget, "score": plan.budget.score_name,
+                **({"groups": True} if plan.budget.groups else {}),  # absent otherwise: older manifests match
                 "before": round(plan.budget.floor, 4), "after": round(plan.budget.bits_per_weight, 4),
                 "seconds": round(plan.budget.seconds, 3)}}),
         },

@@ -39,6 +39,7 @@ class ConvertOptions:
     dry_run: bool = False  # plan only: OUT may exist, since nothing will be written
     budget: float | None = None  # --budget: bits per weight of the quantized linears; promotes units to INT8
     budget_score: str = "position"  # --budget-score: what ranks them (params.BUDGET_SCORES; docs/PRECISION.md)
+    budget_groups: bool = False  # --budget-groups: --budget may also give units groups of 64 or 32
     scale: str = "absmax"  # --scale: rtn.quantize's scale rule ("absmax", the paper's, or "mse")
     resume: bool = False  # --resume: continue the interrupted run's temporary directory (commands.convert.resume)
 
@@ -147,6 +148,9 @@ def make_plan(src: str | Path, out: str | Path, options: ConvertOptions) -> Conv
 def _make_plan(src_dir: Path, out_dir: Path, options: ConvertOptions, fmt: formats.Format, hub, stale: list[str]):
     check_output_location(src_dir, out_dir, options.force or options.dry_run)
     specs = hub.specs if hub else scan(src_dir)
+    if hub is not None and options.budget is not None and options.budget_groups:
+        raise UsageError("--budget-groups reads every weight before writing, which for a hub source is a second "
+                         "download; download the model first, or leave --budget-groups out")
     if hub is not None and options.budget is not None and options.budget_score != "position":
         raise UsageError(f"--budget-score {options.budget_score} reads every weight before writing, which for a hub "
                          "source is a second download; use --budget-score position, or download the model first")
@@ -178,13 +182,15 @@ def _make_plan(src_dir: Path, out_dir: Path, options: ConvertOptions, fmt: forma
     refusals.check_linears([s for s in specs if reasons[s.name].startswith(precision.DTYPE_REASON)],
                            [n for n, r in reasons.items() if r.startswith(precision.CONV1D_REASON)])
     scored = None
+    if options.budget_groups and options.budget is None:
+        raise UsageError("--budget-groups widens what --budget may choose; give --budget BPW too")
     if options.budget is not None:
         from rtnq.commands.convert import budget  # reads and scores the weights (imports torch)
 
         if options.bits != 4:
             raise UsageError("--budget promotes INT4 tensors to INT8, so it needs --bits 4")
         scored = budget.apply(src_dir, specs, selection, options.budget, options.budget_score,
-                              options.dtype, options.scale)
+                              options.dtype, options.scale, options.budget_groups, fmt.layout)
         selection = scored.selection
     src_shards = list(dict.fromkeys(s.shard for s in specs))
     shard_names = {s: layout.shard_name(i, len(src_shards)) for i, s in enumerate(src_shards)}
