@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -94,19 +95,27 @@ def atomic_dir(out: Path, force: bool = False, reuse: Path | None = None) -> Ite
     """
     out = Path(out)
     created = _missing_parents(out)
+    tmp: Path | None = None
     try:
         if reuse is not None:
             tmp = Path(reuse)
         else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{TMP_INFIX}", dir=out.parent))
-            # mkdtemp makes 0700 whatever the umask: a serving account could not read the model. OUT gets the
-            # mode `mkdir` would give it.
-            os.chmod(tmp, 0o777 & ~_umask())
-    except OSError as e:
-        _remove_empty(created)
-        raise_os(out.parent, e)
-    try:
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                for attempt in range(100):
+                    # Named before it exists: SIGTERM/SIGHUP/Ctrl-C raise between any two bytecodes, and one that
+                    # lands right after the mkdir must still find the directory in `tmp` to remove it (with
+                    # tempfile.mkdtemp the path is only known once it returns; under load that window was hit).
+                    tmp = out.parent / f".{out.name}{TMP_INFIX}{secrets.token_hex(4)}"
+                    try:
+                        os.mkdir(tmp, 0o777)  # the mode mkdir gives OUT (umask applied); mkdtemp's is 0700
+                        break
+                    except FileExistsError:
+                        tmp = None  # someone else's: never removed
+                else:
+                    raise FileExistsError(f"no free name for a temporary directory beside {out}")
+            except OSError as e:
+                raise_os(out.parent, e)
         yield tmp
         if out.exists():
             if not force:
@@ -119,7 +128,8 @@ def atomic_dir(out: Path, force: bool = False, reuse: Path | None = None) -> Ite
         else:
             _rename(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
         raise
 
@@ -129,12 +139,6 @@ def _rename(a: Path, b: Path) -> None:
         os.replace(a, b)
     except OSError as e:
         raise_os(b, e)
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it; set back at once (rtnq starts no threads before this)
-    os.umask(mask)
-    return mask
 
 
 def _missing_parents(out: Path) -> list[Path]:
