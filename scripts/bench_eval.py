@@ -76,6 +76,15 @@ SETTINGS = {
     "mse": ("RTN-4, --scale mse", ["--bits", "4", "--scale", "mse"]),
     "mse-position-4.5": ("RTN-4, --scale mse --budget 4.5 (position)",
                          ["--bits", "4", "--scale", "mse", "--budget", "4.5", "--budget-score", "position"]),
+    # --budget-groups: groups of 64/32 as well as INT8 (a multiple-choice knapsack), absmax or mse scales
+    "g32": ("RTN-4 --group-size 32", ["--bits", "4", "--group-size", "32"]),
+    "g32-mse": ("RTN-4 --group-size 32 --scale mse", ["--bits", "4", "--group-size", "32", "--scale", "mse"]),
+    **{f"groups-{s}-{b}": (f"RTN-4, --budget {b} --budget-groups --budget-score {s}",
+                           ["--bits", "4", "--budget", b, "--budget-groups", "--budget-score", s])
+       for s in ("position", "error") for b in ("4.25", "4.5", "4.75", "4.98")},
+    **{f"groups-mse-{s}-{b}": (f"RTN-4, --scale mse --budget {b} --budget-groups --budget-score {s}",
+                               ["--bits", "4", "--scale", "mse", "--budget", b, "--budget-groups", "--budget-score", s])
+       for s in ("position", "error") for b in ("4.25", "4.5", "4.75", "4.98")},
 }
 
 DECODER_LINEAR = re.compile(r"(^|\.)layers\.\d+\..*\.weight$")

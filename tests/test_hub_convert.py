@@ -133,4 +133,6 @@ def test_an_unknown_repo_is_a_usage_error(hub, tmp_path):
 def test_a_statistic_budget_score_is_refused_for_a_hub_source(hub, tmp_path):
     r = run("convert", "org/tiny", tmp_path / "out", "--budget", "4.5", "--budget-score", "error")
     assert r.code == 2 and "second download" in r.err
+    r = run("convert", "org/tiny", tmp_path / "out", "--budget", "4.5", "--budget-groups")
+    assert r.code == 2 and "--budget-groups reads every weight" in r.err and "second download" in r.err
     assert not list(tmp_path.glob(".*rtnq-src-*"))

@@ -30,7 +30,9 @@ totals may be empty altogether (manifests built by hand, as the runtime's tests 
         "model.layers.0.mlp.up_proj.weight": {
           "kind": "quantized", "bits": 8, "group_size": 128, "shape": [n, k], "dtype": "bfloat16",
           ("padded_shape": [n', k'] where the marlin outputs hold a padded weight),
-          ("score": 0.12, "rank": 3 for every candidate of --budget; a promoted one's rule is "budget:<score> #3"),
+          ("score": 0.12, "rank": 3 for every candidate of --budget; a promoted one's rule is "budget:<score> #3",
+           under --budget-groups (defaults.budget.groups: true) "budget:<score> int8|g64|g32 #3", the score
+           the candidate's modelled loss as planned),
           "outputs": {"qweight": "model.layers.0.mlp.up_proj.qweight",
                       "scales": "model.layers.0.mlp.up_proj.scales"},
           "shard": "model-00001-of-00002.safetensors", "rule": "keep-int8:layers.0", "error": 0.0071

@@ -165,6 +165,9 @@ def _make_plan(src_dir: Path, out_dir: Path, options: ConvertOptions, fmt: forma
             # budget's scorer reads weights as stored; an FP8 weight read that way is not the model's
             raise UsageError(f"--budget-score {options.budget_score} reads the weights, which it cannot do for an FP8 "
                              "source yet; use --budget-score position")
+        if options.budget is not None and options.budget_groups:
+            raise UsageError("--budget-groups reads the weights, which it cannot do for an FP8 source yet; use "
+                             "--budget without it")
     dense = fp8.dense_dtype(options.dtype)
     # Selection sees an FP8 weight as the dense 16-bit weight it stands for (it would refuse F8_E4M3).
     selection = precision.select(
