@@ -62,18 +62,8 @@ def apply(src_dir: Path, specs: list[TensorSpec], selection: Selection, budget: 
     if groups:
         return _apply_groups(src_dir, specs, selection, budget, score_name, dtype, scale, layout_)
     t0 = time.perf_counter()
-    decisions = selection.decisions
-    infos = {i.name: i for i in selection.infos}
-    quantized = {n: d for n, d in decisions.items() if d.kind == "quantized"}
-    shapes = {s.name: s.shape for s in specs if s.name in quantized}
-    base_bits = sum(_bits(shapes[n], d.bits, d.group_size) for n, d in quantized.items())
-    n_params = sum(math.prod(shape) for shape in shapes.values())
-    # Candidates: units whose every member is quantized at 4 bits by the default rule.
-    units: dict[tuple[str, str], list[str]] = {}
-    for name in quantized:
-        units.setdefault(group_key(infos[name]), []).append(name)
-    candidates = {k: m for k, m in units.items()
-                  if all(decisions[n].bits == 4 and decisions[n].rule == "default" for n in m)}
+    decisions, infos = selection.decisions, {i.name: i for i in selection.infos}
+    shapes, base_bits, n_params, candidates = _candidates(specs, selection, infos)
     extra = {n: _extra_bits(shapes[n], decisions[n].group_size) for m in candidates.values() for n in m}
     with _Scorer(src_dir, specs, infos, score_name, dtype, scale) as scorer:
         scores = {n: scorer.score(n, decisions[n].group_size, extra[n]) for m in candidates.values() for n in m}
@@ -97,6 +87,22 @@ def apply(src_dir: Path, specs: list[TensorSpec], selection: Selection, budget: 
 
 
 _INTENSIVE = ("relative", "kurtosis", "max_over_rms")
+
+
+def _candidates(specs: list[TensorSpec], selection: Selection, infos: dict[str, NameInfo]):
+    """(shapes of the quantized tensors, their output bits and parameters before any move, the candidate
+    units): a candidate is a unit (group_key) whose every member is INT4 by the default rule."""
+    decisions = selection.decisions
+    quantized = {n: d for n, d in decisions.items() if d.kind == "quantized"}
+    shapes = {s.name: s.shape for s in specs if s.name in quantized}
+    base_bits = sum(_bits(shapes[n], d.bits, d.group_size) for n, d in quantized.items())
+    n_params = sum(math.prod(shape) for shape in shapes.values())
+    units: dict[tuple[str, str], list[str]] = {}
+    for name in quantized:
+        units.setdefault(group_key(infos[name]), []).append(name)
+    candidates = {k: m for k, m in units.items()
+                  if all(decisions[n].bits == 4 and decisions[n].rule == "default" for n in m)}
+    return shapes, base_bits, n_params, candidates
 GROUP_SCORES = ("position", "error", "norm_error")  # the scores that model a loss per option (--budget-groups)
 FINER_GROUPS = (64, 32)  # the group sizes --budget-groups may give an INT4 unit, besides its own
 
@@ -111,17 +117,8 @@ def _apply_groups(src_dir: Path, specs: list[TensorSpec], selection: Selection, 
         raise UsageError(f"--budget-groups weighs each option by the weight error it leaves, which --budget-score "
                          f"{score_name} does not measure; use one of {', '.join(GROUP_SCORES)}")
     t0 = time.perf_counter()
-    decisions = selection.decisions
-    infos = {i.name: i for i in selection.infos}
-    quantized = {n: d for n, d in decisions.items() if d.kind == "quantized"}
-    shapes = {s.name: s.shape for s in specs if s.name in quantized}
-    base_bits = sum(_bits(shapes[n], d.bits, d.group_size) for n, d in quantized.items())
-    n_params = sum(math.prod(shape) for shape in shapes.values())
-    units: dict[tuple[str, str], list[str]] = {}
-    for name in quantized:
-        units.setdefault(group_key(infos[name]), []).append(name)
-    candidates = {k: m for k, m in units.items()
-                  if all(decisions[n].bits == 4 and decisions[n].rule == "default" for n in m)}
+    decisions, infos = selection.decisions, {i.name: i for i in selection.infos}
+    shapes, base_bits, n_params, candidates = _candidates(specs, selection, infos)
     settings = {k: _unit_settings(m, decisions, shapes, layout_) for k, m in candidates.items()}
     losses: dict[str, dict[str, float]] = {}  # tensor -> option label ("" = base) -> its modelled loss
     with _Scorer(src_dir, specs, infos, "error" if score_name == "position" else score_name, dtype, scale) as scorer:
