@@ -10,6 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from cliutil import run
+from test_budget import _bpw, _convert  # the same helpers: convert with --json, bits per weight
 from rtnq import formats, synthetic
 from rtnq.errors import UsageError
 from rtnq.numerics import sensitivity
@@ -51,22 +52,6 @@ def test_steps_of_all_units_go_by_loss_removed_per_bit_and_a_step_that_does_not_
 def src(tmp_path_factory):
     root = tmp_path_factory.mktemp("budget-groups")
     return synthetic.write_checkpoint(root / "src", synthetic.SampleSpec(layers=4, hidden=256, intermediate=512))
-
-
-def _convert(src, out, *flags) -> dict:
-    r = run("convert", src, out, *flags, "--json")
-    assert r.code == 0, r.err
-    return json.loads((out / "rtnq_manifest.json").read_text())
-
-
-def _bpw(m: dict) -> float:
-    bits = params = 0
-    for e in m["tensors"].values():
-        if e["kind"] == "quantized":
-            n, k = e["shape"]
-            bits += n * k * e["bits"] + n * (k // e["group_size"]) * 16
-            params += n * k
-    return bits / params
 
 
 @pytest.mark.parametrize("fmt", formats.FORMATS)
