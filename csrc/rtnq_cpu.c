@@ -33,6 +33,7 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -40,12 +41,12 @@
 #include <immintrin.h>
 #endif
 
-#define RTNQ_CPU_ABI 2
+#define RTNQ_CPU_ABI 3
 #define EXPORT __attribute__((visibility("default")))
 
 enum { DT_BF16 = 0, DT_F16 = 1 };
 enum { OK = 0, NONFINITE = 1, BAD_ARGS = -1 };
-enum { FLAG_SCALAR = 1 };
+enum { FLAG_SCALAR = 1, FLAG_MSE = 2 };
 enum { LAYOUT_MARLIN = 0, LAYOUT_ROWS = 1, LAYOUT_COLS = 2 }; /* fastquant.LAYOUTS, in order */
 
 #define BLOCK_N 64 /* rows of W per Marlin block */
@@ -106,6 +107,61 @@ static inline uint16_t inf_bits(int dt) { return dt == DT_BF16 ? 0x7F80 : 0x7C00
 static inline float group_scale(uint16_t maxabs_bits, int bits, int dt) {
     float m2 = r16(to_f32(maxabs_bits, dt) * 2.0f, dt);
     return r16(m2 / (float)((1 << bits) - 1), dt);
+}
+
+/* ---------------------------------------------------------------- the "mse" scale rule */
+
+/* rtn.py's "mse" rule for one group of len values with max |w| bits m (finite): of the clipping ratios
+ * r = 1.00, 0.99, ..., 0.80 (Python's 1 - i/100 rounded to fp32), the scale whose dequantized group has the
+ * smallest squared error, ties to the larger r. Step for step as rtn._mse_scale:
+ *     clip  = r16( fp32(m) * fp32(r) )            one fp32 product, then the 16-bit rounding
+ *     s     = r16( r16(clip * 2) / (2^bits - 1) )  as the absmax scale, clip for maxabs
+ *     w_hat = r16( clamp(rint(r16(w / s)), -bias, bias - 1) * s )     (NaN -> 0, +-inf -> +-max first)
+ *     err   = the float64 squares (w - w_hat)^2, zero-padded to the next power of two P, summed as a
+ *             balanced tree: x[i] += x[i + h] for h = P/2, ..., 1 (rtn._tree_sum's order, so the sum is
+ *             the reference's to the last bit)
+ * sq: scratch for P doubles. An overflowed (inf) scale gives err NaN at r = 1, which no later err beats,
+ * so that scale is kept and refused later, as in the reference. */
+#ifdef RTNQ_X86
+static void mse_squares_avx2(const uint16_t *w, int64_t len, float s, int bits, int dt, double *sq);
+#endif
+
+static float mse_scale(const uint16_t *w, int64_t len, uint16_t m, int bits, int dt, double *sq, int vec) {
+    const float lo = -(float)(1 << (bits - 1)), hi = (float)((1 << (bits - 1)) - 1);
+    const float big = dt == DT_BF16 ? bf16_to_f32(0x7F7F) : 65504.0f;
+    int64_t P = 1;
+    while (P < len) P <<= 1;
+    const float mf = to_f32(m, dt);
+    (void)vec; /* no vector loop off x86 */
+    float best_s = 0.0f;
+    double best_e = 0.0;
+    for (int i = 0; i <= 20; i++) {
+        const float r = (float)(1.0 - (double)i / 100.0);
+        const float clip = r16(mf * r, dt);
+        const float s = r16(r16(clip * 2.0f, dt) / (float)((1 << bits) - 1), dt);
+#ifdef RTNQ_X86
+        /* a finite positive scale keeps every step finite, so the vector loop needs no NaN/inf cases */
+        if (vec && s > 0.0f && s < INFINITY && len % 16 == 0) mse_squares_avx2(w, len, s, bits, dt, sq);
+        else
+#endif
+        for (int64_t j = 0; j < len; j++) {
+            float x = to_f32(w[j], dt);
+            float q = rintf(r16(x / s, dt));
+            if (q != q) q = 0.0f;
+            else if (isinf(q)) q = q > 0 ? big : -big;
+            q = q < lo ? lo : (q > hi ? hi : q);
+            double d = (double)x - (double)r16(q * s, dt);
+            sq[j] = d * d;
+        }
+        for (int64_t j = len; j < P; j++) sq[j] = 0.0;
+        for (int64_t h = P / 2; h >= 1; h /= 2)
+            for (int64_t j = 0; j < h; j++) sq[j] += sq[j + h];
+        if (i == 0 || sq[0] < best_e) { /* strict: a tie keeps the larger r */
+            best_e = sq[0];
+            best_s = s;
+        }
+    }
+    return best_s;
 }
 
 /* ---------------------------------------------------------------- scales in Marlin order */
@@ -429,6 +485,24 @@ AVX2 static void quant_avx2(const uint16_t *w, int64_t len, float s, int bits, i
         quant_avx2_body(w, len, s, bits, DT_F16, out, acc);
 }
 
+/* mse_scale's squares (double (w - w_hat)^2 into sq[0..len)) for one finite scale s > 0, 8 at a time:
+ * the same fp32 steps and roundings as its scalar loop, the difference and square in double. */
+AVX2 static void mse_squares_avx2(const uint16_t *w, int64_t len, float s, int bits, int dt, double *sq) {
+    const __m256 vs = _mm256_set1_ps(s);
+    const __m256 lo = _mm256_set1_ps(-(float)(1 << (bits - 1)));
+    const __m256 hi = _mm256_set1_ps((float)((1 << (bits - 1)) - 1));
+    for (int64_t i = 0; i < len; i += 8) {
+        __m256 x = load8(w + i, dt);
+        __m256 q = _mm256_round_ps(r16x8(_mm256_div_ps(x, vs), dt), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        q = _mm256_min_ps(_mm256_max_ps(q, lo), hi);
+        __m256 wh = r16x8(_mm256_mul_ps(q, vs), dt);
+        __m256d d0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), _mm256_cvtps_pd(_mm256_castps256_ps128(wh)));
+        __m256d d1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(wh, 1)));
+        _mm256_storeu_pd(sq + i, _mm256_mul_pd(d0, d0));
+        _mm256_storeu_pd(sq + i + 4, _mm256_mul_pd(d1, d1));
+    }
+}
+
 static int have_avx2(void) {
     static int cached = -1;
     if (cached < 0) {
@@ -456,6 +530,7 @@ EXPORT int rtnq_cpu_isa(void) { return have_avx2() ? 2 : 0; }
  * Adds sum(w^2) and sum((w - w_hat)^2) to sums[0], sums[1].
  *   w: the chunk's rows, row-major, rows % 64 == 0, row0 % 64 == 0, n % 64 == 0, k % 128 == 0.
  *   group: 32, 64 or 128, or k (one group per row).
+ * flags: FLAG_SCALAR (the portable loop; tests), FLAG_MSE (the "mse" scale rule, mse_scale, instead of absmax).
  * Returns 0; 1 if a group holds NaN or Inf (*bad_row = its row in the tensor; the chunk's outputs
  * are then partly written); -1 for arguments outside this contract.
  */
@@ -488,6 +563,15 @@ EXPORT int rtnq_quant_pack(const uint16_t *w, int64_t rows, int64_t k, int64_t n
     int pos[BLOCK_N];
     for (int r = 0; r < BLOCK_N; r++) pos[r] = layout == LAYOUT_MARLIN ? scale_pos(r, single) : r;
     double acc[2] = {0.0, 0.0};
+    const int mse = (flags & FLAG_MSE) != 0;
+    double sq[CW]; /* the mse search's squares for one group of at most CW values */
+    double *sq_big = NULL; /* ... and for one whole row (channelwise): P(k) doubles */
+    if (mse && group > CW) {
+        int64_t P = 1;
+        while (P < k) P <<= 1;
+        sq_big = malloc((size_t)P * sizeof(double));
+        if (!sq_big) return BAD_ARGS;
+    }
 
     for (int64_t b0 = 0; b0 < rows; b0 += BLOCK_N) {
         const uint16_t *wb = w + b0 * k;
@@ -499,9 +583,9 @@ EXPORT int rtnq_quant_pack(const uint16_t *w, int64_t rows, int64_t k, int64_t n
 #else
                 uint16_t m = maxabs_scalar(wb + r * k, k);
 #endif
-                if (m >= infb) { *bad_row = nrow + r; return NONFINITE; }
+                if (m >= infb) { free(sq_big); *bad_row = nrow + r; return NONFINITE; }
                 rowmax[r] = m;
-                rowscale[r] = group_scale(m, bits, dt);
+                rowscale[r] = mse ? mse_scale(wb + r * k, k, m, bits, dt, sq_big, vec) : group_scale(m, bits, dt);
                 uint16_t sb = dt == DT_BF16 ? f32_to_bf16(rowscale[r]) : f32_to_f16(rowscale[r]);
                 scales[(nrow + pos[r]) * s_t] = sb; /* groups == 1: group 0 */
             }
@@ -527,7 +611,8 @@ EXPORT int rtnq_quant_pack(const uint16_t *w, int64_t rows, int64_t k, int64_t n
                             s8[gi][r] = m8[gi][r] < infb ? group_scale(m8[gi][r], bits, dt) : 0.0f;
                         }
                     for (int r = 0; r < 8; r++) {
-                        if (m8[gi][r] >= infb) { *bad_row = nrow + rb + r; return NONFINITE; }
+                        if (m8[gi][r] >= infb) { free(sq_big); *bad_row = nrow + rb + r; return NONFINITE; }
+                        if (mse) s8[gi][r] = mse_scale(gs + r * k, glen, m8[gi][r], bits, dt, sq, vec);
                         int64_t g_index = (kc + gi * glen) / group;
                         float sv = s8[gi][r];
                         scales[g_index * s_g + (nrow + pos[rb + r]) * s_t] =
@@ -587,6 +672,7 @@ EXPORT int rtnq_quant_pack(const uint16_t *w, int64_t rows, int64_t k, int64_t n
             pack_scalar(tile, bits, q0, row_bytes);
         }
     }
+    free(sq_big);
     sums[0] += acc[0];
     sums[1] += acc[1];
     return OK;

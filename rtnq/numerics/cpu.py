@@ -28,7 +28,7 @@ from rtnq.errors import InvalidWeightError, ShapeError, UsageError
 from rtnq.numerics import shape_rule
 from rtnq.params import effective_group
 
-ABI = 2
+ABI = 3
 TILE = 16  # rtnq.numerics.marlin.TILE (that module imports torch): k rows per Marlin slab
 ROW_ALIGN = 64  # rtnq.numerics.marlin.BLOCK_N: chunks start and end on Marlin blocks (the kernel's 64-row tiles)
 LAYOUTS = ("marlin", "rows", "cols")  # the C kernel's layout codes 0, 1, 2
@@ -36,6 +36,7 @@ _DTYPE_CODE = {np.dtype(np.uint16): 0, np.dtype(np.float16): 1}  # bf16 (as bit 
 _DTYPE_NAME = {0: "torch.bfloat16", 1: "torch.float16"}  # as the torch path's messages spell them
 _HALF_MAX = {0: 3.3895313892515355e38, 1: 65504.0}  # largest finite bf16 / fp16
 _FLAG_SCALAR = 1
+_FLAG_MSE = 2  # the "mse" scale rule (rtn.py), in C bit for bit
 PIECES_PER_THREAD = 4  # work units per thread and chunk (dynamic balance under CPU contention)
 
 Tile = Callable[..., None]  # tile(w, row0, n, qweight, scales, bits, group_size, sums, name, layout_code)
@@ -160,6 +161,7 @@ def quantize_rows(
     layout: str = "marlin",
     tile: Tile | None = None,
     scalar: bool = False,
+    scale: str = "absmax",
 ) -> None:
     """Quantize rows [row0, row0 + R) of an (n, k) weight into its whole-tensor outputs in `layout`.
 
@@ -168,7 +170,8 @@ def quantize_rows(
     tensor's, shaped as `out_shapes` says, C-contiguous; only this chunk's part is written.
     sums: [sum w^2, sum (w - w_hat)^2], added to. tile: the kernel for one chunk on the 64 x 128 tiles
     (rtnq.numerics.fused's torch reference); None runs the C library, which must then be built.
-    scalar: the library's portable loop instead of AVX2 (tests).
+    scalar: the library's portable loop instead of AVX2 (tests). scale: the C library's scale rule, "absmax" or
+    "mse" (rtn.quantize's; a `tile` brings its own).
     Raises InvalidWeightError naming `name` on NaN/Inf.
     """
     code = layout_code(layout)
@@ -198,8 +201,11 @@ def quantize_rows(
         if not (qweight.flags.c_contiguous and scales.flags.c_contiguous):
             raise ShapeError(f"{name}: the C fast path writes contiguous qweight and scales only")
 
+        if scale not in ("absmax", "mse"):
+            raise UsageError(f"scale rule must be absmax or mse, got {scale!r}")
+
         def tile(w, r0, n_, q, s, bits_, g_, sums_, name_, code_):
-            _c_tile(lib, w, r0, n_, q, s, bits_, g_, sums_, name_, code_, scalar)
+            _c_tile(lib, w, r0, n_, q, s, bits_, g_, sums_, name_, code_, scalar, scale == "mse")
 
     k_p = shape_rule.padded(1, k)[1]
     if rows == 0:
@@ -232,13 +238,14 @@ def _address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
-def _c_tile(lib, w_rows, row0, n, qweight, scales, bits, group_size, sums, name, code, scalar=False) -> None:
+def _c_tile(lib, w_rows, row0, n, qweight, scales, bits, group_size, sums, name, code, scalar=False,
+            mse=False) -> None:
     """One chunk on the kernel's tiles (rows, row0, n multiples of 64, k of 128) into outputs of
     `out_shapes(n, k, ...)`, by the C library, its rows split across the CPUs."""
     rows, k = w_rows.shape
     w_rows = np.ascontiguousarray(w_rows)
     g = effective_group(k, group_size)
-    flags = _FLAG_SCALAR if scalar else 0
+    flags = (_FLAG_SCALAR if scalar else 0) | (_FLAG_MSE if mse else 0)
     dtype_code = _DTYPE_CODE[w_rows.dtype]
     w_ptr, q_ptr, s_ptr = _address(w_rows), _address(qweight), _address(scales)
     # Pieces of a few 64-row blocks, pulled by every thread (this one included) until none are

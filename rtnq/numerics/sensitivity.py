@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from rtnq.numerics import rtn
+from rtnq.numerics import cpu, rtn
 from rtnq.params import BUDGET_SCORES
 
 SCORES = BUDGET_SCORES[1:]  # the weight statistics; "position" (rtnq.selection.budget) reads no weight
@@ -82,7 +83,11 @@ def option_errors(w: torch.Tensor, settings, gamma: torch.Tensor | None = None, 
                   scale: str = "absmax") -> list[float]:
     """The squared error sum((W - W_q)^2) of a 16-bit (n, k) or (E, n, k) weight quantized with each
     (bits, group_size) of `settings`, what `--budget-groups` weighs its options by; with gamma (k,), each
-    input channel's error is weighted by gamma_j^2 (norm_error's model). Summed in float64 per channel."""
+    input channel's error is weighted by gamma_j^2 (norm_error's model). Summed in float64 per channel; without
+    gamma, by the C library when it is built (the same codes; its sums are fp32 per AVX2 lane, then float64,
+    so they agree with torch's to about 1e-7, which a ranking does not notice), 5-10x faster with "mse"."""
+    if gamma is None and cpu.library() is not None:
+        return [_c_error(w, bits, group_size, scale, name) for bits, group_size in settings]
     w32 = w.float()
     g2 = None if gamma is None else gamma.double().reshape(-1) ** 2
     out = []
@@ -93,3 +98,18 @@ def option_errors(w: torch.Tensor, settings, gamma: torch.Tensor | None = None, 
         out.append(float(col.sum()) if g2 is None else float((col * g2).sum()))
         del codes, s, d
     return out
+
+
+def _c_error(w: torch.Tensor, bits: int, group_size: int, scale: str, name: str) -> float:
+    """sum((W - W_q)^2) of a 16-bit (n, k) or (E, n, k) weight by the C kernel (its error statistic)."""
+    from rtnq.numerics.fused import as_numpy
+
+    *lead, n, k = w.shape
+    sums = [0.0, 0.0]
+    qshape, sshape = cpu.out_shapes(n, k, bits, group_size, "rows")
+    for e in w.reshape(-1, n, k):
+        rows = as_numpy(e.contiguous())
+        q = np.empty(qshape, dtype=np.int32)
+        s = np.empty(sshape, dtype=rows.dtype)
+        cpu.quantize_rows(rows, 0, q, s, bits, group_size, sums, name=name, layout="rows", scale=scale)
+    return sums[1]

@@ -9,7 +9,7 @@ is written; memory is a few chunks plus two quantized tensors' outputs, whatever
 
 Torch-free: chunks and outputs are numpy arrays (bf16 as uint16 bit patterns) around the C kernel
 (rtnq.numerics.cpu). Torch is imported only where its reference quantizer stands in for the kernel:
-the library is not built, RTNQ_FASTPATH=0, or --scale mse (rtnq.numerics.fused.torch_tile).
+the library is not built or RTNQ_FASTPATH=0 (rtnq.numerics.fused.torch_tile).
 
 An FP8 source weight (rtnq.checkpoint.fp8) is dequantized on the reader thread, a run of whole rows at a
 time, so the main thread gets the same 16-bit rows as from a 16-bit source, and an FP8 weight that
@@ -64,8 +64,8 @@ class ConvertResult:
 
 
 def _tile(scale: str):
-    """The chunk kernel: None for the C library, else the torch reference (imports torch)."""
-    if scale == "absmax" and cpu.library() is not None:
+    """The chunk kernel: None for the C library (both scale rules), else the torch reference (imports torch)."""
+    if cpu.library() is not None:
         return None
     from rtnq.numerics import fused
 
@@ -107,7 +107,7 @@ def quantize_item(
         e, row0 = divmod(done, n)
         try:
             cpu.quantize_rows(halfcast.cast(chunk, src, qst), row0, q3[e], s3[e], d.bits, d.group_size, sums,
-                              name=spec.name, layout=layout, tile=tile)
+                              name=spec.name, layout=layout, tile=tile, scale=scale)
         except InvalidWeightError:
             halfcast.raise_if_cast_overflow(chunk, src, qst, spec.name)
             raise
