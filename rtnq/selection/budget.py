@@ -99,7 +99,6 @@ class Choices:
 class OptionChoice:
     taken: dict[tuple[str, str], str]  # unit key -> the label of its option (units left at the base absent)
     ranks: dict[tuple[str, str], int]  # every unit's rank by the loss its first step removes per extra bit
-    gains: dict[tuple[str, str], float]  # that first step's loss removed per extra bit (0: no step helps)
     bits_per_weight: float
     floor: float
 
@@ -130,7 +129,7 @@ def choose_options(units: Sequence[Choices], base_bits: int, params: int, budget
             total += option.extra_bits - bits
             at[key] = (option.label, option.extra_bits)
     taken = {k: label for k, (label, _) in at.items() if label}
-    return OptionChoice(taken, ranks, {u.key: firsts.get(u.key, 0.0) for u in units}, total / params, floor)
+    return OptionChoice(taken, ranks, total / params, floor)
 
 
 def _hull(u: Choices) -> list[tuple[int, float, str]]:

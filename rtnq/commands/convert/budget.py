@@ -103,6 +103,8 @@ def _candidates(specs: list[TensorSpec], selection: Selection, infos: dict[str, 
     candidates = {k: m for k, m in units.items()
                   if all(decisions[n].bits == 4 and decisions[n].rule == "default" for n in m)}
     return shapes, base_bits, n_params, candidates
+
+
 GROUP_SCORES = ("position", "error", "norm_error")  # the scores that model a loss per option (--budget-groups)
 FINER_GROUPS = (64, 32)  # the group sizes --budget-groups may give an INT4 unit, besides its own
 
@@ -128,13 +130,13 @@ def _apply_groups(src_dir: Path, specs: list[TensorSpec], selection: Selection, 
                 errors = scorer.errors(n, [settings[k][label][n] for label in labels])
                 prior = knapsack.position_priority(infos[n]) if score_name == "position" else 1.0
                 losses[n] = {label: prior * e for label, e in zip(labels, errors)}
-    ordered = [knapsack.Choices(
-        k, tuple(m), sum(losses[n][""] for n in m),
-        tuple(knapsack.Option(label, sum(_bits(shapes[n], *settings[k][label][n]) for n in m) -
-                              sum(_bits(shapes[n], 4, decisions[n].group_size) for n in m),
-                              sum(losses[n][label] for n in m))
-              for label in settings[k] if label))
-        for k, m in candidates.items()]
+
+    def unit_bits(k, label):
+        return sum(_bits(shapes[n], *settings[k][label][n]) for n in candidates[k])
+
+    ordered = [knapsack.Choices(k, tuple(m), sum(losses[n][""] for n in m), tuple(
+        knapsack.Option(label, unit_bits(k, label) - unit_bits(k, ""), sum(losses[n][label] for n in m))
+        for label in settings[k] if label)) for k, m in candidates.items()]
     choice = knapsack.choose_options(ordered, base_bits, n_params, budget)
     new = dict(decisions)
     moved: dict[str, int] = {}
