@@ -85,6 +85,19 @@ SETTINGS = {
     **{f"groups-mse-{s}-{b}": (f"RTN-4, --scale mse --budget {b} --budget-groups --budget-score {s}",
                                ["--bits", "4", "--scale", "mse", "--budget", b, "--budget-groups", "--budget-score", s])
        for s in ("position", "error") for b in ("4.25", "4.5", "4.75", "4.98")},
+    # --rotate (pre-norm RMSNorm decoders only: SmolLM2 yes, Gemma 3 refused): auto-spared channels or none,
+    # the rotated 16-bit model itself (nothing quantized: how exact the fold is once rounded to bf16), combos
+    "rotate": ("RTN-4 --rotate", ["--bits", "4", "--rotate"]),
+    "rotate-none": ("RTN-4 --rotate --rotate-spare none", ["--bits", "4", "--rotate", "--rotate-spare", "none"]),
+    "rotate-16bit": ("--rotate --skip attn,mlp (no quantization)", ["--bits", "4", "--rotate", "--skip", "attn,mlp"]),
+    "rotate-16bit-none": ("--rotate --rotate-spare none --skip attn,mlp",
+                          ["--bits", "4", "--rotate", "--rotate-spare", "none", "--skip", "attn,mlp"]),
+    "rotate-g32-mse": ("RTN-4 --rotate --group-size 32 --scale mse",
+                       ["--bits", "4", "--rotate", "--group-size", "32", "--scale", "mse"]),
+    **{f"rotate-groups-mse-{s}-{b}": (f"RTN-4 --rotate --scale mse --budget {b} --budget-groups --budget-score {s}",
+                                      ["--bits", "4", "--rotate", "--scale", "mse", "--budget", b, "--budget-groups",
+                                       "--budget-score", s])
+       for s in ("position", "error") for b in ("4.5", "4.75", "4.98")},
 }
 
 DECODER_LINEAR = re.compile(r"(^|\.)layers\.\d+\..*\.weight$")

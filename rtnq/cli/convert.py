@@ -26,6 +26,8 @@ Examples:
 
   rtnq convert model/ out/ --format gptq --keep-int8 layers.0 --dry-run --tp 2,4,8   # for vLLM/SGLang
 
+  rtnq convert model/ out/ --group-size 32 --scale mse --rotate   # data-free extras (docs/PRECISION.md)
+
   rtnq convert model/ out/ --resume       # continue a run that was killed (same SRC, OUT and options)
 """
 
@@ -48,6 +50,9 @@ def convert(
     scale: Annotated[str, typer.Option("--scale", callback=parse_scale, help="absmax (the paper's RTN, default) or mse: per group, the clipping of the scale (1.00 to 0.80 of maxabs) with the smallest squared error.")] = "absmax",
     budget_groups: Annotated[bool, typer.Option("--budget-groups", help="Let --budget also give INT4 units groups of 64 or 32 (0.125 or 0.375 more bits per weight than 128), not only INT8; each option is weighed by the weight error it leaves (--budget-score position, error or norm_error). Reads every quantized weight before writing.")] = False,
     budget_score: Annotated[str, typer.Option("--budget-score", callback=parse_budget_score, help="What --budget ranks units by: position (default: first and last blocks, q/k/v and down first; reads no weight), or a statistic of the weight's 4-bit error: norm_error, error, relative, kurtosis, max_over_rms.")] = "position",
+    rotate: Annotated[bool, typer.Option("--rotate", help="Before quantizing, fold the RMSNorm weights into the linears and a seeded randomized-Hadamard rotation into the residual stream (pre-norm Llama/Mistral/Qwen2/Qwen3 only): the same function, an ordinary checkpoint, outliers spread. Imports torch.")] = False,
+    rotate_seed: Annotated[int, typer.Option("--rotate-seed", help="The rotation's seed (random signs; the matrix where no Hadamard order fits).")] = 0,
+    rotate_spare: Annotated[str, typer.Option("--rotate-spare", help="Residual channels left out of the fold and rotation: auto (those the norms damp, which carry massive activations), none, or a comma list of indices.")] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run for OUT that was killed (SIGKILL, power loss): keep the shards its .OUT.rtnq-tmp-* directory completed (re-hashed first), convert the rest; same SRC and options, or it is refused with what differs.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -63,6 +68,7 @@ def convert(
         bits=bits, group_size=group_size, keep_int8=split_list(keep_int8), skip=split_list(skip),
         dtype=dtype, strict=strict, force=force, tp=degrees, format=fmt, dry_run=dry_run,
         budget=budget, budget_score=budget_score, budget_groups=budget_groups, scale=scale, resume=resume,
+        rotate=rotate, rotate_seed=rotate_seed, rotate_spare=rotate_spare,
     )
     plan = conv.make_plan(src, out, options)
     try:

@@ -58,12 +58,16 @@ def eval_(
     budget_groups: Annotated[bool, typer.Option("--budget-groups", help="What-if: --budget may also choose groups of 64 or 32 (see convert --budget-groups).")] = False,
     budget_score: Annotated[Optional[str], typer.Option("--budget-score", callback=parse_budget_score, help="What-if: the score --budget ranks by.")] = None,
     scale: Annotated[Optional[str], typer.Option("--scale", callback=parse_scale, help="What-if: absmax or mse (see convert --scale).")] = None,
+    rotate: Annotated[bool, typer.Option("--rotate", help="What-if: rotate the residual stream first (see convert --rotate).")] = False,
+    rotate_seed: Annotated[Optional[int], typer.Option("--rotate-seed", help="What-if: the rotation's seed.")] = None,
+    rotate_spare: Annotated[Optional[str], typer.Option("--rotate-spare", help="What-if: channels left out of the rotation (auto, none, or indices).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: torch's).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Score a candidate against its source on text: perplexity of both, mean KL(source || candidate), top-1."""
     what_if = {"--bits": bits, "--group-size": group_size, "--keep-int8": keep_int8, "--skip": skip, "--format": fmt,
-               "--budget": budget, "--budget-score": budget_score, "--budget-groups": budget_groups, "--scale": scale}
+               "--budget": budget, "--budget-score": budget_score, "--budget-groups": budget_groups, "--scale": scale,
+               "--rotate": rotate, "--rotate-seed": rotate_seed is not None, "--rotate-spare": rotate_spare}
     given = [k for k, v in what_if.items() if v]
     if against is not None and given:
         raise UsageError(f"{given[0]} describes a what-if conversion of SRC; with --against OUT is already converted")
@@ -80,7 +84,8 @@ def eval_(
                                          keep_int8=split_list(keep_int8), skip=split_list(skip),
                                          format=fmt or "marlin", dry_run=True, budget=budget,
                                          budget_score=budget_score or "position", budget_groups=budget_groups,
-                                         scale=scale or "absmax")
+                                         scale=scale or "absmax", rotate=rotate, rotate_seed=rotate_seed or 0,
+                                         rotate_spare=rotate_spare or "auto")
     options = evaluate.EvalOptions(text=text, tokens=tokens, window=window, against=against,
                                    convert=convert_options, threads=threads)
     try:

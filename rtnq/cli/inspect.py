@@ -30,6 +30,12 @@ def inspect(
         emit_json(m.to_json())
     else:
         print_line(f"format: {m.format} (manifest version {m.version})")
+        rot = m.defaults.get("rotate")
+        if isinstance(rot, dict):  # --rotate: the weights are those of the rotated model
+            spare = rot.get("spare") or []
+            print_line(escape(f"rotated: {rot.get('kind')} of order {rot.get('order')} ({rot.get('construction')}), "
+                              f"seed {rot.get('seed')}, channels left out: "
+                              f"{', '.join(map(str, spare)) if spare else 'none'}"))
         _print_precision_map(precision_map.build(m))
         _print_budget(m)
         for w in m.warnings:

@@ -14,6 +14,12 @@ computes the same function in exact arithmetic. Biases of the readers and Qwen3'
 (head_dim, after the projections) are unchanged. Tied embeddings are un-tied: the output gains an
 explicit lm_head.weight = E diag(gamma_final) Q and the config `tie_word_embeddings: false`.
 
+Spared channels (`spare`, e.g. `massive_channels`' pick) stay outside both: their norm weights are kept, Q is
+the identity on them and a rotation of the other h - |spare| channels elsewhere. Still exact (the mean of
+squares is invariant under that block rotation too). It exists because the fold alone hurts models whose norms
+damp a few residual channels carrying massive activations (SmolLM2: channels 247 and 507): folded, those
+columns become so small that 4-bit RTN zeroes them, while the activations they multiply are huge.
+
 Arithmetic runs in `compute_dtype` (float32 by default) and each result is cast back to the dtype of
 the tensor it replaces. Memory: one tensor at a time, Q and the norm vectors; weights are rotated in
 chunks along the dimension Q does not mix.
@@ -26,13 +32,16 @@ Phi-2, ...), MoE, missing norms or linears, and tensors it does not recognise.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from rtnq import dtypes
-from rtnq.checkpoint.source import TensorSpec
+from rtnq.checkpoint.source import Reader, TensorSpec
 from rtnq.errors import UsageError
 from rtnq.numerics import hadamard
 
@@ -47,6 +56,11 @@ EMBED = "model.embed_tokens.weight"
 FINAL_NORM = "model.norm.weight"
 HEAD = "lm_head.weight"
 CHUNK_BYTES = 64 * 1024 * 1024  # float32 bytes of one rotated chunk
+# massive_channels: a channel is spared when its |norm weight| is below SPARE_RATIO x that norm's median in at
+# least SPARE_SHARE of the norms that feed linears (SmolLM2-135M: channels 247 and 507, below a tenth of the
+# median in 15 and 17 of its 61 norms; no other channel in more than 2)
+SPARE_RATIO = 0.1
+SPARE_SHARE = 0.125
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 # tensor inside a layer -> (action, norm feeding it)
@@ -173,7 +187,7 @@ class Rotation:
     """
 
     def __init__(self, specs: Sequence[TensorSpec], config: dict, seed: int = 0,
-                 compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = torch.float32, spare: Sequence[int] = ()):
         self._actions = _actions(specs, config)
         self._specs = {s.name: s for s in specs}
         self.hidden: int = config["hidden_size"]
@@ -183,9 +197,18 @@ class Rotation:
         self.tied = bool(config.get("tie_word_embeddings", False)) or HEAD not in self._specs
         if self.tied:
             self._actions[HEAD] = Action("head", FINAL_NORM)
-        self.construction = hadamard.describe(self.hidden)
-        q, self.kind = hadamard.rotation(self.hidden, self.seed, torch.float64)
-        self.q = q.to(compute_dtype)
+        self.spare = tuple(sorted({int(c) for c in spare}))
+        if any(not 0 <= c < self.hidden for c in self.spare) or len(self.spare) >= self.hidden:
+            raise UsageError(f"--rotate-spare: channels must be distinct, fewer than hidden_size {self.hidden} and "
+                             f"in 0..{self.hidden - 1}, got {list(self.spare)}")
+        order = self.hidden - len(self.spare)
+        self.construction = hadamard.describe(order)
+        q, self.kind = hadamard.rotation(order, self.seed, torch.float64)
+        rest = torch.tensor([c for c in range(self.hidden) if c not in set(self.spare)])
+        full = torch.zeros(self.hidden, self.hidden, dtype=torch.float64)
+        full[rest[:, None], rest[None, :]] = q
+        full[list(self.spare), list(self.spare)] = 1.0
+        self.q = full.to(compute_dtype)
         self._norms: dict[str, torch.Tensor] = {}
 
     @staticmethod
@@ -194,9 +217,19 @@ class Rotation:
         _actions(specs, config)
 
     def manifest(self) -> dict:
-        """What a manifest records: kind ("hadamard" or "random"), seed, order and construction."""
-        return {"kind": self.kind, "seed": self.seed, "order": self.hidden,
-                "construction": self.construction if self.kind == "hadamard" else "qr-of-gaussian"}
+        """What a manifest records: kind ("hadamard" or "random"), seed, order (hidden_size less the spared
+        channels), construction and the spared channels."""
+        return {"kind": self.kind, "seed": self.seed, "order": self.hidden - len(self.spare),
+                "construction": self.construction if self.kind == "hadamard" else "qr-of-gaussian",
+                "spare": list(self.spare)}
+
+    def extra_specs(self) -> list[TensorSpec]:
+        """The tensors the output gains (the un-tied head), as specs a plan can carry: the embedding's
+        location under the head's name (RotatedReader computes it from the embedding)."""
+        return [replace(self._specs[EMBED], name=name) for name, _, _ in self.extra_tensors()]
+
+    def reader(self, model_dir: str | Path) -> "RotatedReader":
+        return RotatedReader(model_dir, self)
 
     def changes(self, name: str) -> bool:
         """Whether the output's tensor `name` differs from the source's (False: copy it unchanged)."""
@@ -213,9 +246,12 @@ class Rotation:
         return {"tie_word_embeddings": False} if self.tied else {}
 
     def _gamma(self, norm: str, fetch: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """The part of a norm's weight folded into its readers: all of it but the spared channels'."""
         g = self._norms.get(norm)
         if g is None:
-            g = self._norms[norm] = fetch(norm).to(self.compute_dtype).reshape(-1)
+            g = fetch(norm).to(self.compute_dtype).reshape(-1).clone()
+            g[list(self.spare)] = 1.0
+            self._norms[norm] = g
         return g
 
     def transform(self, name: str, tensor: torch.Tensor | None, fetch: Callable[[str], torch.Tensor]) -> torch.Tensor:
@@ -234,8 +270,10 @@ class Rotation:
         out_dtype = tensor.dtype
         if a.kind == "keep":
             return tensor
-        if a.kind == "norm":
-            return torch.ones_like(tensor)
+        if a.kind == "norm":  # what stays of it: the spared channels' weights
+            out = torch.ones_like(tensor)
+            out[list(self.spare)] = tensor[list(self.spare)]
+            return out
         if a.kind == "write_bias":
             return (tensor.to(self.compute_dtype) @ self.q).to(out_dtype)
         if a.kind in ("embed", "read", "head"):
@@ -265,3 +303,110 @@ class Rotation:
         for j in range(0, w.shape[1], step):
             out[:, j:j + step] = qt @ w[:, j:j + step].to(self.compute_dtype)
         return out
+
+
+def massive_channels(norms: Sequence[torch.Tensor]) -> list[int]:
+    """The residual channels to spare: those whose |weight| is below SPARE_RATIO x the norm's median |weight|
+    in at least SPARE_SHARE of `norms` (the RMSNorm weights that feed linears). Norms damp the channels that
+    carry massive activations; those are the ones the fold must not touch."""
+    if not norms:
+        return []
+    low = torch.zeros(norms[0].numel(), dtype=torch.int64)
+    for g in norms:
+        a = g.float().abs().reshape(-1)
+        low += (a < SPARE_RATIO * a.median()).to(torch.int64)
+    return [int(c) for c in torch.nonzero(low >= SPARE_SHARE * len(norms)).reshape(-1)]
+
+
+def norm_names(specs: Sequence[TensorSpec]) -> list[str]:
+    """The RMSNorm weights a Rotation folds (every layer's two and the final norm), in checkpoint order."""
+    return [s.name for s in specs if s.name == FINAL_NORM or s.name.endswith(("input_layernorm.weight",
+                                                                                 "post_attention_layernorm.weight"))]
+
+
+class RotatedReader(Reader):
+    """A Reader of the rotated checkpoint: the same specs (and `Rotation.extra_specs`), the rotated bytes.
+
+    Every read of a tensor the rotation changes gets the bytes of `transform`'s result, computed from the
+    source on first use and held until another tensor is asked for, so that a converter reading a tensor in
+    chunks rotates it once (memory: one rotated tensor, plus chunks of it still in flight). Unchanged tensors
+    are read from the source as before. Source reads for the fold (norms, a tied head's embedding) bypass it.
+    """
+
+    def __init__(self, model_dir: str | Path, rotation: Rotation):
+        super().__init__(model_dir)
+        self.rotation = rotation
+        self._held: tuple[str, np.ndarray] | None = None
+        self._hold = threading.Lock()
+
+    def _source(self, spec: TensorSpec) -> torch.Tensor:
+        buf = torch.empty(spec.nbytes, dtype=torch.uint8)
+        super().read_into(spec, buf)
+        return buf.view(spec.torch_dtype).reshape(spec.shape)
+
+    def _rotated(self, spec: TensorSpec, keep: bool) -> np.ndarray:
+        rot = self.rotation
+        with self._hold:
+            if self._held is not None and self._held[0] == spec.name:
+                return self._held[1]
+            self._held = None  # drop the previous tensor before computing the next
+            extra = spec.name not in rot._specs  # the un-tied head: computed from the embedding
+            t = rot.transform(spec.name, None if extra else self._source(spec),
+                              lambda name: self._source(rot._specs[name]))
+            data = t.contiguous().view(torch.uint8).numpy().reshape(-1)
+            if data.nbytes != spec.nbytes:
+                raise ValueError(f"{spec.name}: the rotated tensor has {data.nbytes} bytes, the spec {spec.nbytes}")
+            if keep:
+                self._held = (spec.name, data)
+            return data
+
+    def read_into(self, spec: TensorSpec, buf, start: int = 0) -> None:
+        if not self.rotation.changes(spec.name):
+            return super().read_into(spec, buf, start)
+        dst = buf if isinstance(buf, np.ndarray) else buf.numpy()
+        if start < 0 or start + dst.nbytes > spec.nbytes:
+            raise ValueError(f"{spec.name}: bytes [{start}, {start + dst.nbytes}) outside its {spec.nbytes}")
+        whole = start == 0 and dst.nbytes == spec.nbytes  # read in one go: nothing to hold for a next chunk
+        dst.reshape(-1).view(np.uint8)[:] = self._rotated(spec, keep=not whole)[start:start + dst.nbytes]
+
+    def map_array(self, spec: TensorSpec, start: int, nbytes: int) -> np.ndarray:
+        if not self.rotation.changes(spec.name):
+            return super().map_array(spec, start, nbytes)
+        if start < 0 or start + nbytes > spec.nbytes:
+            raise ValueError(f"{spec.name}: bytes [{start}, {start + nbytes}) outside its {spec.nbytes}")
+        return self._rotated(spec, keep=True)[start:start + nbytes]
+
+    def close(self) -> None:
+        self._held = None
+        super().close()
+
+
+def parse_spare(value: str) -> str:
+    """--rotate-spare: "auto", "none" or a comma list of channel indices, normalised; UsageError otherwise."""
+    v = value.strip().lower()
+    if v in ("auto", "none"):
+        return v
+    try:
+        chans = sorted({int(c) for c in v.split(",") if c.strip()})
+    except ValueError:
+        raise UsageError(f"--rotate-spare takes auto, none or a comma list of channel indices, got {value!r}") from None
+    if not chans:
+        raise UsageError(f"--rotate-spare takes auto, none or a comma list of channel indices, got {value!r}")
+    return ",".join(map(str, chans))
+
+
+def for_source(src_dir: Path, specs: Sequence[TensorSpec], config: dict | None, seed: int, spare: str) -> Rotation:
+    """The Rotation `--rotate --rotate-seed SEED --rotate-spare SPARE` applies to SRC (refusing, with one line,
+    a checkpoint it cannot keep exact). spare "auto" reads the norm weights (kilobytes) for massive_channels."""
+    if config is None:
+        raise UsageError(f"--rotate needs {src_dir}/config.json: the rotation must know the model's type and "
+                         "hidden_size")
+    Rotation.check(specs, config)
+    spare = parse_spare(spare)
+    if spare == "auto":
+        by = {s.name: s for s in specs}
+        with Reader(src_dir) as r:
+            chans = massive_channels([r.read(by[n]) for n in norm_names(specs)])
+    else:
+        chans = [] if spare == "none" else [int(c) for c in spare.split(",")]
+    return Rotation(specs, config, seed=seed, spare=chans)

@@ -48,6 +48,11 @@ def verify(out: str | Path, src: str | Path, progress: Callable[[int, int], None
     fp8_weights = source_fp8.weights if source_fp8 else {}
     if source_fp8:
         src_order = [s for s in src_order if s.name not in source_fp8.consumed]
+    # --rotate: the source is read through the rotation the manifest records (its seed and spared channels),
+    # and has the tensors it adds (an un-tied head).
+    rotation = _rotation(m.defaults.get("rotate"), src_dir, src_order, src, out)
+    if rotation is not None:
+        src_order = src_order + rotation.extra_specs()
     src_specs = {s.name: s for s in src_order}
     differ = _name_shape_differences(m, src_specs)
     if differ:
@@ -60,10 +65,11 @@ def verify(out: str | Path, src: str | Path, progress: Callable[[int, int], None
     # --dtype as the manifest records it ("bf16"/"fp16"; otherwise each tensor's own 16-bit dtype)
     option = m.defaults.get("dtype") if m.defaults.get("dtype") in dtypes.SIXTEEN_BIT else None
     # What makes the output unloadable comes first: it is what the one-line error names.
-    checks = vl.config_checks(m, fmt, src_dir, src_order, out_dir, scale)
+    checks = vl.config_checks(m, fmt, src_dir, src_order, out_dir, scale, rotation)
     checks += vl.layout_checks(m, fmt, src_specs, output)
     accounted = {o for e in m.tensors.values() for o in e.outputs.values()}
-    with Reader(src_dir) as src_reader, Reader(out_dir) as out_reader:
+    source = Reader(src_dir) if rotation is None else rotation.reader(src_dir)
+    with source as src_reader, Reader(out_dir) as out_reader:
         for i, (name, entry) in enumerate(m.tensors.items()):
             try:
                 checks.append(_check_one(name, entry, src_specs[name], output.specs, src_reader, out_reader, fmt,
@@ -79,9 +85,36 @@ def verify(out: str | Path, src: str | Path, progress: Callable[[int, int], None
     if m.defaults.get("budget") is not None:  # --budget: its scores and choice are re-derived too
         from rtnq.commands.convert import budget
 
-        for name, why in budget.rederive(m, src_dir, src_order, scale):
+        for name, why in budget.rederive(m, src_dir, src_order, scale, rotation):
             checks.append(Check(name, "budget", False, why, None))
     return checks
+
+
+def _rotation(record, src_dir: Path, src_order: list[TensorSpec], src, out):
+    """The commands.rotate.Rotation a manifest's defaults.rotate describes, rebuilt from SRC (None without one).
+
+    Its seed and spared channels are taken from the record; kind, order and construction must then come out
+    as recorded. Anything else is VerifyMismatch: OUT does not say how to re-derive it from this SRC."""
+    if record is None:
+        return None
+    from rtnq.commands import rotate
+    from rtnq.checkpoint import layout
+
+    seed, spare = (record.get("seed"), record.get("spare")) if isinstance(record, dict) else (None, None)
+    if (not isinstance(seed, int) or isinstance(seed, bool) or not isinstance(spare, list)
+            or not all(isinstance(c, int) and not isinstance(c, bool) for c in spare)):
+        raise VerifyMismatch(f"{out}: the manifest's defaults.rotate {record!r} has no integer seed and list of "
+                             "spared channels; it cannot be re-derived")
+    cfg_path = src_dir / layout.CONFIG_NAME
+    try:
+        rotation = rotate.for_source(src_dir, src_order, layout.read_json_object(cfg_path) if cfg_path.is_file()
+                                     else None, seed, ",".join(map(str, spare)) or "none")
+    except UsageError as e:
+        raise VerifyMismatch(f"{out} was rotated, but {src} cannot be: {e}") from None
+    if rotation.manifest() != record:
+        raise VerifyMismatch(f"{out}: the manifest's rotation {record} is not the one seed {seed} gives for {src} "
+                             f"({rotation.manifest()})")
+    return rotation
 
 
 def _name_shape_differences(m: mf.Manifest, src_specs: dict[str, TensorSpec]) -> list[str]:

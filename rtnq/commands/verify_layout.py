@@ -187,15 +187,16 @@ def layout_checks(m: mf.Manifest, fmt: formats.Format, src_specs: dict[str, Tens
 
 
 def config_checks(m: mf.Manifest, fmt: formats.Format, src_dir: Path, src_order: list[TensorSpec],
-                  out_dir: Path, scale: str) -> list[Check]:
+                  out_dir: Path, scale: str, rotation=None) -> list[Check]:
     """config.json re-derived from SRC's and the manifest, by the function convert writes it with
     (rtnq.commands.convert.outputs.quantization_config); failing rows only."""
-    from rtnq.commands.convert.outputs import quantization_config
+    from rtnq.commands.convert.outputs import config_changes, quantization_config
 
     qcfg = _round_trip(quantization_config(_plan(m, fmt, src_dir, out_dir, src_order, scale)))
     src_cfg = src_dir / layout.CONFIG_NAME
     # convert: SRC's config.json with quantization_config set (a source without one: only that key)
-    want = {**(jsonfile.read_object(src_cfg) if src_cfg.is_file() else {}), "quantization_config": qcfg}
+    want = {**(jsonfile.read_object(src_cfg) if src_cfg.is_file() else {}), **config_changes(rotation),
+            "quantization_config": qcfg}
     checks = [_compare_file(out_dir / layout.CONFIG_NAME, _round_trip(want), "engines read the quantization from it")]
     gptq_cfg = out_dir / layout.GPTQ_CONFIG_NAME
     if fmt is formats.GPTQ:  # AutoGPTQ-era loaders read it where config.json has no quantization_config

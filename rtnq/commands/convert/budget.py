@@ -52,20 +52,22 @@ class Scored:
 
 
 def apply(src_dir: Path, specs: list[TensorSpec], selection: Selection, budget: float, score_name: str,
-          dtype: str | None = None, scale: str = "absmax", groups: bool = False, layout_: str = "marlin") -> Scored:
+          dtype: str | None = None, scale: str = "absmax", groups: bool = False, layout_: str = "marlin",
+          rotation=None) -> Scored:
     """Promote units of `selection` within `budget`; dtype: --dtype ("bf16"/"fp16"), or None for the source's.
     groups (--budget-groups): units may also take groups of 64 or 32 (`_apply_groups`); layout_: the format's
-    (shape_rule.problem), which decides whether a finer group can be stored."""
+    (shape_rule.problem), which decides whether a finer group can be stored; rotation (--rotate): the
+    commands.rotate.Rotation whose rotated weights are scored, as they are the ones quantized."""
     params.check(budget_score=score_name)
     if not math.isfinite(budget) or budget <= 0:
         raise UsageError(f"--budget takes a positive number of bits per weight, such as 4.5, got {budget}")
     if groups:
-        return _apply_groups(src_dir, specs, selection, budget, score_name, dtype, scale, layout_)
+        return _apply_groups(src_dir, specs, selection, budget, score_name, dtype, scale, layout_, rotation)
     t0 = time.perf_counter()
     decisions, infos = selection.decisions, {i.name: i for i in selection.infos}
     shapes, base_bits, n_params, candidates = _candidates(specs, selection, infos)
     extra = {n: _extra_bits(shapes[n], decisions[n].group_size) for m in candidates.values() for n in m}
-    with _Scorer(src_dir, specs, infos, score_name, dtype, scale) as scorer:
+    with _Scorer(src_dir, specs, infos, score_name, dtype, scale, rotation) as scorer:
         scores = {n: scorer.score(n, decisions[n].group_size, extra[n]) for m in candidates.values() for n in m}
     ordered = [knapsack.Unit(k, tuple(m), sum(scores[n] for n in m), sum(extra[n] for n in m))
                for k, m in candidates.items()]
@@ -110,7 +112,7 @@ FINER_GROUPS = (64, 32)  # the group sizes --budget-groups may give an INT4 unit
 
 
 def _apply_groups(src_dir: Path, specs: list[TensorSpec], selection: Selection, budget: float, score_name: str,
-                  dtype: str | None, scale: str, layout_: str) -> Scored:
+                  dtype: str | None, scale: str, layout_: str, rotation=None) -> Scored:
     """--budget-groups: each candidate unit may stay as it is, take groups of 64 or 32 (still INT4), or go to
     INT8 (rtnq.selection.budget.choose_options). Its modelled loss under each option is the squared weight
     error of its members there, times the position prior for `position`, with the input norm's gamma^2 per
@@ -123,7 +125,8 @@ def _apply_groups(src_dir: Path, specs: list[TensorSpec], selection: Selection, 
     shapes, base_bits, n_params, candidates = _candidates(specs, selection, infos)
     settings = {k: _unit_settings(m, decisions, shapes, layout_) for k, m in candidates.items()}
     losses: dict[str, dict[str, float]] = {}  # tensor -> option label ("" = base) -> its modelled loss
-    with _Scorer(src_dir, specs, infos, "error" if score_name == "position" else score_name, dtype, scale) as scorer:
+    with _Scorer(src_dir, specs, infos, "error" if score_name == "position" else score_name, dtype, scale,
+                 rotation) as scorer:
         for k, m in candidates.items():
             for n in m:
                 labels = list(settings[k])
@@ -188,12 +191,13 @@ class _Scorer:
     reads the weight in the dtype it is quantized in, with the norm weight that scales its input."""
 
     def __init__(self, src_dir: Path, specs: list[TensorSpec], infos: dict[str, NameInfo], kind: str,
-                 dtype: str | None, scale: str):
+                 dtype: str | None, scale: str, rotation=None):
         self.by_spec = {s.name: s for s in specs}
         self.infos, self.kind, self.dtype, self.scale = infos, kind, dtype, scale
         self.norms = _norm_names(self.by_spec, infos)
         self.gemma = layout.model_type(src_dir).startswith("gemma")  # Gemma's RMSNorm scales by (1 + weight)
-        self.reader = None if kind == "position" else Reader(src_dir)
+        # rotated weights under --rotate (its folded norms are ones, so norm_error weighs the rotated model too)
+        self.reader = None if kind == "position" else Reader(src_dir) if rotation is None else rotation.reader(src_dir)
 
     def errors(self, name: str, settings: list[tuple[int, int]]) -> list[float]:
         """sensitivity.option_errors of one tensor under each (bits, group_size), gamma^2-weighted for
@@ -256,7 +260,7 @@ def _norm_names(by_spec: dict[str, TensorSpec], infos: dict[str, NameInfo]) -> d
     return out
 
 
-def rederive(manifest, src_dir: Path, specs: list[TensorSpec], scale: str) -> list[tuple[str, str]]:
+def rederive(manifest, src_dir: Path, specs: list[TensorSpec], scale: str, rotation=None) -> list[tuple[str, str]]:
     """`rtnq verify` of a --budget output: recompute every recorded score from SRC and re-run the choice
     on them; [(tensor, what differs)] (empty when both match). Costs one scoring pass, like convert's."""
     b = manifest.defaults.get("budget")
@@ -266,7 +270,7 @@ def rederive(manifest, src_dir: Path, specs: list[TensorSpec], scale: str) -> li
     if score_name not in params.BUDGET_SCORES or not isinstance(budget, (int, float)):
         return [("defaults.budget", f"names score {score_name!r} and budget {budget!r}, which this rtnq cannot re-derive")]
     if b.get("groups") is True:
-        return _rederive_groups(manifest, src_dir, specs, scale, score_name, float(budget))
+        return _rederive_groups(manifest, src_dir, specs, scale, score_name, float(budget), rotation)
     from rtnq.selection.names import analyse
 
     infos = {i.name: i for i in analyse([s.name for s in specs])}
@@ -274,7 +278,7 @@ def rederive(manifest, src_dir: Path, specs: list[TensorSpec], scale: str) -> li
     option = manifest.defaults.get("dtype")  # "bf16"/"fp16" when --dtype was given
     problems = []
     with _Scorer(src_dir, specs, infos, score_name, option if option in dtypes.SIXTEEN_BIT else None,
-                 scale) as scorer:
+                 scale, rotation) as scorer:
         for name, e in ranked.items():
             got = scorer.score(name, e.group_size, _extra_bits(tuple(e.shape), e.group_size))
             if e.score is None or not math.isclose(got, e.score, rel_tol=1e-6, abs_tol=1e-12):
@@ -302,7 +306,7 @@ def rederive(manifest, src_dir: Path, specs: list[TensorSpec], scale: str) -> li
 
 
 def _rederive_groups(manifest, src_dir: Path, specs: list[TensorSpec], scale: str, score_name: str,
-                     budget: float) -> list[tuple[str, str]]:
+                     budget: float, rotation=None) -> list[tuple[str, str]]:
     """verify of a --budget-groups output: undo every budget move the manifest records (back to INT4 at the
     default rule's group), plan the budget again from SRC, and compare each tensor's bits, group size, rule
     and modelled loss with the manifest's."""
@@ -327,7 +331,7 @@ def _rederive_groups(manifest, src_dir: Path, specs: list[TensorSpec], scale: st
     try:
         again = _apply_groups(src_dir, specs, selection, budget, score_name,
                               option if option in dtypes.SIXTEEN_BIT else None, scale,
-                              formats.BY_MANIFEST_NAME[manifest.format].layout)
+                              formats.BY_MANIFEST_NAME[manifest.format].layout, rotation)
     except UsageError as err:
         return [("defaults.budget", str(err))]
     problems = []

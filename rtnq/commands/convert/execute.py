@@ -14,6 +14,10 @@ the library is not built or RTNQ_FASTPATH=0 (rtnq.numerics.fused.torch_tile).
 An FP8 source weight (rtnq.checkpoint.fp8) is dequantized on the reader thread, a run of whole rows at a
 time, so the main thread gets the same 16-bit rows as from a 16-bit source, and an FP8 weight that
 passes through is written as those dense rows; its scale tensor is read whole once, and never written.
+
+Under --rotate the reader is the rotation's (rtnq.commands.rotate.RotatedReader): each tensor the rotation
+changes is rotated whole on the reader thread when its first chunk is asked for, and handed on in the same
+chunks as a source tensor would be.
 """
 
 from __future__ import annotations
@@ -170,7 +174,9 @@ def run(plan: ConvertPlan, progress: Callable[[Progress], None] | None = None) -
     skipped = [item for item in plan.items if item.out_shard in kept]
     done_bytes = sum(item.bytes_read for item in skipped)
     stop = threading.Event()
-    with Reader(plan.src) as reader, sharded_output(plan.out, plan.options.force, plan.shards, plan.shard_metadata,
+    # under --rotate every read is of the rotated checkpoint (commands.rotate.RotatedReader, which imports torch)
+    source = Reader(plan.src) if plan.rotation is None else plan.rotation.reader(plan.src)
+    with source as reader, sharded_output(plan.out, plan.options.force, plan.shards, plan.shard_metadata,
                                                     stop=stop, src=plan.src, small_files=plan.small_files,
                                                     journal=journal) as so, \
             contextlib.ExitStack() as staging:

@@ -90,6 +90,7 @@ def build_manifest(plan: ConvertPlan, errors: dict[str, float]) -> mf.Manifest:
                 **({"groups": True} if plan.budget.groups else {}),  # absent otherwise: older manifests match
                 "before": round(plan.budget.floor, 4), "after": round(plan.budget.bits_per_weight, 4),
                 "seconds": round(plan.budget.seconds, 3)}}),
+            **({} if plan.rotation is None else {"rotate": plan.rotation.manifest()}),
         },
         tensors={i.spec.name: manifest_entry(i, errors.get(i.spec.name), plan.budget) for i in plan.items},
         rules=plan.selection.rules,
@@ -123,11 +124,17 @@ def quantization_config(plan: ConvertPlan) -> dict:
     }
 
 
+def config_changes(rotation) -> dict:
+    """What convert sets in config.json besides quantization_config: --rotate un-ties a tied head."""
+    return {} if rotation is None else rotation.config_changes()
+
+
 def write_config(plan: ConvertPlan, tmp: Path) -> None:
     """The source's config.json with the quantization_config added (and GPTQ's quantize_config.json)."""
     cfg_path = plan.src / layout.CONFIG_NAME
     cfg = layout.read_json_object(cfg_path) if cfg_path.is_file() else {}
     qcfg = quantization_config(plan)
+    cfg.update(config_changes(plan.rotation))
     cfg["quantization_config"] = qcfg
     write_json(tmp / layout.CONFIG_NAME, cfg)
     if plan.format is formats.GPTQ:  # what AutoGPTQ-era loaders read when config.json has no quantization_config

@@ -41,6 +41,9 @@ class ConvertOptions:
     budget_score: str = "position"  # --budget-score: what ranks them (params.BUDGET_SCORES; docs/PRECISION.md)
     budget_groups: bool = False  # --budget-groups: --budget may also give units groups of 64 or 32
     scale: str = "absmax"  # --scale: rtn.quantize's scale rule ("absmax", the paper's, or "mse")
+    rotate: bool = False  # --rotate: fold a seeded rotation of the residual stream into the weights first
+    rotate_seed: int = 0  # --rotate-seed
+    rotate_spare: str = "auto"  # --rotate-spare: channels left out of the fold ("auto", "none", "3,17")
     resume: bool = False  # --resume: continue the interrupted run's temporary directory (commands.convert.resume)
 
 
@@ -83,6 +86,7 @@ class ConvertPlan:
     fp8: fp8.Fp8Source | None = None  # an FP8 source: its scheme and the scale tensors it consumes (not items)
     hub: object | None = None  # commands.convert.hub_source.HubSource for ORG/NAME[@REV]; src is then its view
     resume: object | None = None  # commands.convert.resume.Resume under --resume: the shards kept and redone
+    rotation: object | None = None  # commands.rotate.Rotation under --rotate: every read goes through it
 
     def close(self) -> None:
         """Remove what the plan put on disk (a hub source's small files and staged shards)."""
@@ -159,6 +163,19 @@ def _make_plan(src_dir: Path, out_dir: Path, options: ConvertOptions, fmt: forma
     source_fp8 = fp8.detect(config, specs)
     refusals.check_source(src_dir, config, specs, source_fp8.consumed if source_fp8 else None)
     fp8_weights = source_fp8.weights if source_fp8 else {}
+    rotation = None
+    if options.rotate:
+        if hub is not None:
+            raise UsageError("--rotate reads norm weights and the embedding out of order, which a hub source "
+                             "streamed shard by shard cannot give; download the model first")
+        if source_fp8:
+            raise UsageError("--rotate cannot rotate an FP8 source yet; dequantize it first (rtnq dequantize)")
+        from rtnq.commands import rotate  # torch: only under --rotate
+
+        rotation = rotate.for_source(src_dir, specs, config, options.rotate_seed, options.rotate_spare)
+        specs = specs + rotation.extra_specs()  # the un-tied head, read as the embedding it is computed from
+    elif options.rotate_seed != 0 or options.rotate_spare != "auto":
+        raise UsageError("--rotate-seed and --rotate-spare describe --rotate; add --rotate")
     if source_fp8:
         specs = [s for s in specs if s.name not in source_fp8.consumed]
         if options.budget is not None and options.budget_score != "position":
@@ -193,7 +210,7 @@ def _make_plan(src_dir: Path, out_dir: Path, options: ConvertOptions, fmt: forma
         if options.bits != 4:
             raise UsageError("--budget promotes INT4 tensors to INT8, so it needs --bits 4")
         scored = budget.apply(src_dir, specs, selection, options.budget, options.budget_score,
-                              options.dtype, options.scale, options.budget_groups, fmt.layout)
+                              options.dtype, options.scale, options.budget_groups, fmt.layout, rotation)
         selection = scored.selection
     src_shards = list(dict.fromkeys(s.shard for s in specs))
     shard_names = {s: layout.shard_name(i, len(src_shards)) for i, s in enumerate(src_shards)}
@@ -237,4 +254,4 @@ def _make_plan(src_dir: Path, out_dir: Path, options: ConvertOptions, fmt: forma
         if slow:
             warnings.append(slow)  # not in the manifest: it is about this machine, not the output
     return ConvertPlan(src_dir, out_dir, options, fmt, items, list(shards.items()), selection,
-                       small, warnings, manifest_warnings, scored, source_fp8)
+                       small, warnings, manifest_warnings, scored, source_fp8, rotation=rotation)

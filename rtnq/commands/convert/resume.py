@@ -24,7 +24,7 @@ from rtnq.errors import UsageError
 # The ConvertOptions fields that change the output; force, dry_run, tp and resume change only what is printed
 # or where it goes.
 OUTPUT_OPTIONS = ("bits", "group_size", "keep_int8", "skip", "dtype", "strict", "format", "budget",
-                  "budget_score", "budget_groups", "scale")
+                  "budget_score", "budget_groups", "scale", "rotate", "rotate_seed", "rotate_spare")
 _HEADER_MAX = 100 * 1024 * 1024  # safetensors' own header limit; scan refused anything larger already
 
 

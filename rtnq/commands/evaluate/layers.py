@@ -214,10 +214,11 @@ def _head(model, inner, source: Source, candidate: Source, ids, hidden_src, hidd
     _apply(inner.norm, hidden_src)
     _assign(inner.norm, "model.norm.", candidate.get, set())
     _apply(inner.norm, hidden_cand)
-    # Tied models use the embedding as lm_head, as transformers does when the config says so.
-    name = EMBED if _tied(model.config) else "lm_head.weight"
+    # Tied models use the embedding as lm_head, as transformers does when the config says so; a rotated
+    # candidate of a tied source has a head of its own (weights.Source.head).
+    name = source.head(_tied(model.config))
     head_src = source.get(name)
-    head_cand = candidate.get(name)
+    head_cand = candidate.get(candidate.head(_tied(model.config)))
     if torch.equal(head_src, head_cand):  # usually kept 16-bit: one copy, not two
         head_cand = head_src
     used.add(name)

@@ -6,7 +6,11 @@
     WhatIf     what `rtnq convert SRC` with the given options would write, without writing it: the
                convert planner's decision per tensor, and rtn.dequantize(rtn.quantize(w16)) for the
                quantized ones, with w16 the source weight in the planned 16-bit dtype. That is the
-               same dense weight Converted unpacks from the written checkpoint, bit for bit.
+               same dense weight Converted unpacks from the written checkpoint, bit for bit. Under --rotate
+               the source is read through the rotation (rtnq.commands.rotate.RotatedReader), as convert does.
+
+A rotated candidate (--rotate) computes the source's function with other weights: its norms are ones, and
+a tied source's head becomes its own lm_head.weight (`head`).
 
 `native(name)` is the tensor in its stored (or dequantized) dtype; `get(name)` is it in float32, the
 dtype every eval computation runs in.
@@ -22,6 +26,8 @@ from rtnq.checkpoint import fp8, layout
 from rtnq.checkpoint.source import Reader, TensorSpec, scan
 from rtnq.errors import CheckpointError, UsageError
 from rtnq.numerics import fused, kpack, rtn
+
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
 class Source:
@@ -56,6 +62,13 @@ class Source:
     def get(self, name: str) -> torch.Tensor:
         return self.native(name).float()
 
+    def head(self, tied: bool) -> str:
+        """The tensor the output projection uses: the embedding when the source's config ties them (as
+        transformers does), unless this candidate was given a head of its own."""
+        return EMBED if tied and not self.own_head else HEAD
+
+    own_head = False  # a rotated candidate of a tied source: lm_head.weight differs from the embedding
+
     def close(self) -> None:
         self.reader.close()
 
@@ -68,6 +81,8 @@ class Converted(Source):
         self.modules = {m.out.name: m for m in modules}
         consumed = {s.name for m in modules for s in m.inputs.values()}
         super().__init__(out_dir, [s for s in specs if s.name not in consumed])
+        # convert --rotate of a tied source writes an explicit head and un-ties it in config.json
+        self.own_head = self.config.get("tie_word_embeddings") is False and HEAD in self.shapes()
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {**super().shapes(), **{n: tuple(m.out.shape) for n, m in self.modules.items()}}
@@ -86,6 +101,10 @@ class WhatIf(Source):
         super().__init__(src_dir, [item.spec for item in plan.items], plan.fp8)
         self.items = {item.spec.name: item for item in plan.items}
         self.scale = plan.options.scale
+        if plan.rotation is not None:
+            self.reader.close()
+            self.reader = plan.rotation.reader(src_dir)
+            self.own_head = plan.rotation.tied
         for name, item in self.items.items():
             if item.quantized and len(item.spec.shape) != 2:
                 raise UsageError(f"{name} is a stacked {len(item.spec.shape)}-D expert tensor; eval's what-if mode "
@@ -121,7 +140,7 @@ def check_pair(out: Source, src: Source) -> None:
     """OUT must hold a dense counterpart of every SRC tensor with its shape, and nothing else."""
     have, want = out.shapes(), src.shapes()
     missing = sorted(set(want) - set(have))
-    extra = sorted(set(have) - set(want))
+    extra = sorted(set(have) - set(want) - ({HEAD} if out.own_head else set()))
     differ = sorted(n for n in set(want) & set(have) if have[n] != want[n])
     for what, names in (("has no counterpart of", missing), ("has tensors not in", extra)):
         if names:
