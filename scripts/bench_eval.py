@@ -161,7 +161,7 @@ def linear_bits(plan: dict, tensors: dict[str, tuple[list[int], str]]) -> dict:
         # average cover something this column does not; say so instead of printing a wrong figure.
         raise RuntimeError(f"quantized decoder-linear parameters {quantized} != plan's {totals['quantized_parameters']}")
     total = quantized + passthrough
-    bits = (totals["bits_per_weight"] * quantized + passthrough_bits) / total if total else float("nan")
+    bits = ((totals["bits_per_weight"] or 0.0) * quantized + passthrough_bits) / total if total else float("nan")
     return {"bits_per_weight": bits, "quantized_share": quantized / total if total else 0.0,
             "quantized_bits_per_weight": totals["bits_per_weight"], "linear_parameters": total,
             "int4": totals["tensors"]["int4"], "int8": totals["tensors"]["int8"]}

@@ -270,3 +270,26 @@ def test_what_if_budget_groups_equals_its_written_checkpoint(env, tmp_path):
     written = _ok(tmp_path / "ct", "--against", src, "--text", text, *FLAGS)
     what_if = _ok(src, *flags, "--text", text, *FLAGS)
     assert what_if["kl"] == pytest.approx(written["kl"], rel=1e-6) and written["kl"] > 0
+
+
+def test_rotated_export_what_if_written_and_transformers_agree(tmp_path):
+    """--rotate of a tied model: the what-if, `eval --against` of the written compressed-tensors export and
+    transformers' own full forward of that export (its compressed-tensors decompression, the un-tied head
+    from config.json) give the same KL; the rotated model before quantization is the source's function."""
+    src = synthetic.write_checkpoint(tmp_path / "tied", synthetic.SampleSpec(layers=2, tied=True))
+    _add_tokenizer(src, bos=True)
+    text = tmp_path / "t.txt"
+    text.write_text(_text(seed=2))
+    flags = ("--bits", "4", "--rotate", "--format", "compressed-tensors")
+    r = run("convert", src, tmp_path / "ct", *flags)
+    assert r.code == 0, r.err
+    written = _ok(tmp_path / "ct", "--against", src, "--text", text, *FLAGS)
+    what_if = _ok(src, *flags, "--text", text, *FLAGS)
+    assert what_if["kl"] == pytest.approx(written["kl"], rel=1e-6) and written["kl"] > 1e-3
+    ids = _windows(src, text)
+    lp_s, lp_c = _reference_log_probs(src, ids), _reference_log_probs(tmp_path / "ct", ids)
+    kl = (lp_s.exp() * (lp_s - lp_c)).sum(-1).double().mean().item()
+    # transformers multiplies codes by scales in float32, rtnq rounds that product to bf16 (as kernels do)
+    assert written["kl"] == pytest.approx(kl, rel=1e-2)
+    unquantized = _ok(src, "--bits", "4", "--rotate", "--skip", "attn,mlp", "--text", text, *FLAGS)
+    assert 0 < unquantized["kl"] < 1e-4  # bf16 rounding of the rotated weights only

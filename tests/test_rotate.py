@@ -60,13 +60,13 @@ def test_no_hadamard_for_impossible_orders():
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def rotate_dir(src: Path, dst: Path, seed: int = 0, dtype: torch.dtype | None = None) -> Rotation:
+def rotate_dir(src: Path, dst: Path, seed: int = 0, dtype: torch.dtype | None = None, spare=()) -> Rotation:
     """Rotate SRC into DST (one safetensors file, config updated); dtype: cast source tensors first."""
     from safetensors.torch import save_file
 
     specs = scan(src)
     cfg = json.loads((src / "config.json").read_text())
-    rot = Rotation(specs, cfg, seed=seed)
+    rot = Rotation(specs, cfg, seed=seed, spare=spare)
     by = {s.name: s for s in specs}
     with Reader(src) as r:
         def fetch(name):
@@ -210,7 +210,7 @@ def test_untied_has_no_extras(tmp_path):
     src = synthetic.write_checkpoint(tmp_path / "src", spec)
     rot = Rotation(scan(src), synthetic.config(spec))
     assert rot.extra_tensors() == [] and rot.config_changes() == {}
-    assert rot.manifest() == {"kind": "hadamard", "seed": 0, "order": 256, "construction": "2^8"}
+    assert rot.manifest() == {"kind": "hadamard", "seed": 0, "order": 256, "construction": "2^8", "spare": []}
 
 
 def test_same_seed_same_bytes(tmp_path):
@@ -303,3 +303,63 @@ def test_chunking_does_not_change_the_result(tmp_path, monkeypatch):
     assert a.keys() == b.keys()
     for n in a:
         torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- spared channels
+
+
+def test_spared_channels_stay_exact_and_untouched(tmp_path):
+    """Channels left out keep their norm weights and are not mixed; the other 254 are rotated by a random
+    orthogonal matrix (254 has no Hadamard order); the model computes the same function."""
+    from safetensors.torch import load_file
+
+    spec = dataclasses.replace(SPECS["tied"], dtype="fp32")
+    src = synthetic.write_checkpoint(tmp_path / "src", spec)
+    rot = rotate_dir(src, tmp_path / "rot", dtype=torch.float32, spare=(17, 3))
+    assert rot.manifest() == {"kind": "random", "seed": 0, "order": 254, "construction": "qr-of-gaussian",
+                              "spare": [3, 17]}
+    a, b = logits(load(src), spec.vocab), logits(load(tmp_path / "rot"), spec.vocab)
+    assert rel(b, a) < 1e-4, rel(b, a)
+    w, s = load_file(str(tmp_path / "rot" / "model.safetensors")), load_file(str(src / "model.safetensors"))
+    norm = w["model.layers.1.post_attention_layernorm.weight"]
+    assert torch.equal(norm[[3, 17]], s["model.layers.1.post_attention_layernorm.weight"][[3, 17]])
+    assert torch.equal(norm[[0, 4, 255]], torch.ones(3))
+    # the embedding's spared columns are the source's; the others are mixed
+    assert torch.equal(w["model.embed_tokens.weight"][:, [3, 17]], s["model.embed_tokens.weight"][:, [3, 17]])
+    assert not torch.allclose(w["model.embed_tokens.weight"][:, 4], s["model.embed_tokens.weight"][:, 4])
+
+
+@pytest.mark.parametrize("spare", [(256,), (-1,), tuple(range(256))])
+def test_spare_out_of_range(base, spare):
+    specs, cfg = base
+    with pytest.raises(UsageError, match="--rotate-spare"):
+        Rotation(specs, cfg, spare=spare)
+
+
+def test_massive_channels_are_the_ones_norms_damp():
+    from rtnq.commands.rotate import massive_channels
+
+    g = torch.Generator().manual_seed(0)
+    norms = [torch.rand(64, generator=g) * 0.5 + 0.5 for _ in range(16)]
+    for i in range(2):  # damped in 2 of 16 norms: exactly the 1/8 share
+        norms[i][5] = 0.01
+    norms[0][9] = 0.01  # damped in 1 of 16: not enough
+    for i in range(10):  # small in 10 norms, but not below a tenth of the median
+        norms[i][30] = 0.2
+    assert massive_channels(norms) == [5]
+    assert massive_channels([]) == []
+
+
+@pytest.mark.parametrize("value,want", [("auto", "auto"), (" None", "none"), ("17, 3,3", "3,17")])
+def test_parse_spare(value, want):
+    from rtnq.commands.rotate import parse_spare
+
+    assert parse_spare(value) == want
+
+
+@pytest.mark.parametrize("value", ["", "x", "3,,y", "1.5"])
+def test_parse_spare_refuses(value):
+    from rtnq.commands.rotate import parse_spare
+
+    with pytest.raises(UsageError, match="--rotate-spare takes"):
+        parse_spare(value)
