@@ -360,6 +360,8 @@ def test_budget_by_position_works_and_statistic_scores_are_refused(ds, tmp_path)
     assert r.code == 2 and "FP8 source" in r.err, r.err
     r = run("convert", ds, tmp_path / "out3", "--budget", "5", "--budget-groups")  # reads weights too
     assert r.code == 2 and "--budget-groups reads the weights" in r.err and "FP8 source" in r.err, r.err
+    r = run("convert", ds, tmp_path / "out4", "--rotate")
+    assert r.code == 2 and "--rotate cannot rotate an FP8 source" in r.err, r.err
 
 
 def test_stacked_fp8_experts_and_fp16_overflow(tmp_path, monkeypatch):

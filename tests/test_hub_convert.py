@@ -135,4 +135,6 @@ def test_a_statistic_budget_score_is_refused_for_a_hub_source(hub, tmp_path):
     assert r.code == 2 and "second download" in r.err
     r = run("convert", "org/tiny", tmp_path / "out", "--budget", "4.5", "--budget-groups")
     assert r.code == 2 and "--budget-groups reads every weight" in r.err and "second download" in r.err
+    r = run("convert", "org/tiny", tmp_path / "out", "--rotate")
+    assert r.code == 2 and "--rotate reads norm weights" in r.err and "download the model first" in r.err
     assert not list(tmp_path.glob(".*rtnq-src-*"))

@@ -109,6 +109,8 @@ def test_a_changed_plan_is_refused_with_what_changed(src, crashed, tmp_path):
     lines = r.err.strip().splitlines()
     assert len(lines) == 1 and "the options differ (--bits 8 now, 4 in the interrupted run)" in lines[0], r.err
     assert _files(tmp) == before and not (tmp_path / "out").exists()
+    r = run("convert", src, tmp_path / "out", "--resume", "--rotate")  # --rotate changes every byte too
+    assert r.code == 2 and "--rotate" in r.err, r.err
 
 
 def test_a_changed_source_shard_is_named(src, crashed, tmp_path):

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from rtnq.cli.app import JsonOpt, app, err
 from rtnq.cli.app import out as results  # `out` is the OUT argument here
-from rtnq.cli.output import budget_line, emit_json, parse_bits, parse_budget, parse_budget_score, parse_dtype, parse_scale, parse_format, parse_group, parse_tp, print_line, print_summary, print_totals, split_list, tp_summary, warn
+from rtnq.cli.output import rotation_line, budget_line, emit_json, parse_bits, parse_budget, parse_budget_score, parse_dtype, parse_scale, parse_format, parse_group, parse_tp, print_line, print_summary, print_totals, split_list, tp_summary, warn
 from rtnq.errors import Interrupted
 
 CONVERT_EXAMPLES = """
@@ -139,7 +139,8 @@ def _print_plan(plan, json_out: bool) -> None:
             "before": plan.budget.floor,
             "after": plan.budget.bits_per_weight, "promoted": sorted(plan.budget.promoted), "seconds": plan.budget.seconds}
         emit_json({"dry_run": True, "format": plan.options.format, "totals": t, "rules": plan.selection.rules,
-                    "warnings": plan.manifest_warnings, "tensors": tensors, "tp": tp, "budget": budget})
+                    "warnings": plan.manifest_warnings, "tensors": tensors, "tp": tp, "budget": budget,
+                    "rotate": None if plan.rotation is None else plan.rotation.manifest()})
         return
     from rich.table import Table
 
@@ -165,6 +166,8 @@ def _print_plan(plan, json_out: bool) -> None:
         for name, why in fails:
             tp_table.add_row(escape(name), escape(why))
         results.print(tp_table)
+    if plan.rotation is not None:
+        print_line(rotation_line(plan.rotation.manifest()))
     if plan.budget is not None:
         print_line(budget_line(plan.budget))
     print_totals(t)

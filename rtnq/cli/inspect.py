@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from rtnq.cli.app import JsonOpt, app, err, out
-from rtnq.cli.output import emit_json, print_line, print_totals, tp_summary, warn
+from rtnq.cli.output import emit_json, print_line, print_totals, rotation_line, tp_summary, warn
 
 
 @app.command()
@@ -32,10 +32,7 @@ def inspect(
         print_line(f"format: {m.format} (manifest version {m.version})")
         rot = m.defaults.get("rotate")
         if isinstance(rot, dict):  # --rotate: the weights are those of the rotated model
-            spare = rot.get("spare") or []
-            print_line(escape(f"rotated: {rot.get('kind')} of order {rot.get('order')} ({rot.get('construction')}), "
-                              f"seed {rot.get('seed')}, channels left out: "
-                              f"{', '.join(map(str, spare)) if spare else 'none'}"))
+            print_line(escape(rotation_line(rot)))
         _print_precision_map(precision_map.build(m))
         _print_budget(m)
         for w in m.warnings:

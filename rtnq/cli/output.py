@@ -66,6 +66,13 @@ def budget_line(scored) -> str:
             f"{scored.seconds:.1f} s")
 
 
+def rotation_line(record: dict) -> str:
+    """One line on a --rotate output's rotation (a manifest's defaults.rotate), for convert and inspect."""
+    spare = record.get("spare") or []
+    return (f"rotated: {record.get('kind')} of order {record.get('order')} ({record.get('construction')}), "
+            f"seed {record.get('seed')}, channels left out: {', '.join(map(str, spare)) if spare else 'none'}")
+
+
 def parse_dtype(value: Optional[str]) -> Optional[str]:
     return value if value is None else _accepted("--dtype", value)
 
@@ -147,6 +154,8 @@ def print_totals(t: dict, seconds: float | None = None) -> None:
 
 
 def print_summary(result) -> None:
+    if result.plan.rotation is not None:
+        print_line(rotation_line(result.plan.rotation.manifest()))
     if result.plan.budget is not None:
         print_line(budget_line(result.plan.budget))
     print_totals(result.manifest.totals, result.seconds)
