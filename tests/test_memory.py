@@ -34,13 +34,14 @@ def peak_rss(*args) -> int:
 
 
 @pytest.mark.slow
-def test_peak_rss_is_flat_in_the_number_of_layers(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--rotate",)])  # --rotate rotates each tensor whole, one at a time
+def test_peak_rss_is_flat_in_the_number_of_layers(tmp_path, extra):
     sizes = dict(hidden=512, intermediate=1536, vocab=1024, heads=4, kv_heads=2, shards=2)
     small = synthetic.write_checkpoint(tmp_path / "l4", synthetic.SampleSpec(layers=4, **sizes))
     big = synthetic.write_checkpoint(tmp_path / "l16", synthetic.SampleSpec(layers=16, **sizes))
     per_layer = sum(p.stat().st_size for p in big.glob("*.safetensors")) / 16
-    rss_small = peak_rss("convert", small, tmp_path / "o4", "--keep-int8", "layers.0,mlp")
-    rss_big = peak_rss("convert", big, tmp_path / "o16", "--keep-int8", "layers.0,mlp")
+    rss_small = peak_rss("convert", small, tmp_path / "o4", "--keep-int8", "layers.0,mlp", *extra)
+    rss_big = peak_rss("convert", big, tmp_path / "o16", "--keep-int8", "layers.0,mlp", *extra)
     growth = rss_big - rss_small
     # 12 extra layers are ~75 MB of weights; a converter that holds the model (or maps whole shards
     # and touches them) grows by at least that much. Allow a third of it for allocator noise.

@@ -363,3 +363,21 @@ def test_parse_spare_refuses(value):
 
     with pytest.raises(UsageError, match="--rotate-spare takes"):
         parse_spare(value)
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 48, 576, 2048])
+def test_factor_by_factor_product_is_the_dense_one(n):
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    want = x @ hadamard.hadamard(n).double()
+    for limit in (2, 64):  # one butterfly per order-2 factor, or grouped into blocks of up to 64
+        got = hadamard.times(x, [f.double() for f in hadamard.grouped(hadamard.factors(n), limit)])
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-9)
+
+
+def test_rotation_multiplies_by_the_seeded_matrix(base):
+    """Rotation never builds Q; what it applies is hadamard.rotation's matrix (dense, float64 here)."""
+    specs, cfg = base
+    rot = Rotation(specs, cfg, seed=3, compute_dtype=torch.float64)
+    want, kind = hadamard.rotation(cfg["hidden_size"], 3, torch.float64)
+    assert kind == rot.kind == "hadamard"
+    torch.testing.assert_close(rot.q, want, rtol=0, atol=1e-12)

@@ -12,13 +12,13 @@ Two modes, told apart by the arguments:
 
 from __future__ import annotations
 
-import ctypes
 import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from rtnq.commands import heap
 from rtnq.errors import UsageError
 
 DEFAULT_TOKENS = 4096
@@ -56,7 +56,7 @@ def run(model: str | Path, options: EvalOptions, progress: Callable[[int, int], 
     if options.tokens < options.window:  # before anything slow is loaded
         raise UsageError(f"--tokens {options.tokens} is smaller than one window (--window {options.window})")
     text = windows.read_text(options.text)
-    _fixed_mmap_threshold()
+    heap.fixed_mmap_threshold()
     t0 = time.perf_counter()
     src_dir = (weights.source_dir(options.against, "--against") if options.against is not None
                else weights.source_dir(model))
@@ -97,19 +97,6 @@ def _what_if_plan(src_dir: Path, options):
 
     # A dry-run plan writes nothing and only checks that OUT is not inside SRC: any sibling name will do.
     return convert.make_plan(src_dir, src_dir.parent / f".{src_dir.name}.rtnq-eval", replace(options, dry_run=True))
-
-
-def _fixed_mmap_threshold() -> None:
-    """Keep every large tensor in its own mapping, given back to the OS when freed (glibc; best effort).
-
-    glibc raises its mmap threshold each time a mapped block is freed, so after the first layer the next
-    layers' float32 weights come from the heap, where fragmentation lets peak RSS creep up with depth
-    (measured: +70 MB between two runs of the same 16-layer eval). A fixed threshold turns that off.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
-    except (OSError, AttributeError):
-        pass
 
 
 def peak_rss() -> int:
