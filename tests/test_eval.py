@@ -293,3 +293,15 @@ def test_rotated_export_what_if_written_and_transformers_agree(tmp_path):
     assert written["kl"] == pytest.approx(kl, rel=1e-2)
     unquantized = _ok(src, "--bits", "4", "--rotate", "--skip", "attn,mlp", "--text", text, *FLAGS)
     assert 0 < unquantized["kl"] < 1e-4  # bf16 rounding of the rotated weights only
+
+
+def test_a_pad_token_outside_the_text_changes_nothing(env, tmp_path):
+    """Qwen2's config names a pad token (nn.Embedding's padding_idx) that the windows never use: eval loads only
+    the rows the windows use, and the pad id must not be checked against that small table."""
+    _, src, text, _ = env
+    padded = tmp_path / "padded"
+    shutil.copytree(src, padded)
+    cfg = json.loads((padded / "config.json").read_text())
+    (padded / "config.json").write_text(json.dumps({**cfg, "pad_token_id": cfg["vocab_size"] - 1}))
+    flags = ("--bits", "4", "--text", text, *FLAGS)
+    assert _ok(padded, *flags)["kl"] == _ok(src, *flags)["kl"]

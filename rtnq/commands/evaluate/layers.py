@@ -170,6 +170,7 @@ def _embed(model, inner, weights: Source, ids: torch.Tensor, used: set[str]):
     emb = inner.embed_tokens
     full = tuple(emb.weight.shape)
     layers = inner.layers  # the ModuleList itself, put back below
+    padding_idx = emb.padding_idx  # put back below too
     seen: list = []
     inner.layers = nn.ModuleList(_Probe(seen, i == len(layers) - 1) for i in range(len(layers)))
     try:
@@ -178,6 +179,9 @@ def _embed(model, inner, weights: Source, ids: torch.Tensor, used: set[str]):
                 _materialize(model, child, f"model.{name}.", weights.get, used)
         _realize(model, emb)
         emb.weight.data = _rows(weights, EMBED, rows, full)
+        # padding_idx (Qwen2: the pad token's id) only masks a gradient, but F.embedding checks it against the
+        # table's size: against the small table it would be out of range
+        emb.padding_idx = None
         used.add(EMBED)
         inputs, recorded = [], None
         for w in range(ids.shape[0]):
@@ -193,6 +197,7 @@ def _embed(model, inner, weights: Source, ids: torch.Tensor, used: set[str]):
             recorded = recorded or [(a, k) for _, a, k in seen]
     finally:
         inner.layers = layers
+        emb.padding_idx = padding_idx
         emb.to_empty(device="meta")
         emb.weight.data = torch.empty(full, device="meta")  # the full table's shape, for the next call
     return inputs, recorded
