@@ -84,7 +84,7 @@ SETTINGS = {
        for s in ("position", "error") for b in ("4.25", "4.5", "4.75", "4.98")},
     **{f"groups-mse-{s}-{b}": (f"RTN-4, --scale mse --budget {b} --budget-groups --budget-score {s}",
                                ["--bits", "4", "--scale", "mse", "--budget", b, "--budget-groups", "--budget-score", s])
-       for s in ("position", "error") for b in ("4.25", "4.5", "4.75", "4.98")},
+       for s in ("position", "error", "relative") for b in ("4.25", "4.5", "4.75", "4.85", "4.98")},
     # --rotate (pre-norm RMSNorm decoders only: SmolLM2 yes, Gemma 3 refused): auto-spared channels or none,
     # the rotated 16-bit model itself (nothing quantized: how exact the fold is once rounded to bf16), combos
     "rotate": ("RTN-4 --rotate", ["--bits", "4", "--rotate"]),

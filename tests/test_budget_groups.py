@@ -100,6 +100,23 @@ def test_the_loss_is_the_prior_times_the_squared_error_and_verify_rederives_it(s
         assert r.code == 7 and expect in r.out + r.err, r.out + r.err
 
 
+def test_relative_puts_every_unit_on_one_scale(src, tmp_path):
+    """relative: each option's squared error over the weight's squared norm, times its parameters. On weights of
+    one kind a group of 32 removes the same share of every unit's error for the same bits, so at the budget that
+    uniform groups of 32 cost, relative picks exactly that, where the absolute error favours large weights."""
+    out = tmp_path / "out"
+    m = _convert(src, out, "--budget", "4.5", "--budget-groups", "--budget-score", "relative",
+                 "--format", "compressed-tensors")
+    quantized = {n: e for n, e in m["tensors"].items() if e["kind"] == "quantized"}
+    assert {(e["bits"], e["group_size"]) for e in quantized.values()} == {(4, 32)}
+    t = load_file(str(src / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    w = t[name]
+    want = sensitivity.option_errors(w, [(4, 128)])[0] / float(w.float().pow(2).sum()) * w.numel()
+    assert quantized[name]["score"] == pytest.approx(want, rel=1e-5)
+    assert run("verify", out, "--against", src).code == 0
+
+
 def test_error_scores_and_a_scale_rule_work_too(src, tmp_path):
     for flags in (("--budget-score", "error"), ("--budget-score", "norm_error", "--scale", "mse")):
         out = tmp_path / flags[1]

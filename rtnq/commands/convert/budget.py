@@ -19,6 +19,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from rtnq import dtypes, params
 from rtnq.checkpoint import layout
 from rtnq.checkpoint.source import Reader, TensorSpec
@@ -107,7 +109,8 @@ def _candidates(specs: list[TensorSpec], selection: Selection, infos: dict[str, 
     return shapes, base_bits, n_params, candidates
 
 
-GROUP_SCORES = ("position", "error", "norm_error")  # the scores that model a loss per option (--budget-groups)
+GROUP_SCORES = ("position", "error", "norm_error", "relative")  # the scores that model a loss per option
+# (--budget-groups)
 FINER_GROUPS = (64, 32)  # the group sizes --budget-groups may give an INT4 unit, besides its own
 
 
@@ -116,7 +119,9 @@ def _apply_groups(src_dir: Path, specs: list[TensorSpec], selection: Selection, 
     """--budget-groups: each candidate unit may stay as it is, take groups of 64 or 32 (still INT4), or go to
     INT8 (rtnq.selection.budget.choose_options). Its modelled loss under each option is the squared weight
     error of its members there, times the position prior for `position`, with the input norm's gamma^2 per
-    channel for `norm_error`. Every candidate's weights are read once (all options computed from one read)."""
+    channel for `norm_error`, divided by the weight's own squared norm and times its parameters for
+    `relative` (every unit's error on one scale, whatever its weights' size). Every candidate's weights are
+    read once (all options computed from one read)."""
     if score_name not in GROUP_SCORES:
         raise UsageError(f"--budget-groups weighs each option by the weight error it leaves, which --budget-score "
                          f"{score_name} does not measure; use one of {', '.join(GROUP_SCORES)}")
@@ -201,11 +206,16 @@ class _Scorer:
 
     def errors(self, name: str, settings: list[tuple[int, int]]) -> list[float]:
         """sensitivity.option_errors of one tensor under each (bits, group_size), gamma^2-weighted for
-        norm_error."""
+        norm_error; for relative, over the weight's squared norm and times its parameters."""
         spec = self.by_spec[name]
         w = self.reader.read(spec).to(dtypes.quantized_in(spec.dtype, self.dtype).torch)
         gamma = self._gamma(name, spec) if self.kind == "norm_error" else None
-        return sensitivity.option_errors(w, settings, gamma, name=name, scale=self.scale)
+        errors = sensitivity.option_errors(w, settings, gamma, name=name, scale=self.scale)
+        if self.kind != "relative":
+            return errors
+        flat = w.reshape(-1).float()
+        norm2 = float(torch.dot(flat, flat))
+        return [e / norm2 * spec.numel if norm2 > 0 else 0.0 for e in errors]
 
     def _gamma(self, name: str, spec: TensorSpec):
         norm = self.norms.get(name)
