@@ -57,7 +57,7 @@ def src(tmp_path_factory):
 @pytest.mark.parametrize("fmt", formats.FORMATS)
 def test_groups_and_int8_within_the_budget_verified_in_every_format(src, tmp_path, fmt):
     out = tmp_path / "out"
-    m = _convert(src, out, "--budget", "4.6", "--budget-groups", "--format", fmt)
+    m = _convert(src, out, "--budget", "4.6", "--budget-groups", "--budget-score", "position", "--format", fmt)
     b = m["defaults"]["budget"]
     assert b["groups"] is True and b["score"] == "position"
     assert _bpw(m) == pytest.approx(b["after"], abs=1e-4) and 4.125 < b["after"] <= 4.6
@@ -80,7 +80,8 @@ def test_groups_and_int8_within_the_budget_verified_in_every_format(src, tmp_pat
 
 def test_the_loss_is_the_prior_times_the_squared_error_and_verify_rederives_it(src, tmp_path):
     out = tmp_path / "out"
-    m = _convert(src, out, "--budget", "4.2", "--budget-groups", "--format", "compressed-tensors")
+    m = _convert(src, out, "--budget", "4.2", "--budget-groups", "--budget-score", "position",
+                 "--format", "compressed-tensors")
     t = load_file(str(src / "model.safetensors"))
     name = "model.layers.1.mlp.down_proj.weight"  # prior 1 / (1 + 1) for down_proj one block from the end
     want = 0.5 * sensitivity.option_errors(t[name], [(4, 128)])[0]
@@ -115,6 +116,13 @@ def test_relative_puts_every_unit_on_one_scale(src, tmp_path):
     want = sensitivity.option_errors(w, [(4, 128)])[0] / float(w.float().pow(2).sum()) * w.numel()
     assert quantized[name]["score"] == pytest.approx(want, rel=1e-5)
     assert run("verify", out, "--against", src).code == 0
+
+
+def test_the_default_score_is_relative_with_groups_and_position_without(src, tmp_path):
+    with_groups = _convert(src, tmp_path / "g", "--budget", "4.4", "--budget-groups")
+    without = _convert(src, tmp_path / "i", "--budget", "4.4")
+    assert with_groups["defaults"]["budget"]["score"] == "relative"
+    assert without["defaults"]["budget"]["score"] == "position"
 
 
 def test_error_scores_and_a_scale_rule_work_too(src, tmp_path):

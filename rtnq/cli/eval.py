@@ -83,7 +83,7 @@ def eval_(
         convert_options = ConvertOptions(bits=bits, group_size=128 if group_size is None else group_size,
                                          keep_int8=split_list(keep_int8), skip=split_list(skip),
                                          format=fmt or "marlin", dry_run=True, budget=budget,
-                                         budget_score=budget_score or "position", budget_groups=budget_groups,
+                                         budget_score=budget_score, budget_groups=budget_groups,
                                          scale=scale or "absmax", rotate=rotate, rotate_seed=rotate_seed or 0,
                                          rotate_spare=rotate_spare or "auto")
     options = evaluate.EvalOptions(text=text, tokens=tokens, window=window, against=against,
