@@ -72,7 +72,8 @@ SETTINGS = {
     "q4km": ("RTN-4, llama.cpp Q4_K_M rule (qkv+down)", ["--bits", "4", "--keep-int8", "layers.0-2+qkv,layers.0-2+down,layers.5+qkv,layers.5+down,layers.8+qkv,layers.8+down,layers.11+qkv,layers.11+down,layers.14+qkv,layers.14+down,layers.17+qkv,layers.17+down,layers.20+qkv,layers.20+down,layers.23+qkv,layers.23+down,layers.26-29+qkv,layers.26-29+down"]),
     **{f"budget-{s}-{b}": (f"RTN-4, --budget {b} --budget-score {s}",
                            ["--bits", "4", "--budget", b, "--budget-score", s])
-       for s in ("position", "error", "norm_error", "max_over_rms", "kurtosis", "relative") for b in ("4.5", "4.75", "4.98")},
+       for s in ("position", "error", "norm_error", "max_over_rms", "kurtosis", "relative")
+       for b in ("4.25", "4.5", "4.75", "4.98")},
     "mse": ("RTN-4, --scale mse", ["--bits", "4", "--scale", "mse"]),
     "mse-position-4.5": ("RTN-4, --scale mse --budget 4.5 (position)",
                          ["--bits", "4", "--scale", "mse", "--budget", "4.5", "--budget-score", "position"]),

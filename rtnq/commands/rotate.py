@@ -21,8 +21,8 @@ damp a few residual channels carrying massive activations (SmolLM2: channels 247
 columns become so small that 4-bit RTN zeroes them, while the activations they multiply are huge.
 
 Arithmetic runs in `compute_dtype` (float32 by default) and each result is cast back to the dtype of
-the tensor it replaces. Memory: one tensor at a time, Q and the norm vectors; weights are rotated in
-chunks along the dimension Q does not mix.
+the tensor it replaces. Memory: one tensor at a time, Q's Kronecker factors (never Q itself, unless no Hadamard
+order fits) and the norm vectors; weights are rotated in chunks along the dimension Q does not mix.
 
 `Rotation.check(specs, config)` refuses, with one UsageError line, every checkpoint the fold cannot
 keep exact: other model types, post-sublayer norms (Gemma2/3, OLMo2), LayerNorm with bias (GPT-2, NeoX,
@@ -254,6 +254,10 @@ class Rotation:
     def reader(self, model_dir: str | Path) -> "RotatedReader":
         return RotatedReader(model_dir, self)
 
+    def source_spec(self, name: str) -> TensorSpec | None:
+        """The source tensor `name` (None for one the output gains, such as the un-tied head)."""
+        return self._specs.get(name)
+
     def changes(self, name: str) -> bool:
         """Whether the output's tensor `name` differs from the source's (False: copy it unchanged)."""
         return self._actions[name].kind != "keep"
@@ -353,8 +357,8 @@ class RotatedReader(Reader):
     Every read of a tensor the rotation changes gets the bytes of `transform`'s result, computed from the
     source on first use and held until another tensor is asked for, so that a converter reading a tensor in
     chunks rotates it once (memory: the source tensor and its rotation while it is computed, then the rotation
-    until another tensor is asked for; chunks are copies). Unchanged tensors
-    are read from the source as before. Source reads for the fold (norms, a tied head's embedding) bypass it.
+    until another tensor is asked for; chunks are copies). Unchanged tensors are read from the source as
+    before. Source reads for the fold (norms, a tied head's embedding) bypass it.
     """
 
     def __init__(self, model_dir: str | Path, rotation: Rotation):
@@ -374,9 +378,9 @@ class RotatedReader(Reader):
             if self._held is not None and self._held[0] == spec.name:
                 return self._held[1]
             self._held = None  # drop the previous tensor before computing the next
-            extra = spec.name not in rot._specs  # the un-tied head: computed from the embedding
+            extra = rot.source_spec(spec.name) is None  # the un-tied head: computed from the embedding
             t = rot.transform(spec.name, None if extra else self._source(spec),
-                              lambda name: self._source(rot._specs[name]))
+                              lambda name: self._source(rot.source_spec(name)))
             data = t.contiguous().view(torch.uint8).numpy().reshape(-1)
             if data.nbytes != spec.nbytes:
                 raise ValueError(f"{spec.name}: the rotated tensor has {data.nbytes} bytes, the spec {spec.nbytes}")
