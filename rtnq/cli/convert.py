@@ -26,7 +26,7 @@ Examples:
 
   rtnq convert model/ out/ --format gptq --keep-int8 layers.0 --dry-run --tp 2,4,8   # for vLLM/SGLang
 
-  rtnq convert model/ out/ --group-size 32 --scale mse --rotate   # data-free extras (docs/PRECISION.md)
+  rtnq convert model/ out/ --budget 4.75 --budget-groups --scale mse   # data-free mixed precision (docs/PRECISION.md)
 
   rtnq convert model/ out/ --resume       # continue a run that was killed (same SRC, OUT and options)
 """
