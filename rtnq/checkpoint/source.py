@@ -355,3 +355,9 @@ class Reader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def open_reader(model_dir: str | Path, rotation=None) -> Reader:
+    """A Reader of MODEL_DIR, or under --rotate of its rotated form (rotation: a commands.rotate.Rotation,
+    whose `reader` gives a RotatedReader): convert, the budget's scorer and verify read the source through it."""
+    return Reader(model_dir) if rotation is None else rotation.reader(model_dir)

@@ -28,7 +28,7 @@ from rtnq import dtypes, formats
 from rtnq.checkpoint import fp8
 from rtnq.checkpoint import manifest as mf
 from rtnq.checkpoint.layout import resolve
-from rtnq.checkpoint.source import Reader, TensorSpec, scan
+from rtnq.checkpoint.source import Reader, TensorSpec, open_reader, scan
 from rtnq.commands import verify_layout as vl
 from rtnq.commands.verify_layout import FILE_KINDS, Check  # noqa: F401 (Check, FILE_KINDS: the CLI's)
 from rtnq.errors import ShapeError, UsageError, VerifyMismatch
@@ -68,8 +68,7 @@ def verify(out: str | Path, src: str | Path, progress: Callable[[int, int], None
     checks = vl.config_checks(m, fmt, src_dir, src_order, out_dir, scale, rotation)
     checks += vl.layout_checks(m, fmt, src_specs, output)
     accounted = {o for e in m.tensors.values() for o in e.outputs.values()}
-    source = Reader(src_dir) if rotation is None else rotation.reader(src_dir)
-    with source as src_reader, Reader(out_dir) as out_reader:
+    with open_reader(src_dir, rotation) as src_reader, Reader(out_dir) as out_reader:
         for i, (name, entry) in enumerate(m.tensors.items()):
             try:
                 checks.append(_check_one(name, entry, src_specs[name], output.specs, src_reader, out_reader, fmt,

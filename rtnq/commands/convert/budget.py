@@ -23,7 +23,7 @@ import torch
 
 from rtnq import dtypes, params
 from rtnq.checkpoint import layout
-from rtnq.checkpoint.source import Reader, TensorSpec
+from rtnq.checkpoint.source import TensorSpec, open_reader
 from rtnq.errors import UsageError
 from rtnq.numerics import sensitivity, shape_rule
 from rtnq.selection import budget as knapsack
@@ -202,7 +202,7 @@ class _Scorer:
         self.norms = _norm_names(self.by_spec, infos)
         self.gemma = layout.model_type(src_dir).startswith("gemma")  # Gemma's RMSNorm scales by (1 + weight)
         # rotated weights under --rotate (its folded norms are ones, so norm_error weighs the rotated model too)
-        self.reader = None if kind == "position" else Reader(src_dir) if rotation is None else rotation.reader(src_dir)
+        self.reader = None if kind == "position" else open_reader(src_dir, rotation)
 
     def errors(self, name: str, settings: list[tuple[int, int]]) -> list[float]:
         """sensitivity.option_errors of one tensor under each (bits, group_size), gamma^2-weighted for

@@ -37,7 +37,7 @@ from rtnq.checkpoint import manifest as mf
 from rtnq.checkpoint.journal import Journal
 from rtnq.checkpoint.shards import sharded_output
 from rtnq.checkpoint.writer import write_text
-from rtnq.checkpoint.source import Reader
+from rtnq.checkpoint.source import open_reader
 from rtnq.commands.convert import resume
 from rtnq.commands.convert.outputs import build_manifest, write_config
 from rtnq.commands.convert.plan import ConvertPlan, Item
@@ -175,8 +175,7 @@ def run(plan: ConvertPlan, progress: Callable[[Progress], None] | None = None) -
     done_bytes = sum(item.bytes_read for item in skipped)
     stop = threading.Event()
     # under --rotate every read is of the rotated checkpoint (commands.rotate.RotatedReader, which imports torch)
-    source = Reader(plan.src) if plan.rotation is None else plan.rotation.reader(plan.src)
-    with source as reader, sharded_output(plan.out, plan.options.force, plan.shards, plan.shard_metadata,
+    with open_reader(plan.src, plan.rotation) as reader, sharded_output(plan.out, plan.options.force, plan.shards, plan.shard_metadata,
                                                     stop=stop, src=plan.src, small_files=plan.small_files,
                                                     journal=journal) as so, \
             contextlib.ExitStack() as staging:
